@@ -1,0 +1,723 @@
+//! The run configuration: typed sections with defaults, read from TOML, overridden from the
+//! command line, validated once, and written into the run directory as resolved.
+//!
+//! Precedence: command-line flags > `--set section.key=value` > config file > defaults.
+//! Unknown keys and values of the wrong type are errors that quote them.
+
+use crate::error::ConfigError;
+use crate::lam::LamConfig;
+use crate::split::SplitSpec;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything that defines a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub method: MethodConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    pub pipeline: PipelineConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `resnet20`, `resnet32`, `resnet110`, `resnet34`, ... (see `ArchSpec::from_name`).
+    pub arch: String,
+    /// Number of gradient-isolated modules.
+    pub k: usize,
+    /// How the backbone is cut into K modules.
+    pub split: SplitSpec,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: "resnet32".into(),
+            k: 1,
+            split: SplitSpec::default(),
+        }
+    }
+}
+
+/// The training method (METHOD.md §3–4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    E2e,
+    Dgl,
+    Infopro,
+    MlaanDgl,
+    MlaanInfopro,
+}
+
+impl Method {
+    pub const ALL: [Method; 5] = [
+        Method::E2e,
+        Method::Dgl,
+        Method::Infopro,
+        Method::MlaanDgl,
+        Method::MlaanInfopro,
+    ];
+
+    pub fn is_mlaan(self) -> bool {
+        matches!(self, Method::MlaanDgl | Method::MlaanInfopro)
+    }
+    /// InfoPro's local loss (decoder + classifier) is the base objective.
+    pub fn uses_infopro_loss(self) -> bool {
+        matches!(self, Method::Infopro | Method::MlaanInfopro)
+    }
+    pub fn is_local(self) -> bool {
+        self != Method::E2e
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::E2e => "e2e",
+            Method::Dgl => "dgl",
+            Method::Infopro => "infopro",
+            Method::MlaanDgl => "mlaan-dgl",
+            Method::MlaanInfopro => "mlaan-infopro",
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!("unknown method `{s}` (e2e, dgl, infopro, mlaan-dgl, mlaan-infopro)")
+            })
+    }
+}
+
+/// Classifier head of a local module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadKind {
+    /// Global average pool + linear.
+    GapFc,
+    /// InfoPro's head: 3x3 conv + BN + ReLU + GAP + FC(128) + ReLU + FC.
+    #[serde(rename = "1c2f")]
+    OneConvTwoFc,
+    /// The DGL paper's deeper head: two 3x3 conv layers, 2x2 average pool, 3-layer MLP.
+    Dgl,
+}
+
+/// How InfoPro's classification term is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InfoProMode {
+    Softmax,
+    Contrast,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodConfig {
+    pub name: Method,
+    /// Classifier head; default `gap-fc` for DGL-based methods, `1c2f` for InfoPro-based.
+    pub head: Option<HeadKind>,
+    pub infopro_mode: InfoProMode,
+    /// InfoPro's (λ1, λ2) at module 0; interpolated linearly to `lambda_last` at module K-2.
+    pub lambda_first: [f64; 2],
+    pub lambda_last: [f64; 2],
+    /// Temperature of the supervised-contrastive loss.
+    pub contrast_temperature: f64,
+    /// MLAAN: weight of the independent auxiliary loss.
+    pub w_ind: f64,
+    /// MLAAN: weight of the cascade auxiliary loss.
+    pub w_casc: f64,
+    /// MLAAN: how many modules a cascade loss reaches (d).
+    pub cascade_depth: usize,
+    /// MLAAN: EMA momentum m of the twins (`p_ema ← m·p_ema + (1−m)·p_real`).
+    pub ema_momentum: f64,
+    pub lam: LamConfig,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        MethodConfig {
+            name: Method::E2e,
+            head: None,
+            infopro_mode: InfoProMode::Softmax,
+            lambda_first: [5.0, 0.05],
+            lambda_last: [0.2, 0.5],
+            contrast_temperature: 0.07,
+            w_ind: 0.001,
+            w_casc: 0.999,
+            cascade_depth: 2,
+            ema_momentum: 0.995,
+            lam: LamConfig::default(),
+        }
+    }
+}
+
+impl MethodConfig {
+    pub fn head_kind(&self) -> HeadKind {
+        self.head.unwrap_or(if self.name.uses_infopro_loss() {
+            HeadKind::OneConvTwoFc
+        } else {
+            HeadKind::GapFc
+        })
+    }
+
+    /// InfoPro's (λ1, λ2) for module `i` of `k` (linear from module 0 to module K-2).
+    pub fn lambdas(&self, i: usize, k: usize) -> (f64, f64) {
+        let t = if k > 2 {
+            i as f64 / (k - 2) as f64
+        } else {
+            0.0
+        };
+        let lerp = |a: f64, b: f64| a + (b - a) * t;
+        (
+            lerp(self.lambda_first[0], self.lambda_last[0]),
+            lerp(self.lambda_first[1], self.lambda_last[1]),
+        )
+    }
+}
+
+/// What to do with a sample that cannot be read or decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBadSample {
+    Stop,
+    Skip,
+}
+
+/// Border fill of the padded random crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PadMode {
+    Zero,
+    Reflect,
+}
+
+/// Training-time augmentation; `None` fields take the dataset's default (METHOD.md §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Turn all training augmentation off.
+    pub disable: bool,
+    pub crop_padding: Option<usize>,
+    pub pad_mode: Option<PadMode>,
+    pub flip: Option<bool>,
+    /// Side of the random-resized / centre crop (ImageNet-style datasets).
+    pub crop_size: Option<usize>,
+    /// Side the evaluation image is resized to before the centre crop.
+    pub eval_resize: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, `svhn`, `stl10`, `imagenet`,
+    /// `imagefolder`, `synthetic`.
+    pub dataset: String,
+    /// Where the files are; `None` picks the dataset's default location.
+    pub dir: Option<PathBuf>,
+    /// Decoder threads; 0 = choose from the cores available.
+    pub workers: usize,
+    /// Batches decoded ahead of the trainer.
+    pub prefetch: usize,
+    pub augment: AugmentConfig,
+    /// Per-channel mean and std in [0,1] units; `None` = dataset default.
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    pub on_bad_sample: OnBadSample,
+    /// Use only the first N training samples (quick experiments); 0 = all.
+    pub train_limit: usize,
+    /// Use only the first N test samples; 0 = all.
+    pub test_limit: usize,
+    /// SVHN: also train on `extra_32x32.mat`.
+    pub svhn_extra: bool,
+    /// CIFAR-100: `fine` (100 classes) or `coarse` (20 superclasses).
+    pub cifar100_labels: String,
+    /// Synthetic dataset: samples, classes, image side and channels.
+    pub synthetic_samples: usize,
+    pub synthetic_classes: usize,
+    pub synthetic_size: usize,
+    pub synthetic_channels: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: "fashion-mnist".into(),
+            dir: None,
+            workers: 0,
+            prefetch: 4,
+            augment: AugmentConfig::default(),
+            mean: None,
+            std: None,
+            on_bad_sample: OnBadSample::Stop,
+            train_limit: 0,
+            test_limit: 0,
+            svhn_extra: false,
+            cifar100_labels: "fine".into(),
+            synthetic_samples: 2048,
+            synthetic_classes: 10,
+            synthetic_size: 32,
+            synthetic_channels: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate (after warm-up).
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Linear warm-up length in epochs (fractions allowed).
+    pub warmup_epochs: f64,
+    /// Learning rate at the start of the warm-up.
+    pub warmup_start_lr: f64,
+    /// Floor of the cosine schedule.
+    pub min_lr: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+            warmup_epochs: 0.0,
+            warmup_start_lr: 0.01,
+            min_lr: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Evaluation batch size; 0 = same as training.
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    /// Write a metrics record every N optimizer steps.
+    pub log_every: usize,
+    /// Stop after this many steps (0 = run all epochs); the schedule still spans all epochs.
+    pub max_steps: usize,
+    /// Evaluate on the test set after every epoch (otherwise only at the end).
+    pub eval_every_epoch: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            batch_size: 128,
+            eval_batch_size: 0,
+            seed: 0,
+            log_every: 20,
+            max_steps: 0,
+            eval_every_epoch: false,
+        }
+    }
+}
+
+/// How the modules are scheduled (ARCHITECTURE.md "Schedules").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    Sequential,
+    Sync,
+    Async,
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Sequential => "sequential",
+            Schedule::Sync => "sync",
+            Schedule::Async => "async",
+        })
+    }
+}
+
+/// What a stage does with a non-finite loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub schedule: Schedule,
+    /// Devices, e.g. `["cpu"]`, `["cpu","cpu"]`, `["cuda:0","cuda:1"]`.
+    pub devices: Vec<String>,
+    /// Batches a stage may hold in flight (channel capacity, stored inputs, gradient lag).
+    pub in_flight: usize,
+    /// `auto` (measured profile), `flops`, or `profile`.
+    pub placement: String,
+    /// Intra-op threads for CPU devices; 0 = cores divided among the CPU stages.
+    pub intra_op_threads: usize,
+    pub on_nonfinite: OnNonFinite,
+    /// MLAAN: publish real-block weights to EMA twins every N steps.
+    pub ema_publish_every: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            schedule: Schedule::Async,
+            devices: vec!["cpu".into()],
+            in_flight: 2,
+            placement: "auto".into(),
+            intra_op_threads: 0,
+            on_nonfinite: OnNonFinite::Stop,
+            ema_publish_every: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Checkpoint every N steps; 0 = only at epoch ends (if `at_epoch_end`).
+    pub every_steps: usize,
+    pub at_epoch_end: bool,
+    /// Complete checkpoints kept; older ones are deleted.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every_steps: 0,
+            at_epoch_end: true,
+            keep_last: 3,
+        }
+    }
+}
+
+/// Set `dotted.key = value` in a TOML table; `value` is parsed as TOML, or taken as a string.
+pub fn set_dotted(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let err = |reason: &str| ConfigError::Override {
+        arg: arg.to_string(),
+        reason: reason.into(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected section.key=value"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let value = parse_value(raw);
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err("empty key"));
+    }
+    let mut t = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| err(&format!("`{p}` is not a section")))?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    // Parse as a TOML value by wrapping it in a one-key document; bare words become strings.
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+impl RunConfig {
+    /// Build the config: defaults, then `file`, then each `key=value` of `overrides` in order.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            set_dotted(&mut table, o)?;
+        }
+        let origin = file.map_or("command line".to_string(), |p| p.display().to_string());
+        let cfg: RunConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: origin,
+                    message: e.to_string(),
+                })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check values that types alone cannot; the message names the key and quotes the value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &str, value: impl std::fmt::Debug, reason: &str) -> ConfigError {
+            ConfigError::BadValue {
+                key: key.into(),
+                value: format!("{value:?}"),
+                reason: reason.into(),
+            }
+        }
+        let m = &self.method;
+        if self.model.k == 0 {
+            return Err(bad("model.k", self.model.k, "must be at least 1"));
+        }
+        if m.name.is_local() && self.model.k < 2 {
+            return Err(bad(
+                "model.k",
+                self.model.k,
+                &format!("method {} needs at least 2 modules", m.name),
+            ));
+        }
+        if m.name.is_mlaan() && !(2..=3).contains(&m.cascade_depth) {
+            return Err(bad(
+                "method.cascade_depth",
+                m.cascade_depth,
+                "must be 2 or 3",
+            ));
+        }
+        for (key, v) in [("method.w_ind", m.w_ind), ("method.w_casc", m.w_casc)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(bad(key, v, "must be a finite number ≥ 0"));
+            }
+        }
+        if !(0.0..1.0).contains(&m.ema_momentum) {
+            return Err(bad(
+                "method.ema_momentum",
+                m.ema_momentum,
+                "must be in [0, 1)",
+            ));
+        }
+        if !(m.contrast_temperature > 0.0) {
+            return Err(bad(
+                "method.contrast_temperature",
+                m.contrast_temperature,
+                "must be > 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&m.lam.pyramid) {
+            return Err(bad(
+                "method.lam.pyramid",
+                m.lam.pyramid,
+                "must be in [0, 1]",
+            ));
+        }
+        if m.lam.depth == 0 {
+            return Err(bad("method.lam.depth", m.lam.depth, "must be at least 1"));
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(bad("optim.lr", o.lr, "must be a finite number > 0"));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return Err(bad("optim.momentum", o.momentum, "must be in [0, 1)"));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return Err(bad("optim.weight_decay", o.weight_decay, "must be ≥ 0"));
+        }
+        if !(o.warmup_epochs >= 0.0) {
+            return Err(bad("optim.warmup_epochs", o.warmup_epochs, "must be ≥ 0"));
+        }
+        let t = &self.train;
+        if t.epochs == 0 {
+            return Err(bad("train.epochs", t.epochs, "must be at least 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(bad("train.batch_size", t.batch_size, "must be at least 1"));
+        }
+        if t.log_every == 0 {
+            return Err(bad("train.log_every", t.log_every, "must be at least 1"));
+        }
+        let p = &self.pipeline;
+        if p.in_flight == 0 {
+            return Err(bad("pipeline.in_flight", p.in_flight, "must be at least 1"));
+        }
+        if p.devices.is_empty() {
+            return Err(bad(
+                "pipeline.devices",
+                &p.devices,
+                "needs at least one device",
+            ));
+        }
+        crate::device::DeviceSpec::parse_list(&p.devices.join(","))
+            .map_err(|e| bad("pipeline.devices", &p.devices, &e.to_string()))?;
+        if !["auto", "flops", "profile"].contains(&p.placement.as_str()) {
+            return Err(bad(
+                "pipeline.placement",
+                &p.placement,
+                "must be auto, flops or profile",
+            ));
+        }
+        if p.ema_publish_every == 0 {
+            return Err(bad(
+                "pipeline.ema_publish_every",
+                p.ema_publish_every,
+                "must be ≥ 1",
+            ));
+        }
+        if !["fine", "coarse"].contains(&self.data.cifar100_labels.as_str()) {
+            return Err(bad(
+                "data.cifar100_labels",
+                &self.data.cifar100_labels,
+                "fine or coarse",
+            ));
+        }
+        if let (Some(mean), Some(std)) = (&self.data.mean, &self.data.std) {
+            if mean.len() != std.len() {
+                return Err(bad(
+                    "data.std",
+                    std,
+                    "must have as many entries as data.mean",
+                ));
+            }
+        }
+        if self
+            .data
+            .std
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|&x| !(x > 0.0)))
+        {
+            return Err(bad("data.std", &self.data.std, "every entry must be > 0"));
+        }
+        if self.checkpoint.keep_last == 0 {
+            return Err(bad(
+                "checkpoint.keep_last",
+                self.checkpoint.keep_last,
+                "must be ≥ 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML, for the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, overrides: &[&str]) -> Result<RunConfig, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("mlaan-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("c{}.toml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(Some(&path), &o)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = RunConfig::default();
+        c.validate().unwrap();
+        let back: RunConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let c = load(
+            "[model]\narch = \"resnet110\"\nk = 4\n[method]\nname = \"mlaan-dgl\"\n",
+            &["model.k=8", "optim.lr=0.05", "method.head=1c2f"],
+        )
+        .unwrap();
+        assert_eq!(c.model.arch, "resnet110");
+        assert_eq!(c.model.k, 8);
+        assert_eq!(c.optim.lr, 0.05);
+        assert_eq!(c.method.name, Method::MlaanDgl);
+        assert_eq!(c.method.head_kind(), HeadKind::OneConvTwoFc);
+    }
+
+    #[test]
+    fn unknown_keys_are_quoted() {
+        let e = load("[optim]\nlrr = 0.1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("lrr"), "{e}");
+        let e = load("[optimizer]\nlr = 0.1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("optimizer"), "{e}");
+        let e = load("", &["train.epoch=3"]).unwrap_err().to_string();
+        assert!(e.contains("epoch"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_quoted() {
+        let e = load("[optim]\nlr = -1.0\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("optim.lr") && e.contains("-1"), "{e}");
+        let e = load("[method]\nname = \"backprop\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backprop"), "{e}");
+        let e = load("[train]\nbatch_size = \"big\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("big") || e.contains("batch_size"), "{e}");
+        let e = load("[method]\nname = \"dgl\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.k"), "{e}");
+        let e = load("", &["pipeline.devices=[\"tpu:0\"]"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tpu"), "{e}");
+        let e = load("[model\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn override_syntax_errors() {
+        let mut t = toml::Table::new();
+        assert!(set_dotted(&mut t, "no-equals").is_err());
+        assert!(set_dotted(&mut t, "a..b=1").is_err());
+        set_dotted(&mut t, "a.b=1").unwrap();
+        assert!(set_dotted(&mut t, "a.b.c=1").is_err());
+        set_dotted(&mut t, "data.dataset=cifar10").unwrap();
+        assert_eq!(t["data"]["dataset"].as_str(), Some("cifar10"));
+    }
+
+    #[test]
+    fn lambda_interpolates_from_first_to_module_k_minus_2() {
+        let m = MethodConfig::default();
+        assert_eq!(m.lambdas(0, 16), (5.0, 0.05));
+        let (a, b) = m.lambdas(14, 16);
+        assert!((a - 0.2).abs() < 1e-12 && (b - 0.5).abs() < 1e-12);
+        let (a, b) = m.lambdas(7, 16);
+        assert!((a - 2.6).abs() < 1e-12 && (b - 0.275).abs() < 1e-12);
+    }
+}

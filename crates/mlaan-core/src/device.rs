@@ -1,0 +1,113 @@
+//! Device lists as the user writes them: `--devices cpu,cpu` or `--gpus 0,1,2,3`.
+
+use crate::error::PlanError;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One device a stage can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parse `cpu`, `cuda:N` or a bare GPU index `N`.
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        let s = s.trim();
+        if s == "cpu" {
+            return Ok(DeviceSpec::Cpu);
+        }
+        let idx = s.strip_prefix("cuda:").unwrap_or(s);
+        idx.parse::<usize>()
+            .map(DeviceSpec::Cuda)
+            .map_err(|_| format!("`{s}` is not a device (cpu, cuda:N, or a GPU index N)"))
+    }
+
+    /// Parse a comma-separated list.
+    pub fn parse_list(list: &str) -> Result<Vec<DeviceSpec>, PlanError> {
+        let devices: Vec<DeviceSpec> = list
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(DeviceSpec::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|reason| PlanError::Device {
+                spec: list.to_string(),
+                reason,
+            })?;
+        if devices.is_empty() {
+            return Err(PlanError::Device {
+                spec: list.into(),
+                reason: "no device named".into(),
+            });
+        }
+        Ok(devices)
+    }
+
+    /// GPU indices as `--gpus 0,1` gives them.
+    pub fn gpus(list: &str) -> Result<Vec<DeviceSpec>, PlanError> {
+        list.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .map(DeviceSpec::Cuda)
+                    .map_err(|_| PlanError::Device {
+                        spec: list.to_string(),
+                        reason: format!("`{}` is not a GPU index", s.trim()),
+                    })
+            })
+            .collect()
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, DeviceSpec::Cuda(_))
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Intra-op threads per CPU stage: the cores divided among the stages that share them, at
+/// least one, never more than the cores (two stages on two cores get one thread each).
+pub fn cpu_threads_per_stage(cores: usize, cpu_stages: usize) -> usize {
+    (cores / cpu_stages.max(1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists() {
+        assert_eq!(
+            DeviceSpec::parse_list("cpu,cuda:1, 2").unwrap(),
+            vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1), DeviceSpec::Cuda(2)]
+        );
+        assert_eq!(
+            DeviceSpec::gpus("0,1").unwrap(),
+            vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]
+        );
+        let e = DeviceSpec::parse_list("cpu,tpu").unwrap_err().to_string();
+        assert!(e.contains("tpu"), "{e}");
+        assert!(DeviceSpec::gpus("0,x")
+            .unwrap_err()
+            .to_string()
+            .contains("`x`"));
+        assert!(DeviceSpec::parse_list("").is_err());
+    }
+
+    #[test]
+    fn threads_divide_cores() {
+        assert_eq!(cpu_threads_per_stage(2, 2), 1);
+        assert_eq!(cpu_threads_per_stage(2, 1), 2);
+        assert_eq!(cpu_threads_per_stage(2, 4), 1);
+        assert_eq!(cpu_threads_per_stage(16, 4), 4);
+    }
+}

@@ -1,0 +1,19 @@
+//! The libtorch-free core of mlaan-pipe: everything that can be decided and tested without a
+//! tensor. Configs are typed and validated here, splits and LAM chains are plain data checked
+//! against the architecture, and placement of modules onto devices is a pure function.
+
+pub mod arch;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod lam;
+pub mod metrics;
+pub mod placement;
+pub mod split;
+
+pub use arch::{ArchSpec, BlockKind, BlockRef, Family};
+pub use config::RunConfig;
+pub use device::DeviceSpec;
+pub use error::{ConfigError, PlanError};
+pub use lam::LamChain;
+pub use split::Split;

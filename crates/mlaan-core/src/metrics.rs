@@ -1,0 +1,71 @@
+//! Metric records. Units are in the field names; every record is one JSON line in
+//! `metrics.jsonl`.
+
+use serde::{Deserialize, Serialize};
+
+/// Per-stage counters over one logging window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageWindow {
+    pub stage: usize,
+    pub device: String,
+    pub modules: Vec<usize>,
+    pub batches: u64,
+    pub images: u64,
+    pub images_per_s: f64,
+    /// Time spent computing.
+    pub busy_ms: f64,
+    /// Waiting for the next input (starved by the stage before).
+    pub wait_input_ms: f64,
+    /// Waiting for the next stage to accept output (back-pressure).
+    pub wait_output_ms: f64,
+    /// Waiting for cascade gradients or EMA snapshots of later stages.
+    pub wait_grad_ms: f64,
+    pub wall_ms: f64,
+    /// Batches queued at this stage's input when the window closed.
+    pub queue_depth: usize,
+    /// Batches between the newest forward and the batch whose cascade gradient was last
+    /// applied (0 when there is none).
+    pub grad_lag: u64,
+    /// Bytes of tensors this stage owns right now (parameters, aux, LAM, EMA, optimizer
+    /// state, stored inputs and graphs).
+    pub live_bytes: u64,
+    pub peak_live_bytes: u64,
+    /// Mean of each module's local loss over the window.
+    pub loss: Vec<f64>,
+}
+
+impl StageWindow {
+    pub fn busy_fraction(&self) -> f64 {
+        if self.wall_ms > 0.0 {
+            self.busy_ms / self.wall_ms
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricRecord {
+    /// A training window: global step, loss of the network's output, learning rate, rate.
+    Train {
+        step: u64,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        images_per_s: f64,
+        elapsed_s: f64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stages: Vec<StageWindow>,
+    },
+    /// An evaluation on the test set.
+    Eval {
+        step: u64,
+        epoch: usize,
+        test_accuracy: f64,
+        test_loss: f64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        module_accuracy: Vec<Option<f64>>,
+    },
+}

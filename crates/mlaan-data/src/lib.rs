@@ -1,0 +1,1 @@
+//! Dataset readers, augmentation and the loader (work in progress).
