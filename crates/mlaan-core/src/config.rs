@@ -144,6 +144,11 @@ pub struct MethodConfig {
     pub cascade_depth: usize,
     /// MLAAN: EMA momentum m of the twins (`p_ema ← m·p_ema + (1−m)·p_real`).
     pub ema_momentum: f64,
+    /// Which real-block weights a twin folds in after step b: `exact` (after step b, as
+    /// METHOD.md), `distance` (after step b − (j − i), j the source module, i the twin's: what
+    /// a pipeline has at hand without waiting), `latest` (whatever arrived), or `auto`
+    /// (exact for sequential, distance for sync, latest for async).
+    pub ema_lag: String,
     pub lam: LamConfig,
 }
 
@@ -160,6 +165,7 @@ impl Default for MethodConfig {
             w_casc: 0.999,
             cascade_depth: 2,
             ema_momentum: 0.995,
+            ema_lag: "auto".into(),
             lam: LamConfig::default(),
         }
     }
@@ -413,6 +419,16 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// A finite number > 0 (false for NaN).
+fn is_positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// A finite number ≥ 0 (false for NaN).
+fn is_non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
 /// Set `dotted.key = value` in a TOML table; `value` is parsed as TOML, or taken as a string.
 pub fn set_dotted(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
     let err = |reason: &str| ConfigError::Override {
@@ -515,6 +531,13 @@ impl RunConfig {
                 return Err(bad(key, v, "must be a finite number ≥ 0"));
             }
         }
+        if !["auto", "exact", "distance", "latest"].contains(&m.ema_lag.as_str()) {
+            return Err(bad(
+                "method.ema_lag",
+                &m.ema_lag,
+                "must be auto, exact, distance or latest",
+            ));
+        }
         if !(0.0..1.0).contains(&m.ema_momentum) {
             return Err(bad(
                 "method.ema_momentum",
@@ -522,7 +545,7 @@ impl RunConfig {
                 "must be in [0, 1)",
             ));
         }
-        if !(m.contrast_temperature > 0.0) {
+        if !is_positive(m.contrast_temperature) {
             return Err(bad(
                 "method.contrast_temperature",
                 m.contrast_temperature,
@@ -546,10 +569,10 @@ impl RunConfig {
         if !(0.0..1.0).contains(&o.momentum) {
             return Err(bad("optim.momentum", o.momentum, "must be in [0, 1)"));
         }
-        if !(o.weight_decay >= 0.0) {
+        if !is_non_negative(o.weight_decay) {
             return Err(bad("optim.weight_decay", o.weight_decay, "must be ≥ 0"));
         }
-        if !(o.warmup_epochs >= 0.0) {
+        if !is_non_negative(o.warmup_epochs) {
             return Err(bad("optim.warmup_epochs", o.warmup_epochs, "must be ≥ 0"));
         }
         let t = &self.train;
@@ -609,7 +632,7 @@ impl RunConfig {
             .data
             .std
             .as_ref()
-            .is_some_and(|s| s.iter().any(|&x| !(x > 0.0)))
+            .is_some_and(|s| s.iter().any(|&x| !is_positive(f64::from(x))))
         {
             return Err(bad("data.std", &self.data.std, "every entry must be > 0"));
         }

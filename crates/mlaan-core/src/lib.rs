@@ -9,6 +9,7 @@ pub mod error;
 pub mod lam;
 pub mod metrics;
 pub mod placement;
+pub mod plan;
 pub mod split;
 
 pub use arch::{ArchSpec, BlockKind, BlockRef, Family};

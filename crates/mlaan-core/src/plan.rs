@@ -1,0 +1,355 @@
+//! The network plan: what every local module owns and which losses train it, derived from the
+//! config. This is the single place where METHOD.md's gradient routes are written down:
+//! every loss term carries a `reach`, the number of earlier modules its gradient reaches.
+//!
+//! | method | module 0 | module i (0 < i < K-1) | module K-1 |
+//! |---|---|---|---|
+//! | e2e | — | — | CE(fc), reach K-1 |
+//! | dgl | CE(head) | CE(head) | CE(fc) |
+//! | infopro | λ1·BCE + λ2·L_cls | λ1·BCE + λ2·L_cls | CE(fc) |
+//! | mlaan-* | — (only the cascade of later steps) | w_ind·base + w_casc·base(LAM), reach d-1 | CE(fc), reach d-1 |
+
+use crate::arch::{ArchSpec, BlockInfo, Chw};
+use crate::config::{HeadKind, InfoProMode, Method, RunConfig};
+use crate::error::PlanError;
+use crate::lam::{derive_chains, LamChain};
+use crate::split::Split;
+use serde::Serialize;
+
+/// Which of a module's losses a term is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TermKind {
+    /// The base method's local loss on h_i (input detached).
+    Independent,
+    /// MLAAN's cascade loss: LAM chain then head, reaching earlier modules.
+    Cascade,
+    /// Cross-entropy of the backbone's final classifier (module K-1).
+    Final,
+}
+
+/// What a loss term computes from its input feature map.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ObjectiveSpec {
+    /// Cross-entropy of a classifier head.
+    Classify { head: HeadKind, in_channels: usize },
+    /// InfoPro: λ1·BCE(decoder(h), x_raw) + λ2·L_cls(head(h)).
+    InfoPro {
+        head: HeadKind,
+        in_channels: usize,
+        lambda1: f64,
+        lambda2: f64,
+        mode: InfoProMode,
+        temperature: f64,
+    },
+    /// The backbone's own classifier (`fc`).
+    FinalClassifier,
+}
+
+/// A LAM chain resolved to block shapes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LamSpec {
+    #[serde(skip)]
+    pub blocks: Vec<BlockInfo>,
+    pub chain: LamChain,
+}
+
+/// One weighted loss of a module and how far back its gradient goes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TermSpec {
+    pub kind: TermKind,
+    pub weight: f64,
+    /// Number of earlier modules the gradient reaches (0 = this module only).
+    pub reach: usize,
+    pub lam: Option<LamSpec>,
+    pub objective: ObjectiveSpec,
+}
+
+/// Everything one local module owns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModuleSpec {
+    pub index: usize,
+    pub with_stem: bool,
+    #[serde(skip)]
+    pub blocks: Vec<BlockInfo>,
+    pub block_refs: Vec<crate::arch::BlockRef>,
+    pub with_classifier: bool,
+    pub terms: Vec<TermSpec>,
+    /// Shape of h_i for one sample.
+    pub output: Chw,
+}
+
+/// The whole network: architecture, split, LAM chains and per-module specs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NetworkPlan {
+    pub arch: ArchSpec,
+    pub split: Split,
+    pub method: Method,
+    pub input: Chw,
+    pub num_classes: usize,
+    pub chains: Vec<LamChain>,
+    pub modules: Vec<ModuleSpec>,
+}
+
+impl NetworkPlan {
+    /// Derive the plan for `cfg` on images of shape `input` with `num_classes` classes.
+    pub fn new(cfg: &RunConfig, input: Chw, num_classes: usize) -> Result<NetworkPlan, PlanError> {
+        let arch = ArchSpec::from_name(&cfg.model.arch)?;
+        let split = Split::resolve(&arch, cfg.model.k, &cfg.model.split)?;
+        let k = split.k();
+        let m = &cfg.method;
+        let method = m.name;
+        let chains = if method.is_mlaan() {
+            derive_chains(&arch, &split, &m.lam)?
+        } else {
+            Vec::new()
+        };
+        let blocks = arch.blocks();
+        let outputs = arch.block_outputs(input);
+        let head = m.head_kind();
+        let base = |i: usize, in_channels: usize| -> ObjectiveSpec {
+            if method.uses_infopro_loss() {
+                let (lambda1, lambda2) = m.lambdas(i, k);
+                ObjectiveSpec::InfoPro {
+                    head,
+                    in_channels,
+                    lambda1,
+                    lambda2,
+                    mode: m.infopro_mode,
+                    temperature: m.contrast_temperature,
+                }
+            } else {
+                ObjectiveSpec::Classify { head, in_channels }
+            }
+        };
+        let mut modules = Vec::with_capacity(k);
+        for i in 0..k {
+            let range = split.module_blocks(i);
+            let output = match split.module_last_block(i) {
+                Some(b) => outputs[b],
+                None => arch.stem_output(input),
+            };
+            let last = i == k - 1;
+            let mut terms = Vec::new();
+            let final_term = |reach: usize| TermSpec {
+                kind: TermKind::Final,
+                weight: 1.0,
+                reach,
+                lam: None,
+                objective: ObjectiveSpec::FinalClassifier,
+            };
+            match method {
+                Method::E2e => {
+                    if last {
+                        terms.push(final_term(i));
+                    }
+                }
+                Method::Dgl | Method::Infopro => terms.push(if last {
+                    final_term(0)
+                } else {
+                    TermSpec {
+                        kind: TermKind::Independent,
+                        weight: 1.0,
+                        reach: 0,
+                        lam: None,
+                        objective: base(i, output.c),
+                    }
+                }),
+                Method::MlaanDgl | Method::MlaanInfopro => {
+                    let reach = (m.cascade_depth - 1).min(i);
+                    if last {
+                        terms.push(final_term(reach));
+                    } else if i > 0 {
+                        terms.push(TermSpec {
+                            kind: TermKind::Independent,
+                            weight: m.w_ind,
+                            reach: 0,
+                            lam: None,
+                            objective: base(i, output.c),
+                        });
+                        let chain = chains
+                            .iter()
+                            .find(|c| c.step == i)
+                            .cloned()
+                            .expect("a chain for every step 1..K-2");
+                        let lam_blocks = chain
+                            .blocks
+                            .iter()
+                            .map(|b| blocks[arch.index_of(*b).expect("validated chain")])
+                            .collect();
+                        terms.push(TermSpec {
+                            kind: TermKind::Cascade,
+                            weight: m.w_casc,
+                            reach,
+                            lam: Some(LamSpec {
+                                blocks: lam_blocks,
+                                chain,
+                            }),
+                            objective: base(i, arch.feature_channels()),
+                        });
+                    }
+                }
+            }
+            modules.push(ModuleSpec {
+                index: i,
+                with_stem: i == 0,
+                blocks: blocks[range.clone()].to_vec(),
+                block_refs: blocks[range].iter().map(|b| b.at).collect(),
+                with_classifier: last,
+                terms,
+                output,
+            });
+        }
+        Ok(NetworkPlan {
+            arch,
+            split,
+            method,
+            input,
+            num_classes,
+            chains,
+            modules,
+        })
+    }
+
+    pub fn k(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Modules whose gradients reach module `i` from module `j > i` (by some term's reach).
+    pub fn receives_from_later(&self, i: usize) -> bool {
+        self.incoming_reach_left(i, i + 1).is_some()
+    }
+
+    /// Largest `reach_left` of the gradient parts that arrive at module `i` from modules
+    /// `j ≥ from` (a part from a term at j with reach r arrives with r − (j − i)); `None` if none
+    /// arrive.
+    pub fn incoming_reach_left(&self, i: usize, from: usize) -> Option<usize> {
+        self.modules
+            .iter()
+            .skip(from.max(i + 1))
+            .flat_map(|m| m.terms.iter().map(move |t| (m.index, t.reach)))
+            .filter(|&(j, r)| r >= j - i)
+            .map(|(j, r)| r - (j - i))
+            .max()
+    }
+
+    /// The largest reach of any term: how many hops a gradient message may travel.
+    pub fn max_reach(&self) -> usize {
+        self.modules
+            .iter()
+            .flat_map(|m| m.terms.iter().map(|t| t.reach))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Backbone multiply-accumulates per sample of each module (placement fallback cost).
+    pub fn module_macs(&self) -> Vec<f64> {
+        let blocks = self.arch.blocks();
+        let mut shapes = vec![self.arch.stem_output(self.input)];
+        shapes.extend(self.arch.block_outputs(self.input));
+        self.modules
+            .iter()
+            .map(|m| {
+                let stem = if m.with_stem {
+                    self.arch.stem_macs(self.input) as f64
+                } else {
+                    0.0
+                };
+                let body: f64 = m
+                    .blocks
+                    .iter()
+                    .map(|b| {
+                        let i = self.arch.index_of(b.at).unwrap();
+                        self.arch.block_macs(&blocks[i], shapes[i]) as f64
+                    })
+                    .sum();
+                stem + body
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+
+    fn plan(method: &str, k: usize, d: usize) -> NetworkPlan {
+        let mut cfg = RunConfig::default();
+        cfg.method.name = method.parse().unwrap();
+        cfg.model.k = k;
+        cfg.method.cascade_depth = d;
+        NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap()
+    }
+
+    #[test]
+    fn mlaan_routes_follow_method_md() {
+        let p = plan("mlaan-dgl", 4, 2);
+        assert!(
+            p.modules[0].terms.is_empty(),
+            "module 0 has no loss of its own"
+        );
+        for i in 1..3 {
+            let kinds: Vec<_> = p.modules[i]
+                .terms
+                .iter()
+                .map(|t| (t.kind, t.reach))
+                .collect();
+            assert_eq!(
+                kinds,
+                vec![(TermKind::Independent, 0), (TermKind::Cascade, 1)]
+            );
+        }
+        assert_eq!(p.modules[3].terms.len(), 1);
+        assert_eq!(
+            (p.modules[3].terms[0].kind, p.modules[3].terms[0].reach),
+            (TermKind::Final, 1)
+        );
+        assert!(p.receives_from_later(0) && p.receives_from_later(2) && !p.receives_from_later(3));
+        let p3 = plan("mlaan-infopro", 8, 3);
+        assert_eq!(
+            p3.modules[1].terms[1].reach, 1,
+            "reach is capped at module 0"
+        );
+        assert_eq!(p3.modules[5].terms[1].reach, 2);
+        assert_eq!(p3.max_reach(), 2);
+        // Module 3 gets reach-left 1 from step 5's cascade (via 4) and 0 from step 4's.
+        assert_eq!(p3.incoming_reach_left(3, 4), Some(1));
+        assert_eq!(p3.incoming_reach_left(3, 5), Some(0));
+        assert_eq!(p3.incoming_reach_left(7, 8), None);
+    }
+
+    #[test]
+    fn base_methods_are_local() {
+        let p = plan("dgl", 4, 2);
+        assert!(p
+            .modules
+            .iter()
+            .all(|m| m.terms.len() == 1 && m.terms[0].reach == 0));
+        assert!(!p.receives_from_later(0));
+        let p = plan("infopro", 4, 2);
+        match &p.modules[2].terms[0].objective {
+            ObjectiveSpec::InfoPro {
+                lambda1, lambda2, ..
+            } => {
+                assert!((lambda1 - 0.2).abs() < 1e-12 && (lambda2 - 0.5).abs() < 1e-12)
+            }
+            o => panic!("{o:?}"),
+        }
+        let e = plan("e2e", 1, 2);
+        assert_eq!(e.modules[0].terms[0].kind, TermKind::Final);
+    }
+
+    #[test]
+    fn macs_cover_the_backbone() {
+        let p = plan("dgl", 4, 2);
+        let total: f64 = p.module_macs().iter().sum();
+        let whole = plan("e2e", 1, 2).module_macs()[0];
+        assert!((total - whole).abs() < 1.0);
+        assert!(
+            whole > 6.0e7 && whole < 7.5e7,
+            "ResNet-32 is ~69M MACs, got {whole}"
+        );
+    }
+}
