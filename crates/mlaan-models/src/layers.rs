@@ -1,0 +1,203 @@
+//! The few layers the networks need, written out so that batch-norm statistics can be frozen
+//! for recomputed forwards (MLAAN recomputes modules; their running statistics must move once
+//! per batch, not once per forward).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use tch::nn::{self, Init};
+use tch::Tensor;
+
+thread_local! {
+    /// Storages saved for backward by the ops run since `count_saved` started, by address.
+    static SAVED: RefCell<Option<HashMap<usize, u64>>> = const { RefCell::new(None) };
+}
+
+/// Note that autograd keeps `t` alive for the backward pass (counted once per storage).
+pub fn saved(t: &Tensor) {
+    SAVED.with(|s| {
+        if let Some(map) = s.borrow_mut().as_mut() {
+            let bytes = t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+            map.insert(t.data_ptr() as usize, bytes);
+        }
+    });
+}
+
+/// Run `f` and return the bytes of the tensors its ops saved for backward: the memory its
+/// autograd graph holds. The layers below report what each op saves (convolution, batch norm
+/// and linear keep their input; ReLU and sigmoid their output; max-pool its input and indices).
+pub fn count_saved<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let outer = SAVED.with(|s| s.borrow_mut().replace(HashMap::new()));
+    let out = f();
+    let inner = SAVED.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    let bytes = inner.values().sum();
+    // A region counted inside another is part of the outer one too.
+    SAVED.with(|s| {
+        *s.borrow_mut() = outer.map(|mut o| {
+            o.extend(inner);
+            o
+        })
+    });
+    (out, bytes)
+}
+
+/// ReLU that reports its saved output.
+pub fn relu(x: &Tensor) -> Tensor {
+    let y = x.relu();
+    saved(&y);
+    y
+}
+
+/// How a forward pass treats batch normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics; running statistics are updated.
+    Train,
+    /// Batch statistics; running statistics are left alone (recomputation).
+    Recompute,
+    /// Running statistics (evaluation).
+    Eval,
+}
+
+/// 2-D convolution; He-normal initialisation (fan-out), as torchvision and the MLAAN code.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn new(p: nn::Path, cin: usize, cout: usize, k: usize, stride: usize, bias: bool) -> Self {
+        let (cin, cout, k) = (cin as i64, cout as i64, k as i64);
+        let weight = p.var(
+            "weight",
+            &[cout, cin, k, k],
+            Init::Kaiming {
+                dist: nn::init::NormalOrUniform::Normal,
+                fan: nn::init::FanInOut::FanOut,
+                non_linearity: nn::init::NonLinearity::ReLU,
+            },
+        );
+        let bias = bias.then(|| {
+            let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+            p.var(
+                "bias",
+                &[cout],
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )
+        });
+        Conv2d {
+            weight,
+            bias,
+            stride: stride as i64,
+            padding: k / 2,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        saved(x);
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+}
+
+/// Batch normalisation (momentum 0.1, eps 1e-5, as PyTorch).
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
+impl BatchNorm2d {
+    pub fn new(p: nn::Path, c: usize) -> Self {
+        let c = c as i64;
+        BatchNorm2d {
+            weight: p.var("weight", &[c], Init::Const(1.0)),
+            bias: p.var("bias", &[c], Init::Const(0.0)),
+            running_mean: p.zeros_no_train("running_mean", &[c]),
+            running_var: p.ones_no_train("running_var", &[c]),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
+        let cudnn = x.device().is_cuda();
+        if mode != Mode::Eval {
+            saved(x);
+        }
+        match mode {
+            Mode::Train => x.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                Some(&self.running_mean),
+                Some(&self.running_var),
+                true,
+                0.1,
+                1e-5,
+                cudnn,
+            ),
+            Mode::Recompute => x.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                None::<&Tensor>,
+                None,
+                true,
+                0.1,
+                1e-5,
+                cudnn,
+            ),
+            Mode::Eval => x.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                Some(&self.running_mean),
+                Some(&self.running_var),
+                false,
+                0.1,
+                1e-5,
+                cudnn,
+            ),
+        }
+    }
+}
+
+/// Fully connected layer with PyTorch's default initialisation (uniform ±1/√fan_in).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, cin: usize, cout: usize) -> Self {
+        let bound = 1.0 / (cin as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Linear {
+            weight: p.var("weight", &[cout as i64, cin as i64], init),
+            bias: p.var("bias", &[cout as i64], init),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        saved(x);
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// Global average pool to a (N, C) matrix.
+pub fn global_avg_pool(x: &Tensor) -> Tensor {
+    x.mean_dim(&[-1i64, -2][..], false, x.kind())
+}
