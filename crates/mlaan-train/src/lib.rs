@@ -1,1 +1,50 @@
+//! Training: modules at work ([`runner`]), groups of modules on one device ([`stage`]), the
+//! schedules that drive them ([`sequential`], [`pipeline`]), the optimizer ([`optim`]),
+//! initial state ([`init`]), evaluation, metrics and the top-level [`trainer`].
 
+pub mod devices;
+pub mod init;
+pub mod metrics;
+pub mod optim;
+pub mod pipeline;
+pub mod runner;
+pub mod stage;
+pub mod trainer;
+
+use thiserror::Error;
+
+/// Why training stopped.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("non-finite value in module {module} at batch {batch}: {what}")]
+    NonFinite {
+        module: usize,
+        batch: u64,
+        what: String,
+    },
+    #[error("stage {stage} (modules {modules:?}) failed at batch {batch:?}: {cause}")]
+    Stage {
+        stage: usize,
+        modules: Vec<usize>,
+        batch: Option<u64>,
+        cause: String,
+    },
+    #[error("internal protocol error: {0}")]
+    Protocol(String),
+    #[error("data: {0}")]
+    Data(String),
+    #[error("stopped")]
+    Stopped,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Bytes of a tensor's elements (0 for an undefined tensor).
+pub fn bytes_of(t: &tch::Tensor) -> u64 {
+    if !t.defined() {
+        return 0;
+    }
+    t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
+}

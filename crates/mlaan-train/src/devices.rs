@@ -1,0 +1,105 @@
+//! Devices: making libtorch's CUDA backend available, resolving `--gpus`/`--devices` to tch
+//! devices with clear errors, and reading GPU memory through NVML.
+
+use crate::TrainError;
+use mlaan_core::device::DeviceSpec;
+use std::sync::Once;
+use tch::Device;
+
+static CUDA_BACKEND: Once = Once::new();
+
+/// Load `libtorch_cuda.so` so that libtorch registers its CUDA backend. rustc links with
+/// `--as-needed`, which drops the library because no symbol of it is referenced; without it
+/// `tch::Cuda::is_available()` is false even on a GPU machine. On a CPU-only install the
+/// library's dependencies are missing and loading fails harmlessly.
+pub fn load_cuda_backend() {
+    CUDA_BACKEND.call_once(|| {
+        let name = c"libtorch_cuda.so";
+        // SAFETY: dlopen with a valid NUL-terminated name; the handle is intentionally kept.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            tracing::debug!("libtorch_cuda.so not loaded: CUDA devices unavailable");
+        }
+    });
+}
+
+/// Number of CUDA devices libtorch sees (honours `CUDA_VISIBLE_DEVICES`).
+pub fn cuda_device_count() -> usize {
+    load_cuda_backend();
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    }
+}
+
+/// Resolve device specs, failing with the index and what is available when a GPU is missing.
+pub fn resolve(specs: &[DeviceSpec]) -> Result<Vec<Device>, TrainError> {
+    let wants_cuda = specs.iter().any(|d| d.is_cuda());
+    let count = if wants_cuda { cuda_device_count() } else { 0 };
+    specs
+        .iter()
+        .map(|d| match *d {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(i) if i < count => Ok(Device::Cuda(i)),
+            DeviceSpec::Cuda(i) => Err(TrainError::Other(if count == 0 {
+                format!(
+                    "GPU {i} was asked for but no CUDA device is available (libtorch sees none; \
+                     CUDA_VISIBLE_DEVICES={}); use --devices cpu",
+                    std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+                )
+            } else {
+                format!(
+                    "GPU {i} was asked for but only {count} CUDA device(s) are visible (0..{})",
+                    count - 1
+                )
+            })),
+        })
+        .collect()
+}
+
+/// Memory in use on one GPU, as NVML reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuMemory {
+    pub index: usize,
+    /// Memory used by this process on the device (NVML per-process accounting).
+    pub process_used_bytes: Option<u64>,
+    /// Memory used on the device by everyone.
+    pub device_used_bytes: u64,
+    pub device_total_bytes: u64,
+}
+
+/// Read NVML for the given GPU indices; `None` where NVML is unavailable.
+pub fn gpu_memory(indices: &[usize]) -> Option<Vec<GpuMemory>> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let pid = std::process::id();
+    indices
+        .iter()
+        .map(|&i| {
+            let dev = nvml.device_by_index(i as u32).ok()?;
+            let info = dev.memory_info().ok()?;
+            let process_used_bytes = dev.running_compute_processes().ok().and_then(|ps| {
+                ps.iter()
+                    .find(|p| p.pid == pid)
+                    .and_then(|p| match p.used_gpu_memory {
+                        nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                        nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                    })
+            });
+            Some(GpuMemory {
+                index: i,
+                process_used_bytes,
+                device_used_bytes: info.used,
+                device_total_bytes: info.total,
+            })
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

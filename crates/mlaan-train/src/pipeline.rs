@@ -1,0 +1,1223 @@
+//! The pipeline: one worker thread per stage, bounded channels between neighbours, and the
+//! coordinator's handle on it.
+//!
+//! ```text
+//!             Forward::Train{id, h, labels}      (bounded: in_flight)
+//! coordinator ─────────▶ stage 0 ─────────▶ stage 1 ─────────▶ … ─────────▶ stage D-1
+//!     ▲                    ▲  ◀── BackMsg{id, ∂h, last} ──┘ (cascade gradients, MLAAN only)
+//!     │                    └── EmaSnapshot (real block weights → twins in earlier stages)
+//!     └──────────── Event (metric windows, eval results, drained, failed) ◀── every stage
+//! ```
+//!
+//! Schedules:
+//! - `sync`: a stage keeps the graph of batch b until the next stage's gradient for b arrives,
+//!   then steps; with one stage holding every module this is the `sequential` reference.
+//! - `async`: a stage steps at once on what it has; a cascade gradient arriving later for
+//!   batch b is applied by recomputing the stage on b's stored input under current weights.
+//!   At most `in_flight` inputs are stored, which bounds both memory and gradient lag.
+//!
+//! Failure: a stage that errors or panics reports `Event::Failed` and drops its channels; its
+//! neighbours see the disconnection and stop; the coordinator joins every thread.
+
+use crate::init::{build_nets, load_state, ImageSpec, ModuleState};
+use crate::optim::LrSchedule;
+use crate::runner::{
+    BatchTargets, EmaLag, EmaSnapshot, LocalModule, ModuleSettings, SourceLink, TwinLink,
+};
+use crate::stage::{BackMsg, Stage};
+use crate::{bytes_of, TrainError};
+use crossbeam_channel::{
+    bounded, select, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender,
+};
+use mlaan_core::config::{OnNonFinite, OptimConfig, Schedule};
+use mlaan_core::metrics::StageWindow;
+use mlaan_core::placement::Placement;
+use mlaan_core::plan::NetworkPlan;
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// Messages flowing forward.
+pub enum Forward {
+    /// A training batch: stage input (raw `u8` images for stage 0) and targets.
+    Train {
+        id: u64,
+        x: Tensor,
+        targets: BatchTargets,
+    },
+    /// An evaluation batch.
+    Eval { x: Tensor, labels: Tensor },
+    /// Report evaluation counts and reset them.
+    EvalEnd,
+    /// Apply every outstanding gradient, then pass on; the last stage reports `Drained`.
+    Drain { tag: u64 },
+    /// Send a CPU copy of every module's state to the coordinator (after a drain).
+    Collect,
+}
+
+/// A CPU copy of one module: its stores (EMA twins prefixed `ema.`), its optimizer's momentum
+/// buffers by parameter name, and its step count.
+pub struct ModuleSnapshot {
+    pub module: usize,
+    pub state: ModuleState,
+    pub momentum: Vec<(String, Tensor)>,
+    pub step: u64,
+}
+
+/// Evaluation counts of one module.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleEval {
+    pub module: usize,
+    pub correct: i64,
+    pub seen: i64,
+    /// Σ of per-sample cross-entropy of the final classifier (last module only).
+    pub loss_sum: f64,
+    pub has_head: bool,
+}
+
+/// What stages tell the coordinator.
+pub enum Event {
+    Window {
+        stage: usize,
+        window: StageWindow,
+        step: u64,
+        lr: f64,
+        term_losses: Vec<(usize, Vec<f64>)>,
+    },
+    Eval {
+        stage: usize,
+        modules: Vec<ModuleEval>,
+    },
+    Drained {
+        tag: u64,
+    },
+    State {
+        stage: usize,
+        modules: Vec<ModuleSnapshot>,
+    },
+    Failed {
+        stage: usize,
+        modules: Vec<usize>,
+        batch: Option<u64>,
+        cause: String,
+    },
+    Exited {
+        stage: usize,
+        live_bytes: u64,
+        peak_live_bytes: u64,
+    },
+}
+
+/// A fault to inject (tests): at `batch`, stage `stage` does `kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub stage: usize,
+    pub batch: u64,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    Error,
+    Panic,
+    NaN,
+    /// The stage drops its channels and returns as if finished.
+    CloseChannel,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    /// `KIND@STAGE:BATCH`, e.g. `panic@1:5`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("bad fault `{s}` (KIND@STAGE:BATCH, KIND = error|panic|nan|close)");
+        let (kind, at) = s.split_once('@').ok_or_else(bad)?;
+        let (stage, batch) = at.split_once(':').ok_or_else(bad)?;
+        let kind = match kind {
+            "error" => FaultKind::Error,
+            "panic" => FaultKind::Panic,
+            "nan" => FaultKind::NaN,
+            "close" => FaultKind::CloseChannel,
+            _ => return Err(bad()),
+        };
+        Ok(Fault {
+            stage: stage.parse().map_err(|_| bad())?,
+            batch: batch.parse().map_err(|_| bad())?,
+            kind,
+        })
+    }
+}
+
+/// Everything the stages share.
+#[derive(Clone)]
+pub struct PipelineSettings {
+    pub schedule: Schedule,
+    pub in_flight: usize,
+    pub optim: OptimConfig,
+    pub lr: LrSchedule,
+    pub ema_momentum: f64,
+    /// How twins pick snapshots; `None` = by schedule (sync: exact, async: latest).
+    pub ema_lag: EmaLagRule,
+    pub image: ImageSpec,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub log_every: u64,
+    pub accumulate: usize,
+    pub on_nonfinite: OnNonFinite,
+    pub fault: Option<Fault>,
+    /// Intra-op threads of each stage thread.
+    pub intra_op_threads: usize,
+}
+
+/// Which snapshot an EMA twin folds in after step b.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmaLagRule {
+    /// The real block after step b (METHOD.md to the letter; later stages gate earlier ones).
+    Exact,
+    /// The real block after step b − (j − i), j the source module, i the twin's module: what
+    /// a pipeline naturally has at hand.
+    Distance,
+    /// The most recent snapshot (async).
+    Latest,
+}
+
+impl EmaLagRule {
+    fn lag(self, twin_module: usize, source_module: usize) -> EmaLag {
+        match self {
+            EmaLagRule::Exact => EmaLag::Steps(0),
+            EmaLagRule::Distance => EmaLag::Steps((source_module - twin_module) as u64),
+            EmaLagRule::Latest => EmaLag::Latest,
+        }
+    }
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    input: Option<Sender<Forward>>,
+    events: Receiver<Event>,
+    handles: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    pub num_stages: usize,
+    pub stage_modules: Vec<std::ops::Range<usize>>,
+    drain_tag: u64,
+    /// Events received while waiting for something else.
+    backlog: VecDeque<Event>,
+    failure: Option<TrainError>,
+    pub final_bytes: Vec<(u64, u64)>,
+}
+
+/// A twin's end of an EMA channel, before its stage has built the twin.
+struct TwinWire {
+    module: usize,
+    block: String,
+    rx: Receiver<EmaSnapshot>,
+    lag: EmaLag,
+}
+
+/// A real block's end of an EMA channel, and the device of the twin it feeds.
+struct SourceWire {
+    module: usize,
+    block: String,
+    tx: Sender<EmaSnapshot>,
+    to: Device,
+}
+
+struct StageContext {
+    index: usize,
+    modules: std::ops::Range<usize>,
+    device: Device,
+    next_device: Option<Device>,
+    plan: Arc<NetworkPlan>,
+    states: Vec<ModuleState>,
+    settings: PipelineSettings,
+    input: Receiver<Forward>,
+    output: Option<Sender<Forward>>,
+    grads_in: Option<Receiver<BackMsg>>,
+    grads_out: Option<Sender<BackMsg>>,
+    events: Sender<Event>,
+    stop: Arc<AtomicBool>,
+    twins: Vec<TwinWire>,
+    sources: Vec<SourceWire>,
+    queued_bytes: Arc<AtomicU64>,
+    next_queued_bytes: Option<Arc<AtomicU64>>,
+}
+
+impl Pipeline {
+    /// Build and start one thread per stage of `placement` on `devices`.
+    pub fn start(
+        plan: Arc<NetworkPlan>,
+        settings: PipelineSettings,
+        states: Vec<ModuleState>,
+        placement: &Placement,
+        devices: &[Device],
+    ) -> Result<Pipeline, TrainError> {
+        let d = placement.num_stages();
+        if devices.len() < d {
+            return Err(TrainError::Other(format!(
+                "{d} stages but only {} devices",
+                devices.len()
+            )));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ev_tx, ev_rx) = unbounded();
+        let cap = settings.in_flight.max(1);
+        let fwd: Vec<(Sender<Forward>, Receiver<Forward>)> = (0..d).map(|_| bounded(cap)).collect();
+        // Gradient channels are unbounded: their occupancy is bounded by the in-flight limit
+        // of the receiving stage, and a bounded one could deadlock against the forward one.
+        let back: Vec<(Sender<BackMsg>, Receiver<BackMsg>)> = (1..d).map(|_| unbounded()).collect();
+        let queued: Vec<Arc<AtomicU64>> = (0..d).map(|_| Arc::new(AtomicU64::new(0))).collect();
+
+        // EMA wiring: one channel per twin, from the stage owning the real block.
+        let mut twins: Vec<Vec<TwinWire>> = (0..d).map(|_| Vec::new()).collect();
+        let mut sources: Vec<Vec<SourceWire>> = (0..d).map(|_| Vec::new()).collect();
+        let rule = settings.ema_lag;
+        for c in &plan.chains {
+            let (tx, rx) = unbounded();
+            let block = format!("layer{}.{}", c.blocks[0].stage, c.blocks[0].index);
+            let ts = placement.stage_of(c.step);
+            let ss = placement.stage_of(c.ema_source_module);
+            twins[ts].push(TwinWire {
+                module: c.step,
+                block: block.clone(),
+                rx,
+                lag: rule.lag(c.step, c.ema_source_module),
+            });
+            sources[ss].push(SourceWire {
+                module: c.ema_source_module,
+                block,
+                tx,
+                to: devices[ts],
+            });
+        }
+
+        let mut handles = Vec::with_capacity(d);
+        let mut fwd_rx: Vec<Option<Receiver<Forward>>> =
+            fwd.iter().map(|(_, r)| Some(r.clone())).collect();
+        let input = fwd[0].0.clone();
+        let mut stage_modules = Vec::with_capacity(d);
+        for s in (0..d).rev() {
+            let modules = placement.groups[s].clone();
+            stage_modules.push(modules.clone());
+            let ctx = StageContext {
+                index: s,
+                modules: modules.clone(),
+                device: devices[s],
+                next_device: (s + 1 < d).then(|| devices[s + 1]),
+                plan: plan.clone(),
+                states: states[modules.clone()]
+                    .iter()
+                    .map(|st| {
+                        st.iter()
+                            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                            .collect()
+                    })
+                    .collect(),
+                settings: settings.clone(),
+                input: fwd_rx[s].take().expect("one receiver per stage"),
+                output: (s + 1 < d).then(|| fwd[s + 1].0.clone()),
+                grads_in: (s + 1 < d).then(|| back[s].1.clone()),
+                grads_out: (s > 0).then(|| back[s - 1].0.clone()),
+                events: ev_tx.clone(),
+                stop: stop.clone(),
+                twins: std::mem::take(&mut twins[s]),
+                sources: std::mem::take(&mut sources[s]),
+                queued_bytes: queued[s].clone(),
+                next_queued_bytes: (s + 1 < d).then(|| queued[s + 1].clone()),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("stage-{s}"))
+                .spawn(move || run_stage(ctx))
+                .map_err(|e| TrainError::Other(format!("cannot start stage {s}: {e}")))?;
+            handles.push(handle);
+        }
+        stage_modules.reverse();
+        drop(fwd);
+        drop(back);
+        Ok(Pipeline {
+            input: Some(input),
+            events: ev_rx,
+            handles,
+            stop,
+            num_stages: d,
+            stage_modules,
+            drain_tag: 0,
+            backlog: VecDeque::new(),
+            failure: None,
+            final_bytes: Vec::new(),
+        })
+    }
+
+    /// Send a message to stage 0, noticing failures while it waits.
+    pub fn send(&mut self, mut msg: Forward) -> Result<(), TrainError> {
+        loop {
+            self.check()?;
+            let tx = self.input.as_ref().ok_or(TrainError::Stopped)?;
+            match tx.send_timeout(msg, Duration::from_millis(20)) {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Timeout(m)) => msg = m,
+                Err(SendTimeoutError::Disconnected(_)) => {
+                    self.wait_failure(Duration::from_secs(5));
+                    return Err(self
+                        .failure
+                        .take()
+                        .unwrap_or(TrainError::Other("stage 0 stopped taking input".into())));
+                }
+            }
+        }
+    }
+
+    /// Take events that arrived; a failure becomes an error.
+    fn check(&mut self) -> Result<(), TrainError> {
+        while let Ok(ev) = self.events.try_recv() {
+            self.note(ev);
+        }
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn note(&mut self, ev: Event) {
+        match ev {
+            Event::Failed {
+                stage,
+                modules,
+                batch,
+                cause,
+            } => {
+                self.stop.store(true, Ordering::Relaxed);
+                if self.failure.is_none() {
+                    self.failure = Some(TrainError::Stage {
+                        stage,
+                        modules,
+                        batch,
+                        cause,
+                    });
+                }
+            }
+            Event::Exited {
+                live_bytes,
+                peak_live_bytes,
+                ..
+            } => self.final_bytes.push((live_bytes, peak_live_bytes)),
+            other => self.backlog.push_back(other),
+        }
+    }
+
+    fn wait_failure(&mut self, within: Duration) {
+        let until = Instant::now() + within;
+        while self.failure.is_none() && Instant::now() < until {
+            match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok(ev) => self.note(ev),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Events other than failures, in arrival order.
+    pub fn take_events(&mut self) -> Result<Vec<Event>, TrainError> {
+        self.check()?;
+        Ok(self.backlog.drain(..).collect())
+    }
+
+    /// Wait for one event (other than a failure).
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, TrainError> {
+        if let Some(e) = self.backlog.pop_front() {
+            return Ok(Some(e));
+        }
+        match self.events.recv_timeout(timeout) {
+            Ok(ev) => {
+                self.note(ev);
+                self.check()?;
+                Ok(self.backlog.pop_front())
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(TrainError::Other("every stage has exited".into()))
+            }
+        }
+    }
+
+    /// Bring every stage to a boundary with no batch in flight and no gradient pending.
+    pub fn drain(&mut self) -> Result<Vec<Event>, TrainError> {
+        self.drain_tag += 1;
+        let tag = self.drain_tag;
+        self.send(Forward::Drain { tag })?;
+        let mut other = Vec::new();
+        loop {
+            match self.next_event(Duration::from_millis(50))? {
+                Some(Event::Drained { tag: t }) if t == tag => return Ok(other),
+                Some(e) => other.push(e),
+                None => {}
+            }
+        }
+    }
+
+    /// CPU copies of every module, in module order (call after `drain`).
+    pub fn collect(&mut self) -> Result<Vec<ModuleSnapshot>, TrainError> {
+        self.send(Forward::Collect)?;
+        let mut got: Vec<ModuleSnapshot> = Vec::new();
+        let mut stages = 0;
+        let mut other = Vec::new();
+        while stages < self.num_stages {
+            match self.next_event(Duration::from_millis(50))? {
+                Some(Event::State { modules, .. }) => {
+                    got.extend(modules);
+                    stages += 1;
+                }
+                Some(e) => other.push(e),
+                None => {}
+            }
+        }
+        self.backlog.extend(other);
+        got.sort_by_key(|s| s.module);
+        Ok(got)
+    }
+
+    /// Stop feeding, join every stage, and report the first failure.
+    pub fn finish(mut self) -> Result<Vec<(u64, u64)>, TrainError> {
+        self.input = None;
+        let res = self.join();
+        res.map(|_| std::mem::take(&mut self.final_bytes))
+    }
+
+    fn join(&mut self) -> Result<(), TrainError> {
+        let handles = std::mem::take(&mut self.handles);
+        for h in handles {
+            let _ = h.join();
+        }
+        while let Ok(ev) = self.events.try_recv() {
+            self.note(ev);
+        }
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.stop.store(true, Ordering::Relaxed);
+            self.input = None;
+            let _ = self.join();
+        }
+    }
+}
+
+/// Timers and counters of a stage for the current metrics window.
+#[derive(Default)]
+struct Clock {
+    busy: Duration,
+    wait_input: Duration,
+    wait_output: Duration,
+    wait_grad: Duration,
+    start: Option<Instant>,
+    batches: u64,
+    images: u64,
+    peak_live: u64,
+    last_lag: u64,
+}
+
+fn run_stage(ctx: StageContext) {
+    let (index, modules, events, stop) = (
+        ctx.index,
+        ctx.modules.clone(),
+        ctx.events.clone(),
+        ctx.stop.clone(),
+    );
+    let current = Arc::new(AtomicU64::new(u64::MAX));
+    let cur = current.clone();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        StageWorker::new(ctx, cur).and_then(|mut w| {
+            let r = w.run();
+            let _ = w.events.send(Event::Exited {
+                stage: w.index,
+                live_bytes: w.stage.live_bytes(),
+                peak_live_bytes: w.peak_live,
+            });
+            r
+        })
+    }));
+    let batch = match current.load(Ordering::Relaxed) {
+        u64::MAX => None,
+        b => Some(b),
+    };
+    let cause = match result {
+        Ok(Ok(())) | Ok(Err(TrainError::Stopped)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            format!("panicked: {msg}")
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = events.send(Event::Failed {
+        stage: index,
+        modules: modules.collect(),
+        batch,
+        cause,
+    });
+}
+
+struct StageWorker {
+    index: usize,
+    stage: Stage,
+    device: Device,
+    next_device: Option<Device>,
+    settings: PipelineSettings,
+    input: Receiver<Forward>,
+    output: Option<Sender<Forward>>,
+    grads_in: Option<Receiver<BackMsg>>,
+    grads_out: Option<Sender<BackMsg>>,
+    events: Sender<Event>,
+    stop: Arc<AtomicBool>,
+    current: Arc<AtomicU64>,
+    clock: Clock,
+    peak_live: u64,
+    mean: Tensor,
+    std: Tensor,
+    eval: Vec<ModuleEval>,
+    queued_bytes: Arc<AtomicU64>,
+    next_queued_bytes: Option<Arc<AtomicU64>>,
+    last_forward: u64,
+}
+
+impl StageWorker {
+    fn new(ctx: StageContext, current: Arc<AtomicU64>) -> Result<Self, TrainError> {
+        // Intra-op parallelism is configured per thread (OpenMP) and grad mode is per thread.
+        tch::set_num_threads(ctx.settings.intra_op_threads as i32);
+        let device = ctx.device;
+        let plan = ctx.plan.clone();
+        let s = &ctx.settings;
+        let mut modules = Vec::with_capacity(ctx.modules.len());
+        for (m, state) in ctx.modules.clone().zip(&ctx.states) {
+            let nets = build_nets(&plan, m, s.image, device);
+            load_state(&nets, state)?;
+            let input_grad = m > 0 && plan.incoming_reach_left(m - 1, m).is_some();
+            modules.push(LocalModule::new(
+                nets,
+                ModuleSettings {
+                    lr: s.lr,
+                    optim: s.optim.clone(),
+                    input_grad,
+                    accumulate: s.accumulate,
+                    ema_momentum: s.ema_momentum,
+                    stop: ctx.stop.clone(),
+                },
+            ));
+        }
+        let first = ctx.modules.start;
+        for TwinWire {
+            module: m,
+            block,
+            rx,
+            lag,
+        } in ctx.twins
+        {
+            let module = &mut modules[m - first];
+            let params = block_params(&module.nets.ema_vs.variables(), &block);
+            module.twins.push(TwinLink {
+                block,
+                params,
+                rx,
+                lag,
+            });
+        }
+        for SourceWire {
+            module: m,
+            block,
+            tx,
+            to,
+        } in ctx.sources
+        {
+            let module = &mut modules[m - first];
+            let params = block_params(&module.nets.vs.variables(), &block);
+            module.sources.push(SourceLink {
+                block,
+                params,
+                tx,
+                device: to,
+            });
+        }
+        let stage = Stage::new(&plan, modules, device);
+        let c = s.image.channels as i64;
+        let mean = Tensor::from_slice(&s.mean)
+            .view([1, c, 1, 1])
+            .to_device(device);
+        let std = Tensor::from_slice(&s.std)
+            .view([1, c, 1, 1])
+            .to_device(device);
+        Ok(StageWorker {
+            index: ctx.index,
+            stage,
+            device,
+            next_device: ctx.next_device,
+            settings: ctx.settings,
+            input: ctx.input,
+            output: ctx.output,
+            grads_in: ctx.grads_in,
+            grads_out: ctx.grads_out,
+            events: ctx.events,
+            stop: ctx.stop,
+            current,
+            clock: Clock::default(),
+            peak_live: 0,
+            mean,
+            std,
+            eval: Vec::new(),
+            queued_bytes: ctx.queued_bytes,
+            next_queued_bytes: ctx.next_queued_bytes,
+            last_forward: 0,
+        })
+    }
+
+    fn run(&mut self) -> Result<(), TrainError> {
+        self.clock.start = Some(Instant::now());
+        match self.settings.schedule {
+            Schedule::Async => self.run_async(),
+            Schedule::Sync | Schedule::Sequential => self.run_sync(),
+        }
+    }
+
+    /// Receive the next forward message; `None` when the input is closed.
+    fn recv_input(&mut self) -> Result<Option<Forward>, TrainError> {
+        let t = Instant::now();
+        let r = loop {
+            match self.input.recv_timeout(Duration::from_millis(50)) {
+                Ok(m) => break Some(m),
+                Err(RecvTimeoutError::Disconnected) => break None,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Err(TrainError::Stopped);
+                    }
+                }
+            }
+        };
+        self.clock.wait_input += t.elapsed();
+        Ok(r)
+    }
+
+    fn recv_grad(&mut self) -> Result<BackMsg, TrainError> {
+        let rx = self
+            .grads_in
+            .as_ref()
+            .ok_or(TrainError::Protocol("no gradient channel".into()))?;
+        let t = Instant::now();
+        let r = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(m) => break m,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(TrainError::Other(format!(
+                        "stage {} stopped sending gradients",
+                        self.index + 1
+                    )))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Err(TrainError::Stopped);
+                    }
+                }
+            }
+        };
+        self.clock.wait_grad += t.elapsed();
+        Ok(r)
+    }
+
+    fn send_forward(&mut self, msg: Forward) -> Result<(), TrainError> {
+        let Some(tx) = &self.output else {
+            return Ok(());
+        };
+        let bytes = match &msg {
+            Forward::Train { x, .. } | Forward::Eval { x, .. } => bytes_of(x),
+            _ => 0,
+        };
+        let t = Instant::now();
+        let mut msg = msg;
+        loop {
+            match tx.send_timeout(msg, Duration::from_millis(50)) {
+                Ok(()) => break,
+                Err(SendTimeoutError::Timeout(m)) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Err(TrainError::Stopped);
+                    }
+                    msg = m;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => {
+                    return Err(TrainError::Other(format!(
+                        "stage {} stopped taking input",
+                        self.index + 1
+                    )))
+                }
+            }
+        }
+        if let Some(q) = &self.next_queued_bytes {
+            q.fetch_add(bytes, Ordering::Relaxed);
+        }
+        self.clock.wait_output += t.elapsed();
+        Ok(())
+    }
+
+    fn send_back(&mut self, msg: BackMsg) -> Result<(), TrainError> {
+        let tx = self
+            .grads_out
+            .as_ref()
+            .ok_or(TrainError::Protocol("no previous stage".into()))?;
+        tx.send(msg).map_err(|_| {
+            TrainError::Other(format!("stage {} stopped taking gradients", self.index - 1))
+        })
+    }
+
+    /// Normalise raw images on stage 0.
+    fn stage_input(&self, x: Tensor) -> Tensor {
+        if self.stage.first_module() == 0 {
+            (x.to_device(self.device).to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+        } else {
+            x.to_device(self.device)
+        }
+    }
+
+    fn inject(&mut self, id: u64, x: Tensor) -> Result<Tensor, TrainError> {
+        match self.settings.fault {
+            Some(f) if f.stage == self.index && f.batch == id => match f.kind {
+                FaultKind::Error => Err(TrainError::Other(format!("injected error at batch {id}"))),
+                FaultKind::Panic => panic!("injected panic at batch {id}"),
+                FaultKind::NaN => Ok(x * f64::NAN),
+                FaultKind::CloseChannel => {
+                    self.output = None;
+                    self.grads_out = None;
+                    self.grads_in = None;
+                    Err(TrainError::Stopped)
+                }
+            },
+            _ => Ok(x),
+        }
+    }
+
+    /// Forward, local losses and early sweep of a training batch; sends the output on.
+    fn process_train(
+        &mut self,
+        id: u64,
+        x: Tensor,
+        targets: BatchTargets,
+    ) -> Result<(), TrainError> {
+        self.current.store(id, Ordering::Relaxed);
+        let in_bytes = bytes_of(&x);
+        self.queued_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(in_bytes))
+            })
+            .ok();
+        let t = Instant::now();
+        let x = self.stage_input(x);
+        let x = self.inject(id, x)?;
+        let targets = targets.to_device(self.device);
+        let (h, early) = self.stage.process(id, &x, &targets)?;
+        self.note_live();
+        self.clock.busy += t.elapsed();
+        if let Some(next) = self.next_device {
+            let t = Instant::now();
+            let msg = Forward::Train {
+                id,
+                x: h.to_device(next),
+                targets: targets.to_device(next),
+            };
+            self.clock.busy += t.elapsed();
+            self.send_forward(msg)?;
+        }
+        let r = self.stage.routes;
+        match early {
+            Some(msg) => self.send_back(msg)?,
+            None if r.prev_expects && !r.next_passes_through => self.send_back(BackMsg {
+                id,
+                parts: Vec::new(),
+                last: true,
+            })?,
+            None => {}
+        }
+        self.last_forward = id;
+        self.clock.batches += 1;
+        self.clock.images += targets.labels.size()[0] as u64;
+        Ok(())
+    }
+
+    fn finish_batch(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
+        let t = Instant::now();
+        self.stage.finish(id, keep_inputs)?;
+        self.clock.busy += t.elapsed();
+        self.maybe_report()
+    }
+
+    /// A gradient message for a batch still pending (sync).
+    fn receive_sync(&mut self, msg: BackMsg) -> Result<bool, TrainError> {
+        let t = Instant::now();
+        let out = self.stage.receive(msg.id, msg.parts)?;
+        self.clock.busy += t.elapsed();
+        if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
+            self.send_back(BackMsg {
+                id: msg.id,
+                parts: out,
+                last: msg.last,
+            })?;
+        }
+        Ok(msg.last)
+    }
+
+    /// A gradient message for a finished batch (async).
+    fn receive_late(&mut self, msg: BackMsg) -> Result<(), TrainError> {
+        let t = Instant::now();
+        self.clock.last_lag = self.last_forward.saturating_sub(msg.id);
+        let out = self.stage.late(msg.id, msg.parts, msg.last)?;
+        self.note_live();
+        self.clock.busy += t.elapsed();
+        if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
+            self.send_back(BackMsg {
+                id: msg.id,
+                parts: out,
+                last: msg.last,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn run_sync(&mut self) -> Result<(), TrainError> {
+        let accumulate = self.settings.accumulate.max(1);
+        let expects = self.stage.routes.expects_next;
+        let mut waiting: VecDeque<u64> = VecDeque::new();
+        let (mut in_group, mut done_in_group) = (0usize, 0usize);
+        loop {
+            if in_group < accumulate {
+                let Some(msg) = self.recv_input()? else {
+                    return Ok(());
+                };
+                match msg {
+                    Forward::Train { id, x, targets } => {
+                        self.process_train(id, x, targets)?;
+                        in_group += 1;
+                        if expects {
+                            waiting.push_back(id);
+                        } else {
+                            self.finish_batch(id, false)?;
+                            done_in_group += 1;
+                        }
+                    }
+                    other => {
+                        done_in_group += self.complete_sync(&mut waiting)?;
+                        self.control(other)?;
+                    }
+                }
+            } else {
+                let msg = self.recv_grad()?;
+                let id = msg.id;
+                if waiting.front() != Some(&id) {
+                    return Err(TrainError::Protocol(format!(
+                        "stage {}: gradient for batch {id}, expected {:?}",
+                        self.index,
+                        waiting.front()
+                    )));
+                }
+                if self.receive_sync(msg)? {
+                    waiting.pop_front();
+                    self.finish_batch(id, false)?;
+                    done_in_group += 1;
+                }
+            }
+            if done_in_group == accumulate {
+                in_group = 0;
+                done_in_group = 0;
+            }
+        }
+    }
+
+    /// Finish every waiting batch (sync) before a control message.
+    fn complete_sync(&mut self, waiting: &mut VecDeque<u64>) -> Result<usize, TrainError> {
+        let mut done = 0;
+        while let Some(&id) = waiting.front() {
+            let msg = self.recv_grad()?;
+            if msg.id != id {
+                return Err(TrainError::Protocol(format!(
+                    "stage {}: gradient for batch {}, expected {id}",
+                    self.index, msg.id
+                )));
+            }
+            if self.receive_sync(msg)? {
+                waiting.pop_front();
+                self.finish_batch(id, false)?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    fn run_async(&mut self) -> Result<(), TrainError> {
+        let limit = self.settings.in_flight.max(1);
+        loop {
+            // Late gradients first: they free stored inputs and shorten the lag.
+            if let Some(rx) = &self.grads_in {
+                let ready: Vec<BackMsg> = rx.try_iter().collect();
+                for m in ready {
+                    self.receive_late(m)?;
+                }
+            }
+            if self.stage.outstanding() >= limit {
+                let m = self.recv_grad()?;
+                self.receive_late(m)?;
+                continue;
+            }
+            let msg = match &self.grads_in {
+                Some(grads) => {
+                    let t = Instant::now();
+                    let grads = grads.clone();
+                    let input = self.input.clone();
+                    let got = select! {
+                        recv(grads) -> m => Err(m),
+                        recv(input) -> m => Ok(m),
+                        default(Duration::from_millis(50)) => { if self.stop.load(Ordering::Relaxed) { return Err(TrainError::Stopped) } continue; }
+                    };
+                    self.clock.wait_input += t.elapsed();
+                    match got {
+                        Err(Ok(g)) => {
+                            self.receive_late(g)?;
+                            continue;
+                        }
+                        Err(Err(_)) => {
+                            return Err(TrainError::Other(format!(
+                                "stage {} stopped sending gradients",
+                                self.index + 1
+                            )))
+                        }
+                        Ok(Ok(m)) => m,
+                        Ok(Err(_)) => return self.drain_async(),
+                    }
+                }
+                None => match self.recv_input()? {
+                    Some(m) => m,
+                    None => return Ok(()),
+                },
+            };
+            match msg {
+                Forward::Train { id, x, targets } => {
+                    self.process_train(id, x, targets)?;
+                    self.finish_batch(id, true)?;
+                }
+                other => {
+                    self.drain_async()?;
+                    self.control(other)?;
+                }
+            }
+        }
+    }
+
+    /// Apply every outstanding late gradient (async).
+    fn drain_async(&mut self) -> Result<(), TrainError> {
+        while self.stage.outstanding() > 0 {
+            let m = self.recv_grad()?;
+            self.receive_late(m)?;
+        }
+        Ok(())
+    }
+
+    /// Evaluation and drain messages (no training batch in flight here).
+    fn control(&mut self, msg: Forward) -> Result<(), TrainError> {
+        match msg {
+            Forward::Train { .. } => unreachable!("handled by the schedules"),
+            Forward::Eval { x, labels } => {
+                let t = Instant::now();
+                let x = self.stage_input(x);
+                let labels = labels.to_device(self.device);
+                let h = tch::no_grad(|| self.evaluate(&x, &labels));
+                self.clock.busy += t.elapsed();
+                if let Some(next) = self.next_device {
+                    self.send_forward(Forward::Eval {
+                        x: h.to_device(next),
+                        labels: labels.to_device(next),
+                    })?;
+                }
+            }
+            Forward::EvalEnd => {
+                let modules = std::mem::take(&mut self.eval);
+                let _ = self.events.send(Event::Eval {
+                    stage: self.index,
+                    modules,
+                });
+                self.send_forward(Forward::EvalEnd)?;
+            }
+            Forward::Collect => {
+                let modules = self
+                    .stage
+                    .modules
+                    .iter()
+                    .map(snapshot)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let _ = self.events.send(Event::State {
+                    stage: self.index,
+                    modules,
+                });
+                self.send_forward(Forward::Collect)?;
+            }
+            Forward::Drain { tag } => {
+                self.maybe_report_now()?;
+                if self.output.is_some() {
+                    self.send_forward(Forward::Drain { tag })?;
+                } else {
+                    let _ = self.events.send(Event::Drained { tag });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, x: &Tensor, labels: &Tensor) -> Tensor {
+        if self.eval.is_empty() {
+            self.eval = self
+                .stage
+                .modules
+                .iter()
+                .map(|m| ModuleEval {
+                    module: m.index,
+                    ..Default::default()
+                })
+                .collect();
+        }
+        let n = labels.size()[0];
+        let mut h = x.shallow_clone();
+        for (m, e) in self.stage.modules.iter().zip(self.eval.iter_mut()) {
+            h = m.nets.forward(&h, mlaan_models::Mode::Eval);
+            if let Some(logits) = m.nets.probe_logits(&h) {
+                e.has_head = true;
+                e.correct += mlaan_models::losses::correct(&logits, labels);
+                e.seen += n;
+                if m.nets.classifier.is_some() {
+                    e.loss_sum += mlaan_models::losses::cross_entropy(&logits, labels)
+                        .double_value(&[])
+                        * n as f64;
+                }
+            }
+        }
+        h
+    }
+
+    fn note_live(&mut self) {
+        let transient = self
+            .stage
+            .modules
+            .iter()
+            .map(|m| m.transient_peak)
+            .max()
+            .unwrap_or(0);
+        let live = self.stage.live_bytes() + self.queued_bytes.load(Ordering::Relaxed);
+        self.clock.peak_live = self.clock.peak_live.max(live + transient);
+        self.peak_live = self.peak_live.max(live + transient);
+    }
+
+    fn maybe_report(&mut self) -> Result<(), TrainError> {
+        let step = self.stage.modules[0].step;
+        if step > 0 && step % self.settings.log_every == 0 && self.clock.batches > 0 {
+            self.maybe_report_now()?;
+        }
+        Ok(())
+    }
+
+    /// Send the current window's metrics to the coordinator and start a new window.
+    fn maybe_report_now(&mut self) -> Result<(), TrainError> {
+        if self.clock.batches == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let wall = now - self.clock.start.unwrap_or(now);
+        let c = std::mem::take(&mut self.clock);
+        let term_losses = self
+            .stage
+            .modules
+            .iter_mut()
+            .map(|m| {
+                let l = m
+                    .stats
+                    .iter()
+                    .map(|s| {
+                        if s.batches > 0 {
+                            s.loss_sum / s.batches as f64
+                        } else {
+                            f64::NAN
+                        }
+                    })
+                    .collect();
+                m.stats.iter_mut().for_each(|s| *s = Default::default());
+                (m.index, l)
+            })
+            .collect();
+        let window = StageWindow {
+            stage: self.index,
+            device: format!("{:?}", self.device),
+            modules: self.stage.modules.iter().map(|m| m.index).collect(),
+            batches: c.batches,
+            images: c.images,
+            images_per_s: c.images as f64 / wall.as_secs_f64().max(1e-9),
+            busy_ms: c.busy.as_secs_f64() * 1e3,
+            wait_input_ms: c.wait_input.as_secs_f64() * 1e3,
+            wait_output_ms: c.wait_output.as_secs_f64() * 1e3,
+            wait_grad_ms: c.wait_grad.as_secs_f64() * 1e3,
+            wall_ms: wall.as_secs_f64() * 1e3,
+            queue_depth: self.input.len(),
+            grad_lag: c.last_lag,
+            live_bytes: self.stage.live_bytes() + self.queued_bytes.load(Ordering::Relaxed),
+            peak_live_bytes: c.peak_live,
+            loss: Vec::new(),
+        };
+        let step = self.stage.modules[0].step;
+        let lr = self.settings.lr.at(step.saturating_sub(1));
+        self.clock.start = Some(now);
+        self.events
+            .send(Event::Window {
+                stage: self.index,
+                window,
+                step,
+                lr,
+                term_losses,
+            })
+            .map_err(|_| TrainError::Stopped)
+    }
+}
+
+fn snapshot(m: &LocalModule) -> Result<ModuleSnapshot, TrainError> {
+    let cpu = |t: &Tensor| t.f_to_device_(Device::Cpu, t.kind(), false, true);
+    let state = m
+        .nets
+        .state()
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), cpu(t)?)))
+        .collect::<Result<_, TrainError>>()?;
+    let opt = m.optimizer();
+    let momentum = opt
+        .params
+        .iter()
+        .zip(&opt.momentum_buffers)
+        .filter_map(|((n, _), b)| b.as_ref().map(|b| Ok((n.clone(), cpu(b)?))))
+        .collect::<Result<_, TrainError>>()?;
+    Ok(ModuleSnapshot {
+        module: m.index,
+        state,
+        momentum,
+        step: m.step,
+    })
+}
+
+/// Trainable parameters of block `block` (e.g. `layer3.0`) in a store, sorted by name.
+fn block_params(vars: &HashMap<String, Tensor>, block: &str) -> Vec<Tensor> {
+    let prefix = format!("{block}.");
+    let mut v: Vec<(&String, &Tensor)> = vars
+        .iter()
+        .filter(|(n, _)| n.starts_with(&prefix) && !n.contains("running_"))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v.into_iter().map(|(_, t)| t.shallow_clone()).collect()
+}

@@ -1,0 +1,555 @@
+//! One local module at work: its networks, optimizer, gradient accumulators, the graphs of the
+//! batches it is processing, and its EMA twins. Every schedule drives modules through the same
+//! five operations, so the arithmetic is shared and only the order differs:
+//!
+//! ```text
+//! forward(b)      h = M_i(x)                     keep x, h and the graph of batch b
+//! local_losses(b) each term: loss, ∂loss/∂h      grads of term nets accumulate; ∂/∂h kept by reach
+//! add_grads(b,·)  parts ∂L/∂h from later modules  kept by remaining reach
+//! propagate(b)    for reach ≥ 1: ∂L/∂x = J_xᵀ g  returned as parts for module i−1 (reach − 1)
+//! finish(b)       θ_i += J_θᵀ Σg; step when the accumulation group is complete
+//! ```
+//!
+//! A gradient part carries its remaining reach, so a cascade loss reaches exactly
+//! modules i−d+1..i (METHOD.md §4) and nothing earlier.
+
+use crate::optim::{LrSchedule, Sgd};
+use crate::{bytes_of, TrainError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use mlaan_core::plan::TermKind;
+use mlaan_models::layers::{count_saved, Mode};
+use mlaan_models::losses;
+use mlaan_models::module::{LocalNets, Targets};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// A gradient with respect to the receiving module's output, and how many more modules it
+/// may reach beyond the receiver.
+#[derive(Debug)]
+pub struct GradPart {
+    pub reach_left: usize,
+    pub grad: Tensor,
+}
+
+/// The labels and raw image that travel with a batch.
+#[derive(Debug)]
+pub struct BatchTargets {
+    pub labels: Tensor,
+    /// Un-normalised image as `u8` (InfoPro only).
+    pub image_u8: Option<Tensor>,
+}
+
+impl BatchTargets {
+    pub fn to_device(&self, device: Device) -> BatchTargets {
+        BatchTargets {
+            labels: self.labels.to_device(device),
+            image_u8: self.image_u8.as_ref().map(|t| t.to_device(device)),
+        }
+    }
+}
+
+/// A weight snapshot of a real block, published after optimizer step `step`.
+#[derive(Debug)]
+pub struct EmaSnapshot {
+    pub step: u64,
+    pub params: Vec<Tensor>,
+}
+
+/// How a twin picks the snapshot it folds in after step `b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmaLag {
+    /// Exactly the real block after step `b − lag` (skip while `b < lag`).
+    Steps(u64),
+    /// Whatever was published most recently (async).
+    Latest,
+}
+
+/// The receiving end of a twin: its parameters and the channel its real block publishes on.
+pub struct TwinLink {
+    pub block: String,
+    pub params: Vec<Tensor>,
+    pub rx: Receiver<EmaSnapshot>,
+    pub lag: EmaLag,
+}
+
+/// The publishing end: the real block's parameters and a subscriber.
+pub struct SourceLink {
+    pub block: String,
+    pub params: Vec<Tensor>,
+    pub tx: Sender<EmaSnapshot>,
+    pub device: Device,
+}
+
+/// State of a batch between its forward and its `finish`.
+struct Pending {
+    x: Tensor,
+    h: Tensor,
+    targets: BatchTargets,
+    /// Σ of every gradient part on h (for the parameter pass).
+    g_params: Option<Tensor>,
+    /// Parts with reach left ≥ 1 not yet propagated to the input, by reach.
+    g_unsent: BTreeMap<usize, Tensor>,
+    graph_bytes: u64,
+}
+
+/// Per-term loss and accuracy sums since the last report.
+#[derive(Debug, Default, Clone)]
+pub struct TermStats {
+    pub loss_sum: f64,
+    pub correct: i64,
+    pub seen: i64,
+    pub batches: u64,
+}
+
+/// One module and everything it owns.
+pub struct LocalModule {
+    pub nets: LocalNets,
+    pub index: usize,
+    opt: Sgd,
+    lr: LrSchedule,
+    grads: Vec<Option<Tensor>>,
+    slot: HashMap<String, usize>,
+    backbone: Vec<(usize, Tensor)>,
+    term_params: Vec<Vec<(usize, Tensor)>>,
+    pending: BTreeMap<u64, Pending>,
+    /// Inputs kept for recomputation when a late gradient arrives (async).
+    stored: BTreeMap<u64, (Tensor, BatchTargets)>,
+    input_grad: bool,
+    accumulate: usize,
+    micro: usize,
+    pub step: u64,
+    pub twins: Vec<TwinLink>,
+    pub sources: Vec<SourceLink>,
+    ema_momentum: f64,
+    stop: Arc<AtomicBool>,
+    pub stats: Vec<TermStats>,
+    /// Bytes of gradient graphs of term networks (transient, for the peak).
+    pub transient_peak: u64,
+}
+
+/// Static settings of a module's runner.
+pub struct ModuleSettings {
+    pub lr: LrSchedule,
+    pub optim: mlaan_core::config::OptimConfig,
+    /// Whether gradients must be propagated to this module's input.
+    pub input_grad: bool,
+    /// Micro-batches per optimizer step.
+    pub accumulate: usize,
+    pub ema_momentum: f64,
+    pub stop: Arc<AtomicBool>,
+}
+
+fn vjp(
+    out: &Tensor,
+    grad: &Tensor,
+    inputs: &[&Tensor],
+    keep_graph: bool,
+) -> Result<Vec<Tensor>, TrainError> {
+    let s = (out * grad).sum(Kind::Float);
+    Ok(Tensor::f_run_backward(&[s], inputs, keep_graph, false)?)
+}
+
+fn add_into(acc: &mut Option<Tensor>, g: Tensor) -> Result<(), TrainError> {
+    match acc {
+        Some(a) => {
+            let _ = a.f_add_(&g)?;
+        }
+        None => *acc = Some(g),
+    }
+    Ok(())
+}
+
+impl LocalModule {
+    pub fn new(nets: LocalNets, s: ModuleSettings) -> Self {
+        let params = nets.named_trainable(|_| true);
+        let slot: HashMap<String, usize> = params
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        let with_slots = |v: Vec<(String, Tensor)>| -> Vec<(usize, Tensor)> {
+            v.into_iter().map(|(n, t)| (slot[&n], t)).collect()
+        };
+        let backbone = with_slots(nets.backbone_params());
+        let term_params = (0..nets.terms.len())
+            .map(|t| with_slots(nets.term_params(t)))
+            .collect();
+        let n = params.len();
+        let stats = vec![TermStats::default(); nets.terms.len()];
+        LocalModule {
+            index: nets.index,
+            opt: Sgd::new(params, &s.optim),
+            lr: s.lr,
+            grads: (0..n).map(|_| None).collect(),
+            slot,
+            backbone,
+            term_params,
+            pending: BTreeMap::new(),
+            stored: BTreeMap::new(),
+            input_grad: s.input_grad,
+            accumulate: s.accumulate.max(1),
+            micro: 0,
+            step: 0,
+            twins: Vec::new(),
+            sources: Vec::new(),
+            ema_momentum: s.ema_momentum,
+            stop: s.stop,
+            stats,
+            transient_peak: 0,
+            nets,
+        }
+    }
+
+    /// h_i = M_i(x) in training mode; keeps what the later operations need.
+    pub fn forward(
+        &mut self,
+        id: u64,
+        x: &Tensor,
+        targets: BatchTargets,
+    ) -> Result<Tensor, TrainError> {
+        let x = if self.input_grad {
+            x.detach().set_requires_grad(true)
+        } else {
+            x.detach()
+        };
+        let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Train));
+        let out = h.detach();
+        self.pending.insert(
+            id,
+            Pending {
+                x,
+                h,
+                targets,
+                g_params: None,
+                g_unsent: BTreeMap::new(),
+                graph_bytes,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Every term's loss on h: term networks get their gradients, ∂loss/∂h is kept by reach.
+    /// Returns the unweighted losses.
+    pub fn local_losses(&mut self, id: u64) -> Result<Vec<f64>, TrainError> {
+        let mut losses = Vec::with_capacity(self.nets.terms.len());
+        let p = self.pending.get(&id).ok_or(TrainError::Protocol(format!(
+            "module {}: no batch {id}",
+            self.index
+        )))?;
+        let hd = p.h.detach().set_requires_grad(true);
+        let image = p
+            .targets
+            .image_u8
+            .as_ref()
+            .map(|t| t.to_kind(Kind::Float) / 255.0);
+        let labels = p.targets.labels.shallow_clone();
+        let mut parts = Vec::new();
+        for t in 0..self.nets.terms.len() {
+            let spec = &self.nets.terms[t].spec;
+            let (weight, reach) = (spec.weight, spec.reach);
+            let targets = Targets {
+                labels: &labels,
+                image: image.as_ref(),
+            };
+            let (out, bytes) = count_saved(|| self.nets.term_loss(t, &hd, &targets, Mode::Train));
+            self.transient_peak = self.transient_peak.max(bytes);
+            let loss = out.loss.f_double_value(&[])?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFinite {
+                    module: self.index,
+                    batch: id,
+                    what: format!("{:?} loss = {loss}", self.nets.terms[t].spec.kind),
+                });
+            }
+            let st = &mut self.stats[t];
+            st.loss_sum += loss;
+            st.batches += 1;
+            if let Some(l) = &out.logits {
+                st.correct += losses::correct(l, &labels);
+                st.seen += labels.size()[0];
+            }
+            losses.push(loss);
+            let mut inputs: Vec<&Tensor> = vec![&hd];
+            inputs.extend(self.term_params[t].iter().map(|(_, p)| p));
+            let grads = Tensor::f_run_backward(&[out.loss * weight], &inputs, false, false)?;
+            for ((slot, _), g) in self.term_params[t].iter().zip(&grads[1..]) {
+                if g.defined() {
+                    add_into(&mut self.grads[*slot], g.shallow_clone())?;
+                }
+            }
+            if grads[0].defined() {
+                parts.push(GradPart {
+                    reach_left: reach,
+                    grad: grads[0].shallow_clone(),
+                });
+            }
+        }
+        self.add_grads(id, parts)?;
+        Ok(losses)
+    }
+
+    /// Gradient parts on h of batch `id` from later modules (or from this module's terms).
+    pub fn add_grads(&mut self, id: u64, parts: Vec<GradPart>) -> Result<(), TrainError> {
+        let index = self.index;
+        let p = self
+            .pending
+            .get_mut(&id)
+            .ok_or(TrainError::Protocol(format!(
+                "module {index}: gradient for unknown batch {id}"
+            )))?;
+        for part in parts {
+            if part.reach_left >= 1 && index > 0 {
+                let e = p.g_unsent.remove(&part.reach_left);
+                let mut acc = e;
+                add_into(&mut acc, part.grad.shallow_clone())?;
+                p.g_unsent.insert(part.reach_left, acc.expect("just set"));
+            }
+            add_into(&mut p.g_params, part.grad)?;
+        }
+        Ok(())
+    }
+
+    /// ∂L/∂x for every part that reaches further back, as parts for module i−1.
+    pub fn propagate(&mut self, id: u64) -> Result<Vec<GradPart>, TrainError> {
+        let index = self.index;
+        let p = self
+            .pending
+            .get_mut(&id)
+            .ok_or(TrainError::Protocol(format!(
+                "module {index}: propagate unknown batch {id}"
+            )))?;
+        let unsent = std::mem::take(&mut p.g_unsent);
+        let mut out = Vec::with_capacity(unsent.len());
+        for (reach, g) in unsent {
+            let gx = vjp(&p.h, &g, &[&p.x], true)?;
+            out.push(GradPart {
+                reach_left: reach - 1,
+                grad: gx[0].shallow_clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The parameter pass of batch `id`; steps when the accumulation group is complete.
+    /// With `keep_input`, the input is stored for late gradients (async).
+    pub fn finish(&mut self, id: u64, keep_input: bool) -> Result<(), TrainError> {
+        let index = self.index;
+        let p = self
+            .pending
+            .remove(&id)
+            .ok_or(TrainError::Protocol(format!(
+                "module {index}: finish unknown batch {id}"
+            )))?;
+        if let Some(g) = &p.g_params {
+            self.param_pass(&p.h, g)?;
+        }
+        if keep_input {
+            self.stored.insert(id, (p.x.detach(), p.targets));
+        }
+        self.micro += 1;
+        if self.micro == self.accumulate {
+            self.step_now()?;
+        }
+        Ok(())
+    }
+
+    fn param_pass(&mut self, h: &Tensor, g: &Tensor) -> Result<(), TrainError> {
+        if self.backbone.is_empty() || !h.requires_grad() {
+            return Ok(());
+        }
+        let inputs: Vec<&Tensor> = self.backbone.iter().map(|(_, t)| t).collect();
+        let grads = vjp(h, g, &inputs, false)?;
+        for ((slot, _), g) in self.backbone.iter().zip(grads) {
+            if g.defined() {
+                add_into(&mut self.grads[*slot], g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A late gradient for a finished batch (async): recompute the module on the stored input
+    /// under the current weights (batch-norm statistics untouched), add its parameter
+    /// gradient to the next step, and return the parts that reach further back. `last` drops
+    /// the stored input.
+    pub fn apply_late(
+        &mut self,
+        id: u64,
+        parts: Vec<GradPart>,
+        last: bool,
+    ) -> Result<Vec<GradPart>, TrainError> {
+        let index = self.index;
+        let (x0, targets) = self.stored.remove(&id).ok_or(TrainError::Protocol(format!(
+            "module {index}: late gradient for unknown batch {id}"
+        )))?;
+        let x = if self.input_grad {
+            x0.detach().set_requires_grad(true)
+        } else {
+            x0.detach()
+        };
+        let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Recompute));
+        let keep = if last { None } else { Some((x0, targets)) };
+        self.pending.insert(
+            id,
+            Pending {
+                x,
+                h,
+                targets: BatchTargets {
+                    labels: Tensor::new(),
+                    image_u8: None,
+                },
+                g_params: None,
+                g_unsent: BTreeMap::new(),
+                graph_bytes,
+            },
+        );
+        self.add_grads(id, parts)?;
+        let back = self.propagate(id)?;
+        let p = self.pending.remove(&id).expect("inserted above");
+        if let Some(g) = &p.g_params {
+            self.param_pass(&p.h, g)?;
+        }
+        if let Some(k) = keep {
+            self.stored.insert(id, k);
+        }
+        Ok(back)
+    }
+
+    /// Drop a stored input whose last gradient part has arrived (or that will get none).
+    pub fn release(&mut self, id: u64) {
+        self.stored.remove(&id);
+    }
+
+    pub fn stored_count(&self) -> usize {
+        self.stored.len()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Optimizer step with the accumulated gradients, then EMA: publish real blocks, fold
+    /// snapshots into twins.
+    fn step_now(&mut self) -> Result<(), TrainError> {
+        let lr = self.lr.at(self.step);
+        self.opt.step(&self.grads, lr)?;
+        self.grads.iter_mut().for_each(|g| *g = None);
+        self.micro = 0;
+        let step = self.step;
+        self.step += 1;
+        for s in &self.sources {
+            let params = s
+                .params
+                .iter()
+                .map(|p| p.f_to_device_(s.device, p.kind(), false, true))
+                .collect::<Result<Vec<_>, _>>()?;
+            // A closed subscriber means its stage is gone; the pipeline is stopping.
+            let _ = s.tx.send(EmaSnapshot { step, params });
+        }
+        for t in 0..self.twins.len() {
+            if let Some(snap) = self.next_snapshot(t, step)? {
+                let pairs: Vec<(Tensor, Tensor)> = self.twins[t]
+                    .params
+                    .iter()
+                    .zip(snap.params)
+                    .map(|(e, r)| (e.shallow_clone(), r))
+                    .collect();
+                mlaan_models::lam::ema_update(&pairs, self.ema_momentum)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The snapshot twin `t` folds in after step `step`, waiting for it when exactness asks.
+    fn next_snapshot(&mut self, t: usize, step: u64) -> Result<Option<EmaSnapshot>, TrainError> {
+        let link = &self.twins[t];
+        match link.lag {
+            EmaLag::Latest => Ok(link.rx.try_iter().last()),
+            EmaLag::Steps(lag) => {
+                if step < lag {
+                    return Ok(None);
+                }
+                let want = step - lag;
+                loop {
+                    match link.rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok(s) if s.step == want => return Ok(Some(s)),
+                        Ok(s) if s.step < want => continue,
+                        Ok(s) => {
+                            return Err(TrainError::Protocol(format!(
+                                "module {}: EMA twin of {} wanted step {want}, got {}",
+                                self.index, link.block, s.step
+                            )))
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            if self.stop.load(Ordering::Relaxed) {
+                                return Err(TrainError::Stopped);
+                            }
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return Err(TrainError::Stopped),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes this module holds now: parameters, buffers, EMA twins, optimizer state,
+    /// accumulated gradients, batches in progress (inputs, outputs and graphs) and stored
+    /// inputs.
+    pub fn live_bytes(&self) -> u64 {
+        let stores: u64 = self.nets.state().iter().map(|(_, t)| bytes_of(t)).sum();
+        let grads: u64 = self.grads.iter().flatten().map(bytes_of).sum();
+        let pending: u64 = self
+            .pending
+            .values()
+            .map(|p| {
+                bytes_of(&p.x)
+                    + bytes_of(&p.h)
+                    + p.graph_bytes
+                    + p.g_params.as_ref().map_or(0, bytes_of)
+                    + p.g_unsent.values().map(bytes_of).sum::<u64>()
+            })
+            .sum();
+        let stored: u64 = self
+            .stored
+            .values()
+            .map(|(x, t)| bytes_of(x) + bytes_of(&t.labels))
+            .sum();
+        stores + self.opt.state_bytes() + grads + pending + stored
+    }
+
+    /// Whether the module has a term of this kind.
+    pub fn has_term(&self, kind: TermKind) -> bool {
+        self.nets.terms.iter().any(|t| t.spec.kind == kind)
+    }
+
+    /// Names of the optimizer's parameters (checkpoints).
+    pub fn optimizer(&self) -> &Sgd {
+        &self.opt
+    }
+
+    pub fn optimizer_mut(&mut self) -> &mut Sgd {
+        &mut self.opt
+    }
+
+    #[doc(hidden)]
+    pub fn slot_of(&self, name: &str) -> Option<usize> {
+        self.slot.get(name).copied()
+    }
+
+    /// Accumulated gradient of every trainable parameter (tests compare them).
+    pub fn accumulated_grads(&self) -> Vec<(String, Option<Tensor>)> {
+        self.opt
+            .params
+            .iter()
+            .zip(&self.grads)
+            .map(|((n, _), g)| (n.clone(), g.as_ref().map(|t| t.shallow_clone())))
+            .collect()
+    }
+
+    /// Accumulate gradients without stepping (tests).
+    pub fn set_accumulate(&mut self, n: usize) {
+        self.accumulate = n.max(1);
+    }
+}

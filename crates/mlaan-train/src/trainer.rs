@@ -1,0 +1,552 @@
+//! The training loop, top to bottom: open the data, plan the network, place the modules,
+//! start the pipeline, feed it epoch by epoch, evaluate, save, summarise.
+
+use crate::devices;
+use crate::init::{initial_state, ImageSpec};
+use crate::metrics::{progress_bar, JsonlWriter};
+use crate::optim::LrSchedule;
+use crate::pipeline::{
+    EmaLagRule, Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
+};
+use crate::runner::BatchTargets;
+use crate::TrainError;
+use anyhow::{bail, Context, Result};
+use mlaan_core::arch::Chw;
+use mlaan_core::config::{Method, RunConfig, Schedule};
+use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
+use mlaan_core::metrics::{MetricRecord, StageWindow};
+use mlaan_core::placement::{place, Placement};
+use mlaan_core::plan::NetworkPlan;
+use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+/// What a run reports in `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub method: String,
+    pub arch: String,
+    pub k: usize,
+    pub schedule: String,
+    pub dataset: String,
+    pub devices: Vec<String>,
+    /// Module ranges per stage.
+    pub placement: Vec<[usize; 2]>,
+    pub epochs: usize,
+    pub steps: u64,
+    pub batch_size: usize,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Accuracy of each module's own classifier head on the test set (`null` where a module
+    /// has none, e.g. module 0 under MLAAN or a contrastive head).
+    pub module_accuracy: Vec<Option<f64>>,
+    pub train_images_per_s: f64,
+    pub train_s: f64,
+    pub wall_s: f64,
+    pub stages: Vec<StageWindow>,
+    pub peak_live_bytes: Vec<u64>,
+    pub peak_rss_bytes: Option<u64>,
+    pub gpu_memory: Option<Vec<devices::GpuMemory>>,
+}
+
+/// Options of a run that are not part of its config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Inject a fault (tests and drills), `KIND@STAGE:BATCH`.
+    pub fault: Option<Fault>,
+    /// Write `model.safetensors` (the backbone alone) at the end.
+    pub save_model: bool,
+}
+
+/// A started pipeline with its data: the pieces a run, a test or a benchmark drives.
+pub struct Session {
+    pub cfg: RunConfig,
+    pub data: Datasets,
+    pub plan: Arc<NetworkPlan>,
+    pub placement: Placement,
+    pub pipe: Pipeline,
+    pub train_loader: Loader,
+    pub steps_per_epoch: u64,
+    /// Id of the next training batch (= optimizer steps taken when drained).
+    pub next_id: u64,
+    needs_image: bool,
+}
+
+impl Session {
+    /// Open the data, plan the network, place it, and start every stage from the initial
+    /// state of `cfg.train.seed`.
+    pub fn start(cfg: &RunConfig, opts: &RunOptions) -> Result<Session> {
+        let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
+        tracing::info!("{}", data.train.describe());
+        tracing::info!("{}", data.test.describe());
+        let plan = Arc::new(plan_for(cfg, &data)?);
+        let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
+        let placement = choose_placement(cfg, &plan, &devices)?;
+        let threads = configure_threads(cfg, &placement, &devices);
+        let image = image_spec(&data);
+        let train_loader = Loader::new(
+            data.train.clone(),
+            data.train_transform.clone(),
+            LoaderConfig::train(&cfg.data, cfg.train.batch_size, cfg.train.seed),
+        );
+        let steps_per_epoch = train_loader.num_batches() as u64;
+        if steps_per_epoch == 0 {
+            bail!(
+                "the training set ({} samples) gives no batch of {}",
+                data.train.len(),
+                cfg.train.batch_size
+            );
+        }
+        let lr = LrSchedule::new(&cfg.optim, steps_per_epoch, cfg.train.epochs);
+        let mut settings = pipeline_settings(cfg, &data, image, lr, opts);
+        settings.intra_op_threads = threads;
+        let states = initial_state(&plan, image, cfg.train.seed)?;
+        let pipe = Pipeline::start(
+            plan.clone(),
+            settings,
+            states,
+            &placement,
+            &stage_devices(&placement, &devices),
+        )?;
+        Ok(Session {
+            cfg: cfg.clone(),
+            needs_image: plan.method.uses_infopro_loss(),
+            data,
+            plan,
+            placement,
+            pipe,
+            train_loader,
+            steps_per_epoch,
+            next_id: 0,
+        })
+    }
+
+    /// Feed the training batches of `epoch` until the epoch ends or `stop_at` batches have
+    /// been fed in total; `on_batch` sees the events after every batch.
+    pub fn feed_epoch(
+        &mut self,
+        epoch: usize,
+        stop_at: u64,
+        on_batch: &mut dyn FnMut(Vec<Event>) -> Result<()>,
+    ) -> Result<()> {
+        for batch in self.train_loader.epoch(epoch) {
+            if self.next_id >= stop_at {
+                break;
+            }
+            let batch =
+                batch.with_context(|| format!("loading training batch {}", self.next_id))?;
+            let (x, targets) = to_tensors(&batch, self.needs_image);
+            self.pipe.send(Forward::Train {
+                id: self.next_id,
+                x,
+                targets,
+            })?;
+            self.next_id += 1;
+            on_batch(self.pipe.take_events()?)?;
+        }
+        Ok(())
+    }
+
+    /// Bring the pipeline to a boundary with nothing in flight; returns the events meanwhile.
+    pub fn drain(&mut self) -> Result<Vec<Event>> {
+        Ok(self.pipe.drain()?)
+    }
+
+    /// Test-set accuracy of the backbone and of each module's head (after a drain).
+    pub fn evaluate(&mut self) -> Result<EvalResult> {
+        evaluate(&mut self.pipe, &self.data, &self.cfg)
+    }
+
+    /// CPU copies of every module (after a drain).
+    pub fn snapshots(&mut self) -> Result<Vec<ModuleSnapshot>> {
+        Ok(self.pipe.collect()?)
+    }
+
+    /// Join every stage; returns (final, peak) live bytes per stage.
+    pub fn finish(self) -> Result<Vec<(u64, u64)>> {
+        Ok(self.pipe.finish()?)
+    }
+}
+
+/// Train `cfg`, writing the run directory `out`.
+pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Summary> {
+    let wall = Instant::now();
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    let mut s = Session::start(cfg, opts)?;
+    let mut log = MetricsLog::new(out, s.pipe.num_stages)?;
+    let total_steps = match cfg.train.max_steps {
+        0 => s.steps_per_epoch * cfg.train.epochs as u64,
+        n => (n as u64).min(s.steps_per_epoch * cfg.train.epochs as u64),
+    };
+    let bar = progress_bar(total_steps, "train");
+    let mut train_time = Duration::ZERO;
+    let mut eval = EvalResult::default();
+    for epoch in 0..cfg.train.epochs {
+        let t = Instant::now();
+        s.feed_epoch(epoch, total_steps, &mut |events| {
+            bar.inc(1);
+            log.absorb(events, epoch, &bar)
+        })?;
+        log.absorb(s.drain()?, epoch, &bar)?;
+        train_time += t.elapsed();
+        let last = epoch + 1 == cfg.train.epochs || s.next_id >= total_steps;
+        if cfg.train.eval_every_epoch || last {
+            eval = s.evaluate()?;
+            log.eval(s.next_id, epoch, &eval)?;
+            bar.println(format!(
+                "epoch {epoch}: test accuracy {:.4}",
+                eval.accuracy()
+            ));
+        }
+        if last {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let snapshots = s.snapshots()?;
+    let steps = s.next_id;
+    let (k, placement, dataset) = (s.plan.k(), s.placement.clone(), s.data.info.name.clone());
+    let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
+    let final_bytes = s.finish()?;
+    if opts.save_model {
+        save_backbone(&snapshots, &out.join("model.safetensors"))?;
+    }
+    let train_images = steps * cfg.train.batch_size as u64;
+    let summary = Summary {
+        method: cfg.method.name.to_string(),
+        arch: cfg.model.arch.clone(),
+        k,
+        schedule: cfg.pipeline.schedule.to_string(),
+        dataset,
+        devices: cfg.pipeline.devices.clone(),
+        placement: placement.groups.iter().map(|g| [g.start, g.end]).collect(),
+        epochs: cfg.train.epochs,
+        steps,
+        batch_size: cfg.train.batch_size,
+        test_accuracy: eval.accuracy(),
+        test_loss: eval.loss(),
+        module_accuracy: eval.module_accuracy(k),
+        train_images_per_s: train_images as f64 / train_time.as_secs_f64().max(1e-9),
+        train_s: train_time.as_secs_f64(),
+        wall_s: wall.elapsed().as_secs_f64(),
+        stages: log.last_windows(),
+        peak_live_bytes: final_bytes.iter().map(|b| b.1).collect(),
+        peak_rss_bytes: devices::peak_rss_bytes(),
+        gpu_memory: gpu_indices(&devices).and_then(|i| devices::gpu_memory(&i)),
+    };
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// The network plan for a config on an opened dataset.
+pub fn plan_for(cfg: &RunConfig, data: &Datasets) -> Result<NetworkPlan> {
+    let s = data.info.train_shape;
+    Ok(NetworkPlan::new(
+        cfg,
+        Chw {
+            c: s.channels,
+            h: s.height,
+            w: s.width,
+        },
+        data.info.num_classes,
+    )?)
+}
+
+pub fn image_spec(data: &Datasets) -> ImageSpec {
+    let s = data.info.train_shape;
+    ImageSpec {
+        channels: s.channels,
+        size: [s.height, s.width],
+        classes: data.info.num_classes,
+    }
+}
+
+pub fn pipeline_settings(
+    cfg: &RunConfig,
+    data: &Datasets,
+    image: ImageSpec,
+    lr: LrSchedule,
+    opts: &RunOptions,
+) -> PipelineSettings {
+    let schedule = cfg.pipeline.schedule;
+    let ema_lag = match (cfg.method.ema_lag.as_str(), schedule) {
+        ("exact", _) => EmaLagRule::Exact,
+        ("distance", _) => EmaLagRule::Distance,
+        ("latest", _) | ("auto", Schedule::Async) => EmaLagRule::Latest,
+        ("auto", Schedule::Sequential) => EmaLagRule::Exact,
+        _ => EmaLagRule::Distance,
+    };
+    PipelineSettings {
+        schedule,
+        in_flight: cfg.pipeline.in_flight,
+        optim: cfg.optim.clone(),
+        lr,
+        ema_momentum: cfg.method.ema_momentum,
+        ema_lag,
+        image,
+        mean: data.info.mean.clone(),
+        std: data.info.std.clone(),
+        log_every: cfg.train.log_every as u64,
+        accumulate: 1,
+        on_nonfinite: cfg.pipeline.on_nonfinite,
+        fault: opts.fault,
+        intra_op_threads: 1,
+    }
+}
+
+/// Which modules run on which device.
+pub fn choose_placement(
+    cfg: &RunConfig,
+    plan: &NetworkPlan,
+    devices: &[Device],
+) -> Result<Placement> {
+    if cfg.pipeline.schedule == Schedule::Sequential || plan.method == Method::E2e && plan.k() == 1
+    {
+        return Ok(Placement {
+            groups: std::iter::once(0..plan.k()).collect(),
+        });
+    }
+    let costs = plan.module_macs();
+    Ok(place(&costs, devices.len())?)
+}
+
+/// The device of each stage.
+fn stage_devices(p: &Placement, devices: &[Device]) -> Vec<Device> {
+    (0..p.num_stages())
+        .map(|s| devices[s.min(devices.len() - 1)])
+        .collect()
+}
+
+/// Intra-op threads: CPU stages share the cores, never oversubscribing them.
+fn configure_threads(cfg: &RunConfig, p: &Placement, devices: &[Device]) -> usize {
+    let stage_devs = stage_devices(p, devices);
+    let cpu_stages = stage_devs.iter().filter(|d| **d == Device::Cpu).count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match cfg.pipeline.intra_op_threads {
+        0 => cpu_threads_per_stage(cores, cpu_stages),
+        n => n,
+    };
+    tch::set_num_threads(threads as i32);
+    tracing::info!(
+        "{} stage(s), {cpu_stages} on CPU with {threads} intra-op thread(s) each",
+        p.num_stages()
+    );
+    threads
+}
+
+fn gpu_indices(devices: &[Device]) -> Option<Vec<usize>> {
+    let v: Vec<usize> = devices
+        .iter()
+        .filter_map(|d| {
+            if let Device::Cuda(i) = d {
+                Some(*i)
+            } else {
+                None
+            }
+        })
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
+/// A loader batch as tensors: raw `u8` images (NCHW) and `i64` labels.
+pub fn to_tensors(batch: &Batch, needs_image: bool) -> (Tensor, BatchTargets) {
+    let [n, c, h, w] = batch.shape.map(|d| d as i64);
+    let x = Tensor::from_slice(&batch.images).view([n, c, h, w]);
+    let labels = Tensor::from_slice(&batch.labels);
+    let image_u8 = needs_image.then(|| x.shallow_clone());
+    (x, BatchTargets { labels, image_u8 })
+}
+
+/// Test-set results gathered from the stages.
+#[derive(Debug, Default, Clone)]
+pub struct EvalResult {
+    pub modules: Vec<ModuleEval>,
+}
+
+impl EvalResult {
+    fn last(&self) -> Option<&ModuleEval> {
+        self.modules.iter().max_by_key(|m| m.module)
+    }
+    pub fn accuracy(&self) -> f64 {
+        self.last()
+            .map_or(0.0, |m| m.correct as f64 / m.seen.max(1) as f64)
+    }
+    pub fn loss(&self) -> f64 {
+        self.last()
+            .map_or(f64::NAN, |m| m.loss_sum / m.seen.max(1) as f64)
+    }
+    pub fn module_accuracy(&self, k: usize) -> Vec<Option<f64>> {
+        (0..k)
+            .map(|i| {
+                self.modules
+                    .iter()
+                    .find(|m| m.module == i && m.has_head && m.seen > 0)
+                    .map(|m| m.correct as f64 / m.seen as f64)
+            })
+            .collect()
+    }
+}
+
+/// Run the test set through the pipeline (after a drain) and gather every stage's counts.
+pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result<EvalResult> {
+    let bs = match cfg.train.eval_batch_size {
+        0 => cfg.train.batch_size,
+        n => n,
+    };
+    let loader = Loader::new(
+        data.test.clone(),
+        data.eval_transform.clone(),
+        LoaderConfig::eval(&cfg.data, bs),
+    );
+    for batch in loader.epoch(0) {
+        let batch = batch.context("loading a test batch")?;
+        let (x, t) = to_tensors(&batch, false);
+        pipe.send(Forward::Eval {
+            x,
+            labels: t.labels,
+        })?;
+    }
+    pipe.send(Forward::EvalEnd)?;
+    let mut result = EvalResult::default();
+    let mut stages = 0;
+    let mut other = Vec::new();
+    while stages < pipe.num_stages {
+        match pipe.next_event(Duration::from_millis(50))? {
+            Some(Event::Eval { modules, .. }) => {
+                result.modules.extend(modules);
+                stages += 1;
+            }
+            Some(e) => other.push(e),
+            None => {}
+        }
+    }
+    // Windows that arrived meanwhile are not lost: they belong to training already logged.
+    drop(other);
+    Ok(result)
+}
+
+/// Write the backbone alone (stem, blocks, classifier; no auxiliary networks) to safetensors.
+pub fn save_backbone(snapshots: &[ModuleSnapshot], path: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = snapshots
+        .iter()
+        .flat_map(|s| s.state.iter())
+        .filter(|(n, _)| !n.starts_with("aux.") && !n.starts_with("ema."))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let tmp = path.with_extension("safetensors.tmp");
+    Tensor::write_safetensors(&tensors, &tmp).map_err(TrainError::from)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A stage's window, its learning rate and its modules' term losses.
+type StageReport = (StageWindow, f64, Vec<(usize, Vec<f64>)>);
+
+/// Collects per-stage metric windows, writes `metrics.jsonl`, drives the progress bar.
+struct MetricsLog {
+    jsonl: JsonlWriter,
+    stages: usize,
+    pending: BTreeMap<u64, Vec<Option<StageReport>>>,
+    last: Vec<Option<StageWindow>>,
+    start: Instant,
+}
+
+impl MetricsLog {
+    fn new(out: &Path, stages: usize) -> Result<Self> {
+        Ok(MetricsLog {
+            jsonl: JsonlWriter::create(&out.join("metrics.jsonl"))?,
+            stages,
+            pending: BTreeMap::new(),
+            last: vec![None; stages],
+            start: Instant::now(),
+        })
+    }
+
+    fn absorb(
+        &mut self,
+        events: Vec<Event>,
+        epoch: usize,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        for ev in events {
+            let Event::Window {
+                stage,
+                window,
+                step,
+                lr,
+                term_losses,
+            } = ev
+            else {
+                continue;
+            };
+            self.last[stage] = Some(window.clone());
+            let slot = self
+                .pending
+                .entry(step)
+                .or_insert_with(|| vec![None; self.stages]);
+            slot[stage] = Some((window, lr, term_losses));
+            if slot.iter().all(|s| s.is_some()) {
+                let slot = self.pending.remove(&step).expect("present");
+                let mut stages = Vec::with_capacity(self.stages);
+                let mut loss = f64::NAN;
+                let mut lr_out = 0.0;
+                for (mut w, lr, terms) in slot.into_iter().flatten() {
+                    // The network's loss is the last module's last term (its classifier).
+                    if let Some((_, l)) = terms.last() {
+                        if let Some(v) = l.last() {
+                            loss = *v;
+                        }
+                    }
+                    w.loss = terms.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+                    lr_out = lr;
+                    stages.push(w);
+                }
+                let ips = stages.last().map_or(0.0, |w| w.images_per_s);
+                bar.set_message(format!("loss {loss:.3} lr {lr_out:.4}"));
+                self.jsonl.write(&MetricRecord::Train {
+                    step,
+                    epoch,
+                    loss,
+                    lr: lr_out,
+                    images_per_s: ips,
+                    elapsed_s: self.start.elapsed().as_secs_f64(),
+                    stages,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn eval(&mut self, step: u64, epoch: usize, e: &EvalResult) -> Result<()> {
+        let k = e.modules.iter().map(|m| m.module + 1).max().unwrap_or(0);
+        self.jsonl.write(&MetricRecord::Eval {
+            step,
+            epoch,
+            test_accuracy: e.accuracy(),
+            test_loss: e.loss(),
+            module_accuracy: e.module_accuracy(k),
+        })?;
+        Ok(())
+    }
+
+    fn last_windows(&self) -> Vec<StageWindow> {
+        self.last.iter().flatten().cloned().collect()
+    }
+}
+
+/// Default run directory: `runs/<method>-<arch>-<unix seconds>`.
+pub fn default_run_dir(cfg: &RunConfig) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{}-{}-{secs}", cfg.method.name, cfg.model.arch))
+}

@@ -1,0 +1,40 @@
+//! Shared helpers of the training tests: tiny configs and tensor comparisons.
+#![allow(dead_code)]
+
+use mlaan_core::config::RunConfig;
+use tch::Tensor;
+
+/// A ResNet-14 (six blocks) on 8x8 synthetic images: every method and split in milliseconds.
+pub fn tiny(method: &str, k: usize) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.model.arch = "resnet14".into();
+    c.model.k = k;
+    c.method.name = method.parse().unwrap();
+    c.data.dataset = "synthetic".into();
+    c.data.synthetic_size = 8;
+    c.data.synthetic_channels = 3;
+    c.data.synthetic_classes = 4;
+    c.data.synthetic_samples = 256;
+    c.data.workers = 1;
+    c.train.batch_size = 8;
+    c.train.seed = 7;
+    c.train.log_every = 5;
+    c.optim.lr = 0.05;
+    c.pipeline.devices = vec!["cpu".into()];
+    c.pipeline.schedule = mlaan_core::config::Schedule::Sequential;
+    c.pipeline.intra_op_threads = 1;
+    c
+}
+
+/// Largest |a − b| relative to max(1, |b|).
+pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]).max(1.0);
+    d / scale
+}
+
+/// Whether a gradient is present and not all zero.
+pub fn nonzero(g: &Option<Tensor>) -> bool {
+    g.as_ref()
+        .is_some_and(|g| g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0)
+}

@@ -1,0 +1,317 @@
+//! Gradient routes of every method (METHOD.md §3–4), checked on the product's own module
+//! machinery: which parameters each loss reaches and which it must not; and the summed
+//! gradients of one step against an independent, literal implementation written here.
+
+mod common;
+
+use common::{max_rel_diff, nonzero, tiny};
+use mlaan_core::arch::Chw;
+use mlaan_core::plan::{NetworkPlan, TermKind};
+use mlaan_models::module::{LocalNets, Targets};
+use mlaan_models::Mode;
+use mlaan_train::init::{build_nets, initial_state, load_state, ImageSpec, ModuleState};
+use mlaan_train::optim::LrSchedule;
+use mlaan_train::runner::{BatchTargets, LocalModule, ModuleSettings};
+use mlaan_train::stage::Stage;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+const IMAGE: ImageSpec = ImageSpec {
+    channels: 3,
+    size: [8, 8],
+    classes: 4,
+};
+
+fn plan_of(method: &str, k: usize, d: usize) -> NetworkPlan {
+    let mut cfg = tiny(method, k);
+    cfg.method.cascade_depth = d;
+    cfg.method.infopro_mode = mlaan_core::config::InfoProMode::Softmax;
+    NetworkPlan::new(&cfg, Chw { c: 3, h: 8, w: 8 }, 4).unwrap()
+}
+
+/// A fixed batch, made without the (process-global) random generator.
+fn batch() -> (Tensor, BatchTargets) {
+    let i = Tensor::arange(8 * 3 * 8 * 8, (Kind::Float, Device::Cpu)).view([8, 3, 8, 8]);
+    let x = (&i * 0.37).sin() + (&i * 0.011).cos();
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
+    let image = ((&i * 0.53).sin() * 127.0 + 128.0).to_kind(Kind::Uint8);
+    (
+        x,
+        BatchTargets {
+            labels,
+            image_u8: Some(image),
+        },
+    )
+}
+
+/// All modules in one stage, never stepping: gradients stay in the accumulators.
+fn product_stage(plan: &NetworkPlan, states: &[ModuleState]) -> Stage {
+    let modules = (0..plan.k())
+        .map(|m| {
+            let nets = build_nets(plan, m, IMAGE, Device::Cpu);
+            load_state(&nets, &states[m]).unwrap();
+            LocalModule::new(
+                nets,
+                ModuleSettings {
+                    lr: LrSchedule {
+                        peak: 0.1,
+                        warmup_start: 0.1,
+                        min: 0.0,
+                        warmup_steps: 0,
+                        total_steps: 10,
+                    },
+                    optim: Default::default(),
+                    input_grad: m > 0 && plan.incoming_reach_left(m - 1, m).is_some(),
+                    accumulate: 1_000_000,
+                    ema_momentum: 0.995,
+                    stop: Arc::new(AtomicBool::new(false)),
+                },
+            )
+        })
+        .collect();
+    Stage::new(plan, modules, Device::Cpu)
+}
+
+/// Gradients of one batch through the product, by module and parameter name.
+fn product_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<Vec<(String, Option<Tensor>)>> {
+    let mut stage = product_stage(plan, states);
+    let (x, t) = batch();
+    let _ = stage.process(0, &x, &t).unwrap();
+    stage.finish(0, false).unwrap();
+    stage
+        .modules
+        .iter()
+        .map(|m| m.accumulated_grads())
+        .collect()
+}
+
+/// METHOD.md literally: every loss gets its own forward from the detached output where its
+/// gradient must stop, and its own backward.
+fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets> {
+    let nets: Vec<LocalNets> = (0..plan.k())
+        .map(|m| {
+            let n = build_nets(plan, m, IMAGE, Device::Cpu);
+            load_state(&n, &states[m]).unwrap();
+            n
+        })
+        .collect();
+    let (x, t) = batch();
+    let image = t.image_u8.as_ref().unwrap().to_kind(Kind::Float) / 255.0;
+    let targets = Targets {
+        labels: &t.labels,
+        image: Some(&image),
+    };
+    // h_j by value, once (batch statistics; running statistics untouched).
+    let mut h = Vec::new();
+    tch::no_grad(|| {
+        let mut z = x.shallow_clone();
+        for n in &nets {
+            z = n.forward(&z, Mode::Recompute);
+            h.push(z.shallow_clone());
+        }
+    });
+    for (i, spec) in plan.modules.iter().enumerate() {
+        for (ti, term) in spec.terms.iter().enumerate() {
+            let start = i - term.reach;
+            let mut z = if start == 0 {
+                x.shallow_clone()
+            } else {
+                h[start - 1].detach()
+            };
+            for n in &nets[start..=i] {
+                z = n.forward(&z, Mode::Recompute);
+            }
+            let out = nets[i].term_loss(ti, &z, &targets, Mode::Recompute);
+            (out.loss * term.weight).backward();
+        }
+    }
+    nets
+}
+
+fn check_against_reference(method: &str, k: usize, d: usize) {
+    let plan = plan_of(method, k, d);
+    let states = initial_state(&plan, IMAGE, 3).unwrap();
+    let product = product_grads(&plan, &states);
+    let reference = reference_grads(&plan, &states);
+    let mut compared = 0;
+    for (m, (grads, nets)) in product.iter().zip(&reference).enumerate() {
+        let vars = nets.vs.variables();
+        for (name, g) in grads {
+            let r = vars[name].grad();
+            match (g, r.defined()) {
+                (Some(g), true) => {
+                    let diff = max_rel_diff(g, &r);
+                    assert!(
+                        diff < 1e-4,
+                        "{method} K={k} d={d}: module {m} `{name}` differs by {diff:e}"
+                    );
+                    compared += 1;
+                }
+                (None, false) => {}
+                (Some(g), false) => assert!(
+                    !nonzero(&Some(g.shallow_clone())),
+                    "{method}: module {m} `{name}` got a gradient the reference does not give"
+                ),
+                (None, true) => assert!(
+                    r.abs().sum(Kind::Float).double_value(&[]) == 0.0,
+                    "{method}: module {m} `{name}` lacks a gradient"
+                ),
+            }
+        }
+    }
+    assert!(
+        compared > 20,
+        "{method}: only {compared} gradients compared"
+    );
+}
+
+#[test]
+fn summed_gradients_equal_the_literal_reference() {
+    for (method, k, d) in [
+        ("e2e", 1, 2),
+        ("dgl", 4, 2),
+        ("infopro", 4, 2),
+        ("mlaan-dgl", 4, 2),
+        ("mlaan-dgl", 6, 3),
+        ("mlaan-infopro", 4, 2),
+        ("mlaan-infopro", 5, 3),
+    ] {
+        check_against_reference(method, k, d);
+    }
+}
+
+/// Which (module, parameter) pairs get a non-zero gradient when only term `t` of module `i`
+/// is weighted.
+fn reached(
+    method: &str,
+    k: usize,
+    d: usize,
+    i: usize,
+    t: usize,
+) -> (NetworkPlan, Vec<Vec<(String, bool)>>) {
+    let mut plan = plan_of(method, k, d);
+    for (mi, m) in plan.modules.iter_mut().enumerate() {
+        for (ti, term) in m.terms.iter_mut().enumerate() {
+            term.weight = if (mi, ti) == (i, t) { 1.0 } else { 0.0 };
+        }
+    }
+    let states = initial_state(&plan, IMAGE, 3).unwrap();
+    let grads = product_grads(&plan, &states);
+    let r = grads
+        .into_iter()
+        .map(|g| g.into_iter().map(|(n, g)| (n, nonzero(&g))).collect())
+        .collect();
+    (plan, r)
+}
+
+#[test]
+fn every_loss_reaches_exactly_its_modules() {
+    for (method, k, d) in [
+        ("dgl", 4, 2),
+        ("infopro", 4, 2),
+        ("mlaan-dgl", 5, 2),
+        ("mlaan-infopro", 5, 3),
+        ("e2e", 1, 2),
+    ] {
+        let plan = plan_of(method, k, d);
+        for (i, spec) in plan.modules.iter().enumerate() {
+            for (t, term) in spec.terms.iter().enumerate() {
+                let prefix = match term.kind {
+                    TermKind::Independent => "aux.independent.",
+                    TermKind::Cascade => "aux.cascade.",
+                    TermKind::Final => "fc.",
+                };
+                let (_, got) = reached(method, k, d, i, t);
+                for (m, params) in got.iter().enumerate() {
+                    for (name, hit) in params {
+                        let backbone = !name.starts_with("aux.") && !name.starts_with("fc.");
+                        let expect = if backbone {
+                            (i - term.reach..=i).contains(&m)
+                        } else {
+                            m == i && name.starts_with(prefix)
+                        };
+                        assert_eq!(
+                            *hit,
+                            expect,
+                            "{method} K={k} d={d}: {:?} loss of module {i} {} module {m} `{name}`",
+                            term.kind,
+                            if expect {
+                                "must reach"
+                            } else {
+                                "must not reach"
+                            }
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mlaan_routes_match_method_md() {
+    // d = 2: module 0 only from the cascade of step 1; independent never reaches i−1;
+    // the cascade at step i reaches modules i−1..i; LAM copies only from their own cascade.
+    let plan = plan_of("mlaan-dgl", 5, 2);
+    assert!(plan.modules[0].terms.is_empty());
+    let reach: Vec<Vec<(TermKind, usize)>> = plan
+        .modules
+        .iter()
+        .map(|m| m.terms.iter().map(|t| (t.kind, t.reach)).collect())
+        .collect();
+    assert_eq!(
+        reach[1],
+        vec![(TermKind::Independent, 0), (TermKind::Cascade, 1)]
+    );
+    assert_eq!(reach[4], vec![(TermKind::Final, 1)]);
+    let (_, got) = reached("mlaan-dgl", 5, 2, 1, 1);
+    assert!(
+        got[0]
+            .iter()
+            .filter(|(n, _)| !n.starts_with("aux."))
+            .all(|(_, h)| *h),
+        "cascade of step 1 reaches module 0"
+    );
+    let (_, got) = reached("mlaan-dgl", 5, 2, 2, 1);
+    assert!(
+        got[0].iter().all(|(_, h)| !*h),
+        "cascade of step 2 must not reach module 0"
+    );
+    assert!(
+        got[2]
+            .iter()
+            .any(|(n, h)| n.starts_with("aux.cascade.lam.") && *h),
+        "LAM copies learn from their cascade"
+    );
+    let (_, got) = reached("mlaan-dgl", 5, 2, 2, 0);
+    assert!(
+        got[2]
+            .iter()
+            .all(|(n, h)| !n.starts_with("aux.cascade.") || !*h),
+        "LAM copies get nothing from the independent loss"
+    );
+    assert!(
+        got[1].iter().all(|(_, h)| !*h),
+        "independent loss never reaches module i−1"
+    );
+}
+
+#[test]
+fn ema_twins_never_take_gradient() {
+    let plan = plan_of("mlaan-dgl", 5, 2);
+    let states = initial_state(&plan, IMAGE, 3).unwrap();
+    let mut stage = product_stage(&plan, &states);
+    let (x, t) = batch();
+    let _ = stage.process(0, &x, &t).unwrap();
+    stage.finish(0, false).unwrap();
+    let mut twins = 0;
+    for m in &stage.modules {
+        for (name, v) in m.nets.ema_vs.variables() {
+            assert!(!v.requires_grad(), "twin `{name}` is trainable");
+            assert!(!v.grad().defined(), "twin `{name}` got a gradient");
+            twins += 1;
+        }
+    }
+    assert!(twins > 0);
+}
