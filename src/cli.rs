@@ -25,9 +25,12 @@ pub enum Command {
     /// Train a network; writes config.toml, metrics.jsonl, summary.json and model.safetensors.
     Train(TrainArgs),
     /// Print the split, LAM chains, placement, parameters and activation sizes; no training.
-    Plan(ConfigArgs),
+    Plan(PlanArgs),
     /// Evaluate a saved backbone (model.safetensors) on the test set.
     Eval(EvalArgs),
+    /// Datasets: verify, fetch, benchmark the loader, generate an image folder.
+    #[command(subcommand)]
+    Data(DataCommand),
 }
 
 /// Flags that build the run config.
@@ -157,10 +160,116 @@ pub struct TrainArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Machine-readable output: JSON on stdout, or into FILE when one is given.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Backbone weights written by `train` (model.safetensors).
+    /// Backbone weights written by `train` (model.safetensors), or a run directory holding
+    /// `model.safetensors` and `config.toml`.
     #[arg(long)]
     pub model: PathBuf,
+    /// Also write the result as JSON: on stdout, or into FILE when one is given.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Read every sample of both splits once; exits non-zero when anything is wrong.
+    Verify(ConfigArgs),
+    /// Download a public dataset and check its published checksums.
+    Fetch(FetchArgs),
+    /// Measure the loader's throughput (decode + augmentation) on a dataset.
+    Bench(BenchArgs),
+    /// Write a synthetic JPEG image folder (`DIR/train/class_NNN/*.jpg`, `DIR/val/...`).
+    MakeImagefolder(MakeImageFolderArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    /// Dataset: fashion-mnist, mnist, cifar10, cifar100, svhn, stl10.
+    pub name: String,
+    /// Target folder (default: the dataset's default folder, `./data/<name>` or
+    /// `$MLAAN_DATA_DIR/<name>`).
+    #[arg(long)]
+    pub to: Option<PathBuf>,
+    /// SVHN: also fetch `extra_32x32.mat` (1.3 GB).
+    #[arg(long)]
+    pub svhn_extra: bool,
+    /// Download again even when the files are present with the right checksum.
+    #[arg(long)]
+    pub force: bool,
+    /// Fetch from this mirror instead of the canonical host (`<URL>/<file name>`).
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Decoder threads (default: `data.workers`; 0 = all cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Images per batch (default: `train.batch_size`).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Batches to time.
+    #[arg(long, default_value_t = 50)]
+    pub batches: usize,
+    /// Time the test split with the evaluation transform instead of the training one.
+    #[arg(long)]
+    pub eval: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MakeImageFolderArgs {
+    /// Folder to create.
+    pub dir: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Training images per class (the val split gets a tenth, at least one).
+    #[arg(long, default_value_t = 100)]
+    pub per_class: usize,
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    #[arg(long, default_value_t = 64)]
+    pub height: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_do_not_clash() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn json_takes_an_optional_file() {
+        let cli = Cli::try_parse_from(["mlaan-pipe", "plan", "--json", "--k", "2"]).unwrap();
+        let Command::Plan(p) = cli.command else {
+            panic!("not plan")
+        };
+        assert_eq!(p.json.as_deref(), Some(std::path::Path::new("-")));
+        assert_eq!(p.config.k, Some(2));
+        let cli = Cli::try_parse_from(["mlaan-pipe", "eval", "--model", "m", "--json", "r.json"])
+            .unwrap();
+        let Command::Eval(e) = cli.command else {
+            panic!("not eval")
+        };
+        assert_eq!(e.json.as_deref(), Some(std::path::Path::new("r.json")));
+    }
 }

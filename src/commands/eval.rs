@@ -1,7 +1,247 @@
+//! `mlaan-pipe eval`: the saved backbone alone (stem, blocks, classifier; no auxiliary
+//! networks) on the test set, built as one module whatever split it was trained with — the
+//! parameter names do not depend on the split.
+
 use crate::cli::EvalArgs;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use mlaan_core::config::{Method, RunConfig};
+use mlaan_core::device::DeviceSpec;
+use mlaan_core::split::SplitSpec;
+use mlaan_data::{Loader, LoaderConfig};
+use mlaan_models::module::LocalNets;
+use mlaan_models::{losses, Mode};
+use mlaan_train::trainer::{image_spec, plan_for, to_tensors};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// What `eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub arch: String,
+    pub dataset: String,
+    pub device: String,
+    pub samples: i64,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+}
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let _cfg = args.config.resolve()?;
-    anyhow::bail!("eval: not yet implemented")
+    let (model, run_config) = locate(&args.model)?;
+    let mut config = args.config.clone();
+    if config.config.is_none() {
+        if let Some(c) = run_config {
+            tracing::info!("using the run's config {}", c.display());
+            config.config = Some(c);
+        }
+    }
+    let cfg = config.resolve()?;
+    let report = evaluate(&cfg, &model)?;
+    let line = format!(
+        "{} on {} test ({} images, {}): test accuracy {:.4}, loss {:.4} ({})",
+        report.arch,
+        report.dataset,
+        report.samples,
+        report.device,
+        report.test_accuracy,
+        report.test_loss,
+        report.model
+    );
+    match &args.json {
+        // JSON owns stdout; the summary line goes to stderr.
+        Some(to) if to.as_os_str() == "-" => eprintln!("{line}"),
+        _ => println!("{line}"),
+    }
+    if let Some(to) = &args.json {
+        super::emit(to, &serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// The weights file and, when it sits in a run directory, the run's `config.toml`.
+fn locate(model: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    let (file, dir) = if model.is_dir() {
+        let file = model.join("model.safetensors");
+        if !file.is_file() {
+            bail!(
+                "{} is a directory without model.safetensors (is it a finished run directory?)",
+                model.display()
+            );
+        }
+        (file, Some(model.to_path_buf()))
+    } else if model.is_file() {
+        (model.to_path_buf(), model.parent().map(Path::to_path_buf))
+    } else {
+        bail!("model {} does not exist", model.display());
+    };
+    let config = dir.map(|d| d.join("config.toml")).filter(|c| c.is_file());
+    Ok((file, config))
+}
+
+/// Evaluate the backbone in `model` on the test set of `cfg`'s dataset.
+pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
+    let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
+    // The whole backbone as one module.
+    let mut whole = cfg.clone();
+    whole.method.name = Method::E2e;
+    whole.model.k = 1;
+    whole.model.split = SplitSpec::default();
+    let plan = plan_for(&whole, &data)?;
+    let image = image_spec(&data);
+    let specs = DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?;
+    let device = mlaan_train::devices::resolve(&specs[..1])?[0];
+    let nets = mlaan_train::init::build_nets(&plan, 0, image, device);
+    load_backbone(&nets, model).with_context(|| {
+        format!(
+            "loading {} into {} ({} input, {} classes)",
+            model.display(),
+            cfg.model.arch,
+            data.info.train_shape,
+            data.info.num_classes
+        )
+    })?;
+    let classifier = nets
+        .classifier
+        .as_ref()
+        .context("the one-module network has no classifier")?;
+    let bs = match cfg.train.eval_batch_size {
+        0 => cfg.train.batch_size,
+        n => n,
+    };
+    let loader = Loader::new(
+        data.test.clone(),
+        data.eval_transform.clone(),
+        LoaderConfig::eval(&cfg.data, bs),
+    );
+    let c = data.info.mean.len() as i64;
+    let mean = Tensor::from_slice(&data.info.mean)
+        .view([1, c, 1, 1])
+        .to_device(device);
+    let std = Tensor::from_slice(&data.info.std)
+        .view([1, c, 1, 1])
+        .to_device(device);
+    let (mut correct, mut seen, mut loss_sum) = (0i64, 0i64, 0f64);
+    let _guard = tch::no_grad_guard();
+    for batch in loader.epoch(0) {
+        let batch = batch.context("loading a test batch")?;
+        if batch.is_empty() {
+            continue;
+        }
+        let (x, targets) = to_tensors(&batch, false);
+        let x = (x.to_device(device).to_kind(Kind::Float) / 255.0 - &mean) / &std;
+        let labels = targets.labels.to_device(device);
+        let logits = classifier.forward(&nets.forward(&x, Mode::Eval));
+        let n = batch.len() as i64;
+        correct += losses::correct(&logits, &labels);
+        loss_sum += losses::cross_entropy(&logits, &labels).double_value(&[]) * n as f64;
+        seen += n;
+    }
+    if seen == 0 {
+        bail!("the test set of {} is empty", data.info.name);
+    }
+    Ok(EvalReport {
+        model: model.display().to_string(),
+        arch: cfg.model.arch.clone(),
+        dataset: data.info.name.clone(),
+        device: device_name(device),
+        samples: seen,
+        test_accuracy: correct as f64 / seen as f64,
+        test_loss: loss_sum / seen as f64,
+    })
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// Copy the tensors of `path` into `nets` by name; every tensor of the network must be in
+/// the file with its shape, and the file must hold nothing else.
+fn load_backbone(nets: &LocalNets, path: &Path) -> Result<()> {
+    let file = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {} as safetensors", path.display()))?;
+    let given: HashMap<&str, &Tensor> = file.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let state = nets.state();
+    let wanted: HashMap<&str, &Tensor> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut missing: Vec<&str> = wanted
+        .keys()
+        .filter(|n| !given.contains_key(*n))
+        .copied()
+        .collect();
+    let mut extra: Vec<&str> = given
+        .keys()
+        .filter(|n| !wanted.contains_key(*n))
+        .copied()
+        .collect();
+    let mut shapes: Vec<String> = wanted
+        .iter()
+        .filter_map(|(n, t)| {
+            let g = given.get(n)?;
+            (g.size() != t.size()).then(|| {
+                format!(
+                    "`{n}` is {:?} in the network but {:?} in the file",
+                    t.size(),
+                    g.size()
+                )
+            })
+        })
+        .collect();
+    missing.sort_unstable();
+    extra.sort_unstable();
+    shapes.sort_unstable();
+    let list = |v: &[&str]| {
+        let shown: Vec<String> = v.iter().take(12).map(|n| format!("`{n}`")).collect();
+        let more = v.len().saturating_sub(12);
+        format!(
+            "{}{}",
+            shown.join(", "),
+            if more > 0 {
+                format!(" (+{more} more)")
+            } else {
+                String::new()
+            }
+        )
+    };
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!(
+            "{} tensor(s) missing from the file: {}",
+            missing.len(),
+            list(&missing)
+        ));
+    }
+    if !extra.is_empty() {
+        problems.push(format!(
+            "{} tensor(s) in the file that the network does not have: {}",
+            extra.len(),
+            list(&extra)
+        ));
+    }
+    if !shapes.is_empty() {
+        let more = shapes.len().saturating_sub(12);
+        shapes.truncate(12);
+        problems.push(format!(
+            "shape mismatch: {}{}",
+            shapes.join("; "),
+            if more > 0 {
+                format!(" (+{more} more)")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
+    let _guard = tch::no_grad_guard();
+    for (name, t) in &state {
+        let mut t = t.shallow_clone();
+        t.f_copy_(given[name.as_str()])
+            .with_context(|| format!("copying `{name}`"))?;
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod data;
 mod eval;
 mod plan;
 mod train;
@@ -12,5 +13,17 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Data(c) => data::run(c),
+    }
+}
+
+/// Write `text` to stdout when `to` is `-`, else into the file `to`.
+fn emit(to: &std::path::Path, text: &str) -> Result<()> {
+    use anyhow::Context;
+    if to.as_os_str() == "-" {
+        println!("{text}");
+        Ok(())
+    } else {
+        std::fs::write(to, format!("{text}\n")).with_context(|| format!("writing {}", to.display()))
     }
 }

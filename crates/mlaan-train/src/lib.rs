@@ -31,6 +31,9 @@ pub enum TrainError {
         batch: Option<u64>,
         cause: String,
     },
+    /// A neighbouring stage went away: a consequence of another failure, not a cause.
+    #[error("{0}")]
+    Peer(String),
     #[error("internal protocol error: {0}")]
     Protocol(String),
     #[error("data: {0}")]

@@ -99,17 +99,34 @@ pub enum Event {
         stage: usize,
         modules: Vec<ModuleSnapshot>,
     },
-    Failed {
-        stage: usize,
-        modules: Vec<usize>,
-        batch: Option<u64>,
-        cause: String,
-    },
+    Failed(Failure),
     Exited {
         stage: usize,
         live_bytes: u64,
         peak_live_bytes: u64,
     },
+}
+
+/// Why a stage stopped. `secondary` failures are consequences of another stage's (a
+/// neighbour disappeared); the coordinator reports a primary one when there is one.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub stage: usize,
+    pub modules: Vec<usize>,
+    pub batch: Option<u64>,
+    pub cause: String,
+    pub secondary: bool,
+}
+
+impl Failure {
+    fn into_error(self) -> TrainError {
+        TrainError::Stage {
+            stage: self.stage,
+            modules: self.modules,
+            batch: self.batch,
+            cause: self.cause,
+        }
+    }
 }
 
 /// A fault to inject (tests): at `batch`, stage `stage` does `kind`.
@@ -205,7 +222,7 @@ pub struct Pipeline {
     drain_tag: u64,
     /// Events received while waiting for something else.
     backlog: VecDeque<Event>,
-    failure: Option<TrainError>,
+    failures: Vec<Failure>,
     pub final_bytes: Vec<(u64, u64)>,
 }
 
@@ -345,7 +362,7 @@ impl Pipeline {
             stage_modules,
             drain_tag: 0,
             backlog: VecDeque::new(),
-            failure: None,
+            failures: Vec::new(),
             final_bytes: Vec::new(),
         })
     }
@@ -359,44 +376,29 @@ impl Pipeline {
                 Ok(()) => return Ok(()),
                 Err(SendTimeoutError::Timeout(m)) => msg = m,
                 Err(SendTimeoutError::Disconnected(_)) => {
-                    self.wait_failure(Duration::from_secs(5));
-                    return Err(self
-                        .failure
-                        .take()
-                        .unwrap_or(TrainError::Other("stage 0 stopped taking input".into())));
+                    return Err(self.fail(TrainError::Peer("stage 0 stopped taking input".into())))
                 }
             }
         }
     }
 
-    /// Take events that arrived; a failure becomes an error.
+    /// Take events that arrived; a failure stops the pipeline and becomes an error.
     fn check(&mut self) -> Result<(), TrainError> {
         while let Ok(ev) = self.events.try_recv() {
             self.note(ev);
         }
-        match self.failure.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if self.failures.is_empty() {
+            Ok(())
+        } else {
+            Err(self.fail(TrainError::Stopped))
         }
     }
 
     fn note(&mut self, ev: Event) {
         match ev {
-            Event::Failed {
-                stage,
-                modules,
-                batch,
-                cause,
-            } => {
+            Event::Failed(f) => {
                 self.stop.store(true, Ordering::Relaxed);
-                if self.failure.is_none() {
-                    self.failure = Some(TrainError::Stage {
-                        stage,
-                        modules,
-                        batch,
-                        cause,
-                    });
-                }
+                self.failures.push(f);
             }
             Event::Exited {
                 live_bytes,
@@ -407,15 +409,23 @@ impl Pipeline {
         }
     }
 
-    fn wait_failure(&mut self, within: Duration) {
-        let until = Instant::now() + within;
-        while self.failure.is_none() && Instant::now() < until {
-            match self.events.recv_timeout(Duration::from_millis(20)) {
-                Ok(ev) => self.note(ev),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
+    /// Stop every stage, join them, and return the failure that explains the stop: the first
+    /// primary one, else the first reported, else `fallback`.
+    fn fail(&mut self, fallback: TrainError) -> TrainError {
+        self.stop.store(true, Ordering::Relaxed);
+        self.input = None;
+        for h in std::mem::take(&mut self.handles) {
+            let _ = h.join();
         }
+        while let Ok(ev) = self.events.try_recv() {
+            self.note(ev);
+        }
+        let failures = std::mem::take(&mut self.failures);
+        let primary = failures.iter().position(|f| !f.secondary).unwrap_or(0);
+        failures
+            .into_iter()
+            .nth(primary)
+            .map_or(fallback, Failure::into_error)
     }
 
     /// Events other than failures, in arrival order.
@@ -437,7 +447,7 @@ impl Pipeline {
             }
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => {
-                Err(TrainError::Other("every stage has exited".into()))
+                Err(self.fail(TrainError::Peer("every stage has exited".into())))
             }
         }
     }
@@ -486,17 +496,10 @@ impl Pipeline {
     }
 
     fn join(&mut self) -> Result<(), TrainError> {
-        let handles = std::mem::take(&mut self.handles);
-        for h in handles {
+        for h in std::mem::take(&mut self.handles) {
             let _ = h.join();
         }
-        while let Ok(ev) = self.events.try_recv() {
-            self.note(ev);
-        }
-        match self.failure.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.check()
     }
 }
 
@@ -548,9 +551,13 @@ fn run_stage(ctx: StageContext) {
         u64::MAX => None,
         b => Some(b),
     };
+    let mut secondary = false;
     let cause = match result {
         Ok(Ok(())) | Ok(Err(TrainError::Stopped)) => return,
-        Ok(Err(e)) => e.to_string(),
+        Ok(Err(e)) => {
+            secondary = matches!(e, TrainError::Peer(_));
+            e.to_string()
+        }
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
@@ -561,12 +568,13 @@ fn run_stage(ctx: StageContext) {
         }
     };
     stop.store(true, Ordering::Relaxed);
-    let _ = events.send(Event::Failed {
+    let _ = events.send(Event::Failed(Failure {
         stage: index,
         modules: modules.collect(),
         batch,
         cause,
-    });
+        secondary,
+    }));
 }
 
 struct StageWorker {
@@ -717,7 +725,7 @@ impl StageWorker {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(m) => break m,
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(TrainError::Other(format!(
+                    return Err(TrainError::Peer(format!(
                         "stage {} stopped sending gradients",
                         self.index + 1
                     )))
@@ -753,7 +761,7 @@ impl StageWorker {
                     msg = m;
                 }
                 Err(SendTimeoutError::Disconnected(_)) => {
-                    return Err(TrainError::Other(format!(
+                    return Err(TrainError::Peer(format!(
                         "stage {} stopped taking input",
                         self.index + 1
                     )))
@@ -773,7 +781,7 @@ impl StageWorker {
             .as_ref()
             .ok_or(TrainError::Protocol("no previous stage".into()))?;
         tx.send(msg).map_err(|_| {
-            TrainError::Other(format!("stage {} stopped taking gradients", self.index - 1))
+            TrainError::Peer(format!("stage {} stopped taking gradients", self.index - 1))
         })
     }
 
@@ -990,7 +998,7 @@ impl StageWorker {
                             continue;
                         }
                         Err(Err(_)) => {
-                            return Err(TrainError::Other(format!(
+                            return Err(TrainError::Peer(format!(
                                 "stage {} stopped sending gradients",
                                 self.index + 1
                             )))

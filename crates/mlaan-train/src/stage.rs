@@ -117,9 +117,10 @@ impl Stage {
     }
 
     /// Parameter passes and optimizer steps for batch `id`. `keep_inputs` (async) stores the
-    /// inputs that late gradients will need.
+    /// inputs that late gradients will need. Later modules step first: they publish the
+    /// weights that earlier modules' EMA twins fold in after the same step.
     pub fn finish(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
-        for (m, keep) in self.modules.iter_mut().zip(&self.keeps_input) {
+        for (m, keep) in self.modules.iter_mut().zip(&self.keeps_input).rev() {
             m.finish(id, keep_inputs && *keep)?;
         }
         Ok(())

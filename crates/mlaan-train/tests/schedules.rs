@@ -1,0 +1,147 @@
+//! The pipelined schedules against the sequential reference: `sync` must do exactly the
+//! arithmetic of `sequential` (all parameters, buffers, EMA twins and momentum buffers after
+//! 20 steps), and `async` must too when nothing travels backward.
+
+mod common;
+
+use common::{max_rel_diff, tiny};
+use mlaan_core::config::{RunConfig, Schedule};
+use mlaan_train::pipeline::ModuleSnapshot;
+use mlaan_train::trainer::{RunOptions, Session};
+
+fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {
+    let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
+    let mut epoch = 0;
+    while s.next_id < steps {
+        s.feed_epoch(epoch, steps, &mut |_| Ok(())).unwrap();
+        epoch += 1;
+    }
+    s.drain().unwrap();
+    let snaps = s.snapshots().unwrap();
+    s.finish().unwrap();
+    snaps
+}
+
+fn assert_same(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot]) {
+    assert_eq!(a.len(), b.len());
+    let mut compared = 0;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step, "{what}: module {} steps", x.module);
+        assert_eq!(
+            x.state.len(),
+            y.state.len(),
+            "{what}: module {} state size",
+            x.module
+        );
+        for ((n1, t1), (n2, t2)) in x.state.iter().zip(&y.state) {
+            assert_eq!(n1, n2);
+            let d = max_rel_diff(t1, t2);
+            assert!(
+                d < 1e-4,
+                "{what}: module {} `{n1}` differs by {d:e}",
+                x.module
+            );
+            compared += 1;
+        }
+        assert_eq!(x.momentum.len(), y.momentum.len());
+        for ((n1, t1), (_, t2)) in x.momentum.iter().zip(&y.momentum) {
+            let d = max_rel_diff(t1, t2);
+            assert!(
+                d < 1e-4,
+                "{what}: module {} momentum of `{n1}` differs by {d:e}",
+                x.module
+            );
+        }
+    }
+    assert!(compared > 50, "{what}: only {compared} tensors compared");
+}
+
+fn with(method: &str, k: usize, schedule: Schedule, devices: usize, ema_lag: &str) -> RunConfig {
+    let mut c = tiny(method, k);
+    c.pipeline.schedule = schedule;
+    c.pipeline.devices = vec!["cpu".into(); devices];
+    c.method.ema_lag = ema_lag.into();
+    c
+}
+
+#[test]
+fn sync_equals_sequential_for_every_method() {
+    for (method, k) in [
+        ("dgl", 4),
+        ("infopro", 4),
+        ("mlaan-dgl", 4),
+        ("mlaan-infopro", 4),
+        ("e2e", 1),
+    ] {
+        let reference = run(&with(method, k, Schedule::Sequential, 1, "distance"), 20);
+        let pipelined = run(&with(method, k, Schedule::Sync, 4, "distance"), 20);
+        assert_same(
+            &format!("{method} sync on 4 stages"),
+            &reference,
+            &pipelined,
+        );
+    }
+}
+
+#[test]
+fn sync_with_grouped_modules_and_depth_three_equals_sequential() {
+    // K > D: modules share stages; d = 3 sends gradients two hops and through a stage.
+    let mut seq = with("mlaan-dgl", 6, Schedule::Sequential, 1, "distance");
+    seq.method.cascade_depth = 3;
+    let mut sync = with("mlaan-dgl", 6, Schedule::Sync, 4, "distance");
+    sync.method.cascade_depth = 3;
+    assert_same(
+        "mlaan-dgl d=3 K=6 on 4 stages",
+        &run(&seq, 12),
+        &run(&sync, 12),
+    );
+}
+
+#[test]
+fn sync_with_exact_ema_equals_sequential_exact() {
+    let reference = run(&with("mlaan-dgl", 4, Schedule::Sequential, 1, "exact"), 10);
+    let pipelined = run(&with("mlaan-dgl", 4, Schedule::Sync, 2, "exact"), 10);
+    assert_same("mlaan-dgl exact EMA", &reference, &pipelined);
+}
+
+#[test]
+fn async_without_cascade_equals_sequential() {
+    for method in ["dgl", "infopro"] {
+        let reference = run(&with(method, 4, Schedule::Sequential, 1, "auto"), 20);
+        let mut a = with(method, 4, Schedule::Async, 4, "auto");
+        a.pipeline.in_flight = 1;
+        assert_same(
+            &format!("{method} async in-flight 1"),
+            &reference,
+            &run(&a, 20),
+        );
+    }
+}
+
+#[test]
+fn ema_twin_follows_the_formula() {
+    // One step in exact mode: twin = m·twin₀ + (1−m)·real₁ for every twin parameter.
+    let mut c = with("mlaan-dgl", 4, Schedule::Sequential, 1, "exact");
+    c.method.ema_momentum = 0.9;
+    let before = run(&c, 0);
+    let after = run(&c, 1);
+    let mut checked = 0;
+    for (b, a) in before.iter().zip(&after) {
+        for (name, twin1) in a.state.iter().filter(|(n, _)| {
+            n.starts_with("ema.") && !n.contains("running_") && !n.contains("num_batches")
+        }) {
+            let twin0 = &b.state.iter().find(|(n, _)| n == name).unwrap().1;
+            let real = name.strip_prefix("ema.").unwrap();
+            let real1 = &after
+                .iter()
+                .flat_map(|s| s.state.iter())
+                .find(|(n, _)| n == real)
+                .unwrap()
+                .1;
+            let expect = twin0 * 0.9 + real1 * 0.1;
+            assert!(max_rel_diff(twin1, &expect) < 1e-6, "twin `{name}`");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}

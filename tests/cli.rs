@@ -1,0 +1,317 @@
+//! The binary end to end: `plan`, `train` + `eval`, `data`, and clean errors (non-zero exit, a
+//! message naming the culprit, never a panic).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn mlaan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
+        .args(args)
+        .env("MLAAN_LOG", "warn")
+        .env_remove("MLAAN_DATA_DIR")
+        .output()
+        .expect("the binary starts")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Runs and expects success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let o = mlaan(args);
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "{args:?} failed\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    out
+}
+
+/// Runs and expects a clean failure (exit 1, no panic); returns stderr.
+fn fails(args: &[&str]) -> String {
+    let o = mlaan(args);
+    let (out, err) = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{args:?} should fail cleanly\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    err
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    let s = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}\n{s}", path.display()))
+}
+
+const PLAN_R32_K4: &[&str] = &[
+    "plan",
+    "--dataset",
+    "synthetic",
+    "--arch",
+    "resnet32",
+    "--method",
+    "mlaan-dgl",
+    "--k",
+    "4",
+    "--devices",
+    "cpu,cpu",
+];
+
+#[test]
+fn plan_shows_split_chains_and_placement() {
+    let out = ok(PLAN_R32_K4);
+    for want in [
+        "resnet32",
+        "3x32x32",
+        "K=4 from InfoPro table",
+        "[1,2] [2,1] [3,0]",
+        "MLAAN table (resnet32)",
+        "stem [1,0]..[1,2]",
+        "cascade",
+        // Step 1 ends in stage 2, step 2 at [3,0] (METHOD.md §4).
+        "[3,0] [3,2] [3,3] [3,4] (twin of [3,0] from module 2)",
+        "[3,1] [3,2] [3,4] (twin of [3,1] from module 3)",
+        "trained by cascade of module 1",
+        "(equal)",
+        "stage 1",
+        "intra-op threads",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in\n{out}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plan.json");
+    let mut args = PLAN_R32_K4.to_vec();
+    args.extend(["--json", file.to_str().unwrap()]);
+    ok(&args);
+    let p = json(&file);
+    assert_eq!(p["k"], 4);
+    assert_eq!(p["split_ends"], serde_json::json!([[1, 2], [2, 1], [3, 0]]));
+    assert_eq!(p["total"]["backbone"], p["arch_params"]);
+    let m = &p["modules"];
+    assert_eq!(m[0]["terms"].as_array().unwrap().len(), 0);
+    assert_eq!(m[1]["terms"][1]["kind"], "cascade");
+    assert_eq!(m[1]["terms"][1]["reaches"], serde_json::json!([0, 1]));
+    assert_eq!(m[2]["terms"][1]["ema_source_module"], 3);
+    assert!(m[1]["params"]["lam"].as_u64().unwrap() > 0);
+    assert!(m[1]["params"]["ema"].as_u64().unwrap() > 0);
+    assert_eq!(m[0]["activation_bytes"], 16 * 32 * 32 * 128 * 4);
+    assert_eq!(p["placement"]["stages"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn plan_errors_name_the_numbers() {
+    let err = fails(&[
+        "plan",
+        "--dataset",
+        "synthetic",
+        "--method",
+        "dgl",
+        "--k",
+        "3",
+        "--set",
+        "model.split=[[2,1],[1,3]]",
+    ]);
+    assert!(err.contains("[1,3]") && err.contains("[2,1]"), "{err}");
+    let err = fails(&[
+        "plan",
+        "--dataset",
+        "synthetic",
+        "--method",
+        "dgl",
+        "--k",
+        "99",
+    ]);
+    assert!(err.contains("K=99"), "{err}");
+    let err = fails(&["plan", "--dataset", "synthetic", "--set", "optim.lrr=0.1"]);
+    assert!(err.contains("lrr"), "{err}");
+    // A GPU that is not here: the plan is printed anyway, with a note.
+    let out = ok(&[
+        "plan",
+        "--dataset",
+        "synthetic",
+        "--method",
+        "dgl",
+        "--k",
+        "2",
+        "--gpus",
+        "7",
+    ]);
+    assert!(out.contains("GPU 7"), "{out}");
+}
+
+#[test]
+fn train_writes_a_run_that_eval_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let tiny = [
+        "--dataset",
+        "synthetic",
+        "--arch",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--set",
+        "data.synthetic_samples=128",
+        "--set",
+        "data.synthetic_size=16",
+        "--set",
+        "data.workers=1",
+    ];
+    let mut args = vec![
+        "train",
+        "-q",
+        "--method",
+        "dgl",
+        "--k",
+        "2",
+        "--devices",
+        "cpu,cpu",
+    ];
+    args.extend(tiny);
+    args.extend(["--out", run_s]);
+    ok(&args);
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().count() > 0);
+    for line in metrics.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("bad metrics line {line}: {e}"));
+    }
+    let summary = json(&run.join("summary.json"));
+    let acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{summary}");
+    assert_eq!(summary["module_accuracy"].as_array().unwrap().len(), 2);
+
+    // The run directory alone is enough: its config and model.
+    let out = ok(&["eval", "--model", run_s, "--json"]);
+    let e: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("eval --json stdout: {e}\n{out}"));
+    assert_eq!(
+        e["test_accuracy"].as_f64().unwrap(),
+        acc,
+        "{e} vs {summary}"
+    );
+    assert!(
+        (e["test_loss"].as_f64().unwrap() - summary["test_loss"].as_f64().unwrap()).abs() < 1e-4
+    );
+
+    // The model file with the wrong architecture: the tensors are named.
+    let model = run.join("model.safetensors");
+    let err = fails(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--arch",
+        "resnet14",
+    ]);
+    assert!(
+        err.contains("missing") && err.contains("layer1.1."),
+        "{err}"
+    );
+    let err = fails(&["eval", "--model", dir.path().to_str().unwrap()]);
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    // A GPU that is not here.
+    let mut args = vec!["train", "-q", "--gpus", "7"];
+    args.extend(tiny);
+    let out = dir.path().join("gpu");
+    args.extend(["--out", out.to_str().unwrap()]);
+    let err = fails(&args);
+    assert!(err.contains("GPU 7"), "{err}");
+}
+
+#[test]
+fn data_imagefolder_is_made_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("folder");
+    let f = folder.to_str().unwrap();
+    ok(&[
+        "data",
+        "make-imagefolder",
+        f,
+        "--classes",
+        "3",
+        "--per-class",
+        "4",
+        "--width",
+        "40",
+        "--height",
+        "30",
+    ]);
+    assert!(folder.join("train/class_002/img_00003.jpg").is_file());
+    assert!(folder.join("val/class_000/img_00000.jpg").is_file());
+    let out = ok(&[
+        "data",
+        "verify",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        f,
+    ]);
+    assert!(out.contains("OK") && out.contains("samples: 12"), "{out}");
+    let out = ok(&[
+        "data",
+        "bench",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        f,
+        "--workers",
+        "1",
+        "--batch",
+        "4",
+        "--batches",
+        "3",
+    ]);
+    assert!(out.contains("images/s"), "{out}");
+    let err = fails(&["data", "fetch", "synthetic", "--to", f]);
+    assert!(err.contains("synthetic"), "{err}");
+}
+
+/// CIFAR-10 binary files of `records` records each, labels 0..10.
+fn write_cifar(dir: &Path, records: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut names: Vec<String> = (1..=5).map(|i| format!("data_batch_{i}.bin")).collect();
+    names.push("test_batch.bin".into());
+    for (f, name) in names.iter().enumerate() {
+        let mut bytes = Vec::new();
+        for r in 0..records {
+            bytes.push(((f + r) % 10) as u8);
+            bytes.extend((0..3072).map(|p| ((p + r) % 251) as u8));
+        }
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+#[test]
+fn data_verify_names_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("cifar10");
+    write_cifar(&d, 3);
+    let ds = d.to_str().unwrap();
+    let out = ok(&["data", "verify", "--dataset", "cifar10", "--data-dir", ds]);
+    assert!(out.contains("OK"), "{out}");
+    // Truncate one file mid-record.
+    let bad = d.join("data_batch_3.bin");
+    let bytes = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() - 100]).unwrap();
+    let err = fails(&["data", "verify", "--dataset", "cifar10", "--data-dir", ds]);
+    assert!(err.contains("data_batch_3.bin"), "{err}");
+}
