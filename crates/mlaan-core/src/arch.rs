@@ -112,10 +112,8 @@ impl ArchSpec {
     /// `resnet8|14|20|32|44|56|110` (any 6n+2 ≤ 1202) and `resnet18|34|50|101|152`.
     pub fn from_name(name: &str) -> Result<Self, PlanError> {
         let unknown = || PlanError::UnknownArch(name.to_string());
-        let depth: usize = name
-            .strip_prefix("resnet")
-            .and_then(|d| d.parse().ok())
-            .ok_or_else(unknown)?;
+        let depth: usize =
+            name.strip_prefix("resnet").and_then(|d| d.parse().ok()).ok_or_else(unknown)?;
         let imagenet = |block, depths: [usize; 4]| ArchSpec {
             name: name.to_string(),
             family: Family::ImageNet,
@@ -200,30 +198,18 @@ impl ArchSpec {
     /// Shape after the stem for an input image of `input`.
     pub fn stem_output(&self, input: Chw) -> Chw {
         match self.family {
-            Family::Cifar => Chw {
-                c: self.stem_width,
-                h: input.h,
-                w: input.w,
-            },
+            Family::Cifar => Chw { c: self.stem_width, h: input.h, w: input.w },
             // 7x7/2 conv (pad 3) then 3x3/2 max-pool (pad 1).
             Family::ImageNet => {
                 let down = |x: usize| (x.div_ceil(2)).div_ceil(2);
-                Chw {
-                    c: self.stem_width,
-                    h: down(input.h),
-                    w: down(input.w),
-                }
+                Chw { c: self.stem_width, h: down(input.h), w: down(input.w) }
             }
         }
     }
 
     /// Output shape of a block given its input shape.
     pub fn block_output(&self, b: &BlockInfo, input: Chw) -> Chw {
-        Chw {
-            c: b.out_channels,
-            h: input.h.div_ceil(b.stride),
-            w: input.w.div_ceil(b.stride),
-        }
+        Chw { c: b.out_channels, h: input.h.div_ceil(b.stride), w: input.w.div_ceil(b.stride) }
     }
 
     /// Output shape of every block (forward order) for an input image of `input`.
@@ -283,11 +269,7 @@ impl ArchSpec {
     /// Total learnable parameters of the backbone.
     pub fn total_params(&self, in_channels: usize, num_classes: usize) -> usize {
         self.stem_params(in_channels)
-            + self
-                .blocks()
-                .iter()
-                .map(|b| self.block_params(b))
-                .sum::<usize>()
+            + self.blocks().iter().map(|b| self.block_params(b)).sum::<usize>()
             + self.classifier_params(num_classes)
     }
 
@@ -306,11 +288,7 @@ impl ArchSpec {
                     + b.planes * b.out_channels * hw_out
             }
         };
-        let shortcut = if b.projection {
-            b.in_channels * b.out_channels * hw_out
-        } else {
-            0
-        };
+        let shortcut = if b.projection { b.in_channels * b.out_channels * hw_out } else { 0 };
         body + shortcut
     }
 
@@ -336,29 +314,18 @@ mod tests {
         // He et al. 2016 Table 6: ResNet-32 0.46M, ResNet-110 1.7M (option A shortcuts; the
         // projection shortcuts here add ~3k parameters).
         let r32 = ArchSpec::from_name("resnet32").unwrap().total_params(3, 10);
-        let r110 = ArchSpec::from_name("resnet110")
-            .unwrap()
-            .total_params(3, 10);
+        let r110 = ArchSpec::from_name("resnet110").unwrap().total_params(3, 10);
         assert!((460_000..480_000).contains(&r32), "resnet32 has {r32}");
-        assert!(
-            (1_700_000..1_740_000).contains(&r110),
-            "resnet110 has {r110}"
-        );
+        assert!((1_700_000..1_740_000).contains(&r110), "resnet110 has {r110}");
     }
 
     #[test]
     fn imagenet_param_counts_match_torchvision() {
         // torchvision: resnet18 11,689,512; resnet34 21,797,672; resnet50 25,557,032.
-        for (name, n) in [
-            ("resnet18", 11_689_512),
-            ("resnet34", 21_797_672),
-            ("resnet50", 25_557_032),
-        ] {
-            assert_eq!(
-                ArchSpec::from_name(name).unwrap().total_params(3, 1000),
-                n,
-                "{name}"
-            );
+        for (name, n) in
+            [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)]
+        {
+            assert_eq!(ArchSpec::from_name(name).unwrap().total_params(3, 1000), n, "{name}");
         }
     }
 
@@ -371,21 +338,14 @@ mod tests {
         assert_eq!(a.index_of(BlockRef::STEM), None);
         assert_eq!(a.last_block(), BlockRef::new(3, 4));
         let b = a.block(BlockRef::new(2, 0)).unwrap();
-        assert_eq!(
-            (b.in_channels, b.out_channels, b.stride, b.projection),
-            (16, 32, 2, true)
-        );
+        assert_eq!((b.in_channels, b.out_channels, b.stride, b.projection), (16, 32, 2, true));
         assert!(!a.block(BlockRef::new(2, 1)).unwrap().projection);
     }
 
     #[test]
     fn shapes_follow_strides() {
         let a = ArchSpec::from_name("resnet18").unwrap();
-        let outs = a.block_outputs(Chw {
-            c: 3,
-            h: 224,
-            w: 224,
-        });
+        let outs = a.block_outputs(Chw { c: 3, h: 224, w: 224 });
         assert_eq!(outs.last().copied(), Some(Chw { c: 512, h: 7, w: 7 }));
         let c = ArchSpec::from_name("resnet20").unwrap();
         let outs = c.block_outputs(Chw { c: 1, h: 28, w: 28 });

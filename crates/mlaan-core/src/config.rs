@@ -36,11 +36,7 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig {
-            arch: "resnet32".into(),
-            k: 1,
-            split: SplitSpec::default(),
-        }
+        ModelConfig { arch: "resnet32".into(), k: 1, split: SplitSpec::default() }
     }
 }
 
@@ -56,13 +52,8 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [
-        Method::E2e,
-        Method::Dgl,
-        Method::Infopro,
-        Method::MlaanDgl,
-        Method::MlaanInfopro,
-    ];
+    pub const ALL: [Method; 5] =
+        [Method::E2e, Method::Dgl, Method::Infopro, Method::MlaanDgl, Method::MlaanInfopro];
 
     pub fn is_mlaan(self) -> bool {
         matches!(self, Method::MlaanDgl | Method::MlaanInfopro)
@@ -94,12 +85,9 @@ impl std::fmt::Display for Method {
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                format!("unknown method `{s}` (e2e, dgl, infopro, mlaan-dgl, mlaan-infopro)")
-            })
+        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            format!("unknown method `{s}` (e2e, dgl, infopro, mlaan-dgl, mlaan-infopro)")
+        })
     }
 }
 
@@ -182,11 +170,7 @@ impl MethodConfig {
 
     /// InfoPro's (λ1, λ2) for module `i` of `k` (linear from module 0 to module K-2).
     pub fn lambdas(&self, i: usize, k: usize) -> (f64, f64) {
-        let t = if k > 2 {
-            i as f64 / (k - 2) as f64
-        } else {
-            0.0
-        };
+        let t = if k > 2 { i as f64 / (k - 2) as f64 } else { 0.0 };
         let lerp = |a: f64, b: f64| a + (b - a) * t;
         (
             lerp(self.lambda_first[0], self.lambda_last[0]),
@@ -381,8 +365,9 @@ pub struct PipelineConfig {
     /// Intra-op threads for CPU devices; 0 = cores divided among the CPU stages.
     pub intra_op_threads: usize,
     pub on_nonfinite: OnNonFinite,
-    /// MLAAN: publish real-block weights to EMA twins every N steps.
-    pub ema_publish_every: usize,
+    /// GPipe baseline (`e2e` with K > 1, `sync`): micro-batches per mini-batch; the stages
+    /// accumulate their gradients over them and step once per mini-batch.
+    pub micro_batches: usize,
 }
 
 impl Default for PipelineConfig {
@@ -394,7 +379,7 @@ impl Default for PipelineConfig {
             placement: "auto".into(),
             intra_op_threads: 0,
             on_nonfinite: OnNonFinite::Stop,
-            ema_publish_every: 1,
+            micro_batches: 1,
         }
     }
 }
@@ -411,11 +396,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig {
-            every_steps: 0,
-            at_epoch_end: true,
-            keep_last: 3,
-        }
+        CheckpointConfig { every_steps: 0, at_epoch_end: true, keep_last: 3 }
     }
 }
 
@@ -431,13 +412,8 @@ fn is_non_negative(x: f64) -> bool {
 
 /// Set `dotted.key = value` in a TOML table; `value` is parsed as TOML, or taken as a string.
 pub fn set_dotted(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let err = |reason: &str| ConfigError::Override {
-        arg: arg.to_string(),
-        reason: reason.into(),
-    };
-    let (key, raw) = arg
-        .split_once('=')
-        .ok_or_else(|| err("expected section.key=value"))?;
+    let err = |reason: &str| ConfigError::Override { arg: arg.to_string(), reason: reason.into() };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected section.key=value"))?;
     let key = key.trim();
     let raw = raw.trim();
     let value = parse_value(raw);
@@ -447,12 +423,9 @@ pub fn set_dotted(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
     }
     let mut t = table;
     for p in &parts[..parts.len() - 1] {
-        let entry = t
-            .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        t = entry
-            .as_table_mut()
-            .ok_or_else(|| err(&format!("`{p}` is not a section")))?;
+        let entry =
+            t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| err(&format!("`{p}` is not a section")))?;
     }
     t.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
@@ -476,11 +449,10 @@ impl RunConfig {
                     path: path.display().to_string(),
                     source,
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })?
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?
             }
             None => toml::Table::new(),
         };
@@ -489,12 +461,9 @@ impl RunConfig {
         }
         let origin = file.map_or("command line".to_string(), |p| p.display().to_string());
         let cfg: RunConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: origin,
-                    message: e.to_string(),
-                })?;
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                ConfigError::Parse { path: origin, message: e.to_string() }
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -520,11 +489,7 @@ impl RunConfig {
             ));
         }
         if m.name.is_mlaan() && !(2..=3).contains(&m.cascade_depth) {
-            return Err(bad(
-                "method.cascade_depth",
-                m.cascade_depth,
-                "must be 2 or 3",
-            ));
+            return Err(bad("method.cascade_depth", m.cascade_depth, "must be 2 or 3"));
         }
         for (key, v) in [("method.w_ind", m.w_ind), ("method.w_casc", m.w_casc)] {
             if !(v.is_finite() && v >= 0.0) {
@@ -539,25 +504,13 @@ impl RunConfig {
             ));
         }
         if !(0.0..1.0).contains(&m.ema_momentum) {
-            return Err(bad(
-                "method.ema_momentum",
-                m.ema_momentum,
-                "must be in [0, 1)",
-            ));
+            return Err(bad("method.ema_momentum", m.ema_momentum, "must be in [0, 1)"));
         }
         if !is_positive(m.contrast_temperature) {
-            return Err(bad(
-                "method.contrast_temperature",
-                m.contrast_temperature,
-                "must be > 0",
-            ));
+            return Err(bad("method.contrast_temperature", m.contrast_temperature, "must be > 0"));
         }
         if !(0.0..=1.0).contains(&m.lam.pyramid) {
-            return Err(bad(
-                "method.lam.pyramid",
-                m.lam.pyramid,
-                "must be in [0, 1]",
-            ));
+            return Err(bad("method.lam.pyramid", m.lam.pyramid, "must be in [0, 1]"));
         }
         if m.lam.depth == 0 {
             return Err(bad("method.lam.depth", m.lam.depth, "must be at least 1"));
@@ -590,58 +543,47 @@ impl RunConfig {
             return Err(bad("pipeline.in_flight", p.in_flight, "must be at least 1"));
         }
         if p.devices.is_empty() {
-            return Err(bad(
-                "pipeline.devices",
-                &p.devices,
-                "needs at least one device",
-            ));
+            return Err(bad("pipeline.devices", &p.devices, "needs at least one device"));
         }
         crate::device::DeviceSpec::parse_list(&p.devices.join(","))
             .map_err(|e| bad("pipeline.devices", &p.devices, &e.to_string()))?;
         if !["auto", "flops", "profile"].contains(&p.placement.as_str()) {
+            return Err(bad("pipeline.placement", &p.placement, "must be auto, flops or profile"));
+        }
+        if p.micro_batches == 0 || self.train.batch_size % p.micro_batches != 0 {
             return Err(bad(
-                "pipeline.placement",
-                &p.placement,
-                "must be auto, flops or profile",
+                "pipeline.micro_batches",
+                p.micro_batches,
+                &format!("must be ≥ 1 and divide train.batch_size ({})", self.train.batch_size),
             ));
         }
-        if p.ema_publish_every == 0 {
+        if p.micro_batches > 1 && (m.name != Method::E2e || p.schedule == Schedule::Async) {
             return Err(bad(
-                "pipeline.ema_publish_every",
-                p.ema_publish_every,
-                "must be ≥ 1",
+                "pipeline.micro_batches",
+                p.micro_batches,
+                "micro-batching is the GPipe baseline: method e2e with schedule sync",
+            ));
+        }
+        if m.name == Method::E2e && self.model.k > 1 && p.schedule == Schedule::Async {
+            return Err(bad(
+                "pipeline.schedule",
+                "async",
+                "e2e over several modules is pipelined backprop (GPipe): use sync",
             ));
         }
         if !["fine", "coarse"].contains(&self.data.cifar100_labels.as_str()) {
-            return Err(bad(
-                "data.cifar100_labels",
-                &self.data.cifar100_labels,
-                "fine or coarse",
-            ));
+            return Err(bad("data.cifar100_labels", &self.data.cifar100_labels, "fine or coarse"));
         }
         if let (Some(mean), Some(std)) = (&self.data.mean, &self.data.std) {
             if mean.len() != std.len() {
-                return Err(bad(
-                    "data.std",
-                    std,
-                    "must have as many entries as data.mean",
-                ));
+                return Err(bad("data.std", std, "must have as many entries as data.mean"));
             }
         }
-        if self
-            .data
-            .std
-            .as_ref()
-            .is_some_and(|s| s.iter().any(|&x| !is_positive(f64::from(x))))
-        {
+        if self.data.std.as_ref().is_some_and(|s| s.iter().any(|&x| !is_positive(f64::from(x)))) {
             return Err(bad("data.std", &self.data.std, "every entry must be > 0"));
         }
         if self.checkpoint.keep_last == 0 {
-            return Err(bad(
-                "checkpoint.keep_last",
-                self.checkpoint.keep_last,
-                "must be ≥ 1",
-            ));
+            return Err(bad("checkpoint.keep_last", self.checkpoint.keep_last, "must be ≥ 1"));
         }
         Ok(())
     }
@@ -691,9 +633,7 @@ mod tests {
     fn unknown_keys_are_quoted() {
         let e = load("[optim]\nlrr = 0.1\n", &[]).unwrap_err().to_string();
         assert!(e.contains("lrr"), "{e}");
-        let e = load("[optimizer]\nlr = 0.1\n", &[])
-            .unwrap_err()
-            .to_string();
+        let e = load("[optimizer]\nlr = 0.1\n", &[]).unwrap_err().to_string();
         assert!(e.contains("optimizer"), "{e}");
         let e = load("", &["train.epoch=3"]).unwrap_err().to_string();
         assert!(e.contains("epoch"), "{e}");
@@ -703,21 +643,13 @@ mod tests {
     fn bad_values_are_quoted() {
         let e = load("[optim]\nlr = -1.0\n", &[]).unwrap_err().to_string();
         assert!(e.contains("optim.lr") && e.contains("-1"), "{e}");
-        let e = load("[method]\nname = \"backprop\"\n", &[])
-            .unwrap_err()
-            .to_string();
+        let e = load("[method]\nname = \"backprop\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("backprop"), "{e}");
-        let e = load("[train]\nbatch_size = \"big\"\n", &[])
-            .unwrap_err()
-            .to_string();
+        let e = load("[train]\nbatch_size = \"big\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("big") || e.contains("batch_size"), "{e}");
-        let e = load("[method]\nname = \"dgl\"\n", &[])
-            .unwrap_err()
-            .to_string();
+        let e = load("[method]\nname = \"dgl\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("model.k"), "{e}");
-        let e = load("", &["pipeline.devices=[\"tpu:0\"]"])
-            .unwrap_err()
-            .to_string();
+        let e = load("", &["pipeline.devices=[\"tpu:0\"]"]).unwrap_err().to_string();
         assert!(e.contains("tpu"), "{e}");
         let e = load("[model\n", &[]).unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");

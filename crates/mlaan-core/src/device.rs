@@ -31,15 +31,9 @@ impl DeviceSpec {
             .filter(|s| !s.trim().is_empty())
             .map(DeviceSpec::parse)
             .collect::<Result<_, _>>()
-            .map_err(|reason| PlanError::Device {
-                spec: list.to_string(),
-                reason,
-            })?;
+            .map_err(|reason| PlanError::Device { spec: list.to_string(), reason })?;
         if devices.is_empty() {
-            return Err(PlanError::Device {
-                spec: list.into(),
-                reason: "no device named".into(),
-            });
+            return Err(PlanError::Device { spec: list.into(), reason: "no device named".into() });
         }
         Ok(devices)
     }
@@ -49,13 +43,10 @@ impl DeviceSpec {
         list.split(',')
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
-                s.trim()
-                    .parse::<usize>()
-                    .map(DeviceSpec::Cuda)
-                    .map_err(|_| PlanError::Device {
-                        spec: list.to_string(),
-                        reason: format!("`{}` is not a GPU index", s.trim()),
-                    })
+                s.trim().parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| PlanError::Device {
+                    spec: list.to_string(),
+                    reason: format!("`{}` is not a GPU index", s.trim()),
+                })
             })
             .collect()
     }
@@ -96,10 +87,7 @@ mod tests {
         );
         let e = DeviceSpec::parse_list("cpu,tpu").unwrap_err().to_string();
         assert!(e.contains("tpu"), "{e}");
-        assert!(DeviceSpec::gpus("0,x")
-            .unwrap_err()
-            .to_string()
-            .contains("`x`"));
+        assert!(DeviceSpec::gpus("0,x").unwrap_err().to_string().contains("`x`"));
         assert!(DeviceSpec::parse_list("").is_err());
     }
 

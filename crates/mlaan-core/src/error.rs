@@ -18,11 +18,7 @@ pub enum ConfigError {
     #[error("bad override `{arg}`: {reason}")]
     Override { arg: String, reason: String },
     #[error("config key `{key}` has a bad value {value}: {reason}")]
-    BadValue {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    BadValue { key: String, value: String, reason: String },
 }
 
 /// A split, LAM chain or placement that does not fit the architecture or the devices.

@@ -38,11 +38,7 @@ pub struct LamConfig {
 
 impl Default for LamConfig {
     fn default() -> Self {
-        LamConfig {
-            source: "auto".into(),
-            depth: 4,
-            pyramid: 0.5,
-        }
+        LamConfig { source: "auto".into(), depth: 4, pyramid: 0.5 }
     }
 }
 
@@ -61,11 +57,7 @@ fn resnet32_table(end: BlockRef) -> Option<Vec<[usize; 2]>> {
 
 /// AugLocal's depth for step `i` of `k` modules, before clamping.
 pub fn pyramid_depth(d: usize, c: f64, i: usize, k: usize) -> usize {
-    let t = if k > 2 {
-        i as f64 * c / (k - 2) as f64
-    } else {
-        0.0
-    };
+    let t = if k > 2 { i as f64 * c / (k - 2) as f64 } else { 0.0 };
     (d as f64 * (1.0 - t) + t).round().max(1.0) as usize
 }
 
@@ -90,16 +82,13 @@ pub fn derive_chains(
     let blocks = arch.blocks();
     let mut chains = Vec::new();
     for step in 1..k.saturating_sub(1) {
-        let end = split
-            .module_last_block(step)
-            .expect("modules after 0 hold blocks");
+        let end = split.module_last_block(step).expect("modules after 0 hold blocks");
         let chain: Vec<BlockRef> = match use_table.then(|| resnet32_table(blocks[end].at)) {
             Some(Some(t)) => t.into_iter().map(BlockRef::from).collect(),
             _ => {
                 let later = &blocks[end + 1..];
-                let transitions: Vec<usize> = (0..later.len())
-                    .filter(|&j| later[j].at.index == 0)
-                    .collect();
+                let transitions: Vec<usize> =
+                    (0..later.len()).filter(|&j| later[j].at.index == 0).collect();
                 let want = pyramid_depth(cfg.depth, cfg.pyramid, step, k)
                     .clamp(transitions.len().max(1), later.len());
                 let fill = want - transitions.len();
@@ -129,11 +118,7 @@ pub fn derive_chains(
                     reason: format!("chain block {} does not exist", chain[0]),
                 }
             })?);
-        let c = LamChain {
-            step,
-            blocks: chain,
-            ema_source_module,
-        };
+        let c = LamChain { step, blocks: chain, ema_source_module };
         validate_chain(arch, split, &c)?;
         chains.push(c);
     }
@@ -143,14 +128,9 @@ pub fn derive_chains(
 /// A chain must start where module `step` ends (channels and resolution), run through later
 /// blocks in order, and end at the last stage's width.
 pub fn validate_chain(arch: &ArchSpec, split: &Split, c: &LamChain) -> Result<(), PlanError> {
-    let bad = |reason: String| PlanError::InvalidLam {
-        module: c.step,
-        reason,
-    };
+    let bad = |reason: String| PlanError::InvalidLam { module: c.step, reason };
     let blocks = arch.blocks();
-    let end = split
-        .module_last_block(c.step)
-        .ok_or_else(|| bad("module has no blocks".into()))?;
+    let end = split.module_last_block(c.step).ok_or_else(|| bad("module has no blocks".into()))?;
     if c.blocks.is_empty() {
         return Err(bad("empty chain".into()));
     }
@@ -158,9 +138,7 @@ pub fn validate_chain(arch: &ArchSpec, split: &Split, c: &LamChain) -> Result<()
     let mut stage = blocks[end].at.stage;
     let mut prev = end;
     for &b in &c.blocks {
-        let i = arch
-            .index_of(b)
-            .ok_or_else(|| bad(format!("block {b} does not exist")))?;
+        let i = arch.index_of(b).ok_or_else(|| bad(format!("block {b} does not exist")))?;
         if i <= prev {
             return Err(bad(format!("block {b} is not after {}", blocks[prev].at)));
         }
@@ -173,10 +151,7 @@ pub fn validate_chain(arch: &ArchSpec, split: &Split, c: &LamChain) -> Result<()
         }
         // Skipping a stage's first block would skip its down-sampling.
         if info.at.stage > stage + 1 || (info.at.stage == stage + 1 && info.at.index != 0) {
-            return Err(bad(format!(
-                "block {b} skips the first block of stage {}",
-                stage + 1
-            )));
+            return Err(bad(format!("block {b} skips the first block of stage {}", stage + 1)));
         }
         channels = info.out_channels;
         stage = info.at.stage;
@@ -230,11 +205,7 @@ mod tests {
         let a = ArchSpec::from_name("resnet32").unwrap();
         let s = Split::resolve(&a, 15, &SplitSpec::Named("every-block".into())).unwrap();
         let table = derive_chains(&a, &s, &LamConfig::default()).unwrap();
-        let cfg = LamConfig {
-            source: "rule".into(),
-            depth: 4,
-            pyramid: 0.2,
-        };
+        let cfg = LamConfig { source: "rule".into(), depth: 4, pyramid: 0.2 };
         let rule = derive_chains(&a, &s, &cfg).unwrap();
         let differ: Vec<usize> = table
             .iter()
@@ -260,15 +231,8 @@ mod tests {
                 assert_eq!(chains.len(), k.saturating_sub(2), "{arch} K={k}");
                 for c in &chains {
                     assert!(c.blocks.len() <= 4, "{arch} K={k} step {}", c.step);
-                    assert_eq!(
-                        c.blocks.last().unwrap().stage,
-                        a.num_stages(),
-                        "{arch} K={k}"
-                    );
-                    assert!(
-                        c.ema_source_module > c.step,
-                        "twin source must be a later module"
-                    );
+                    assert_eq!(c.blocks.last().unwrap().stage, a.num_stages(), "{arch} K={k}");
+                    assert!(c.ema_source_module > c.step, "twin source must be a later module");
                 }
             }
         }
@@ -285,11 +249,7 @@ mod tests {
     fn broken_chain_is_rejected_with_the_block() {
         let a = ArchSpec::from_name("resnet32").unwrap();
         let s = Split::resolve(&a, 4, &SplitSpec::Named("infopro".into())).unwrap();
-        let c = LamChain {
-            step: 1,
-            blocks: refs(&[[3, 2], [3, 4]]),
-            ema_source_module: 3,
-        };
+        let c = LamChain { step: 1, blocks: refs(&[[3, 2], [3, 4]]), ema_source_module: 3 };
         let e = validate_chain(&a, &s, &c).unwrap_err().to_string();
         assert!(e.contains("[3,2]"), "{e}");
     }

@@ -3,6 +3,7 @@
 //! against the architecture, and placement of modules onto devices is a pure function.
 
 pub mod arch;
+pub mod bench;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -19,10 +19,7 @@ impl Placement {
     }
     /// Stage that runs module `m`.
     pub fn stage_of(&self, m: usize) -> usize {
-        self.groups
-            .iter()
-            .position(|g| g.contains(&m))
-            .expect("module is placed")
+        self.groups.iter().position(|g| g.contains(&m)).expect("module is placed")
     }
 }
 
@@ -37,15 +34,10 @@ pub fn place(costs: &[f64], devices: usize) -> Result<Placement, PlanError> {
         return Err(PlanError::Placement("no devices".into()));
     }
     if let Some(i) = costs.iter().position(|c| !c.is_finite() || *c < 0.0) {
-        return Err(PlanError::Placement(format!(
-            "module {i} has cost {}",
-            costs[i]
-        )));
+        return Err(PlanError::Placement(format!("module {i} has cost {}", costs[i])));
     }
     if k <= devices {
-        return Ok(Placement {
-            groups: (0..k).map(|m| m..m + 1).collect(),
-        });
+        return Ok(Placement { groups: (0..k).map(|m| m..m + 1).collect() });
     }
     let d = devices;
     let mut prefix = vec![0.0; k + 1];
@@ -99,10 +91,7 @@ mod tests {
         let costs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0];
         let p = place(&costs, 3).unwrap();
         let max = |p: &Placement| {
-            p.groups
-                .iter()
-                .map(|g| costs[g.clone()].iter().sum::<f64>())
-                .fold(0.0, f64::max)
+            p.groups.iter().map(|g| costs[g.clone()].iter().sum::<f64>()).fold(0.0, f64::max)
         };
         let mut brute = f64::INFINITY;
         for a in 1..costs.len() {

@@ -100,11 +100,8 @@ impl NetworkPlan {
         let k = split.k();
         let m = &cfg.method;
         let method = m.name;
-        let chains = if method.is_mlaan() {
-            derive_chains(&arch, &split, &m.lam)?
-        } else {
-            Vec::new()
-        };
+        let chains =
+            if method.is_mlaan() { derive_chains(&arch, &split, &m.lam)? } else { Vec::new() };
         let blocks = arch.blocks();
         let outputs = arch.block_outputs(input);
         let head = m.head_kind();
@@ -182,10 +179,7 @@ impl NetworkPlan {
                             kind: TermKind::Cascade,
                             weight: m.w_casc,
                             reach,
-                            lam: Some(LamSpec {
-                                blocks: lam_blocks,
-                                chain,
-                            }),
+                            lam: Some(LamSpec { blocks: lam_blocks, chain }),
                             objective: base(i, arch.feature_channels()),
                         });
                     }
@@ -201,15 +195,7 @@ impl NetworkPlan {
                 output,
             });
         }
-        Ok(NetworkPlan {
-            arch,
-            split,
-            method,
-            input,
-            num_classes,
-            chains,
-            modules,
-        })
+        Ok(NetworkPlan { arch, split, method, input, num_classes, chains, modules })
     }
 
     pub fn k(&self) -> usize {
@@ -236,11 +222,7 @@ impl NetworkPlan {
 
     /// The largest reach of any term: how many hops a gradient message may travel.
     pub fn max_reach(&self) -> usize {
-        self.modules
-            .iter()
-            .flat_map(|m| m.terms.iter().map(|t| t.reach))
-            .max()
-            .unwrap_or(0)
+        self.modules.iter().flat_map(|m| m.terms.iter().map(|t| t.reach)).max().unwrap_or(0)
     }
 
     /// Backbone multiply-accumulates per sample of each module (placement fallback cost).
@@ -251,11 +233,7 @@ impl NetworkPlan {
         self.modules
             .iter()
             .map(|m| {
-                let stem = if m.with_stem {
-                    self.arch.stem_macs(self.input) as f64
-                } else {
-                    0.0
-                };
+                let stem = if m.with_stem { self.arch.stem_macs(self.input) as f64 } else { 0.0 };
                 let body: f64 = m
                     .blocks
                     .iter()
@@ -286,32 +264,16 @@ mod tests {
     #[test]
     fn mlaan_routes_follow_method_md() {
         let p = plan("mlaan-dgl", 4, 2);
-        assert!(
-            p.modules[0].terms.is_empty(),
-            "module 0 has no loss of its own"
-        );
+        assert!(p.modules[0].terms.is_empty(), "module 0 has no loss of its own");
         for i in 1..3 {
-            let kinds: Vec<_> = p.modules[i]
-                .terms
-                .iter()
-                .map(|t| (t.kind, t.reach))
-                .collect();
-            assert_eq!(
-                kinds,
-                vec![(TermKind::Independent, 0), (TermKind::Cascade, 1)]
-            );
+            let kinds: Vec<_> = p.modules[i].terms.iter().map(|t| (t.kind, t.reach)).collect();
+            assert_eq!(kinds, vec![(TermKind::Independent, 0), (TermKind::Cascade, 1)]);
         }
         assert_eq!(p.modules[3].terms.len(), 1);
-        assert_eq!(
-            (p.modules[3].terms[0].kind, p.modules[3].terms[0].reach),
-            (TermKind::Final, 1)
-        );
+        assert_eq!((p.modules[3].terms[0].kind, p.modules[3].terms[0].reach), (TermKind::Final, 1));
         assert!(p.receives_from_later(0) && p.receives_from_later(2) && !p.receives_from_later(3));
         let p3 = plan("mlaan-infopro", 8, 3);
-        assert_eq!(
-            p3.modules[1].terms[1].reach, 1,
-            "reach is capped at module 0"
-        );
+        assert_eq!(p3.modules[1].terms[1].reach, 1, "reach is capped at module 0");
         assert_eq!(p3.modules[5].terms[1].reach, 2);
         assert_eq!(p3.max_reach(), 2);
         // Module 3 gets reach-left 1 from step 5's cascade (via 4) and 0 from step 4's.
@@ -323,16 +285,11 @@ mod tests {
     #[test]
     fn base_methods_are_local() {
         let p = plan("dgl", 4, 2);
-        assert!(p
-            .modules
-            .iter()
-            .all(|m| m.terms.len() == 1 && m.terms[0].reach == 0));
+        assert!(p.modules.iter().all(|m| m.terms.len() == 1 && m.terms[0].reach == 0));
         assert!(!p.receives_from_later(0));
         let p = plan("infopro", 4, 2);
         match &p.modules[2].terms[0].objective {
-            ObjectiveSpec::InfoPro {
-                lambda1, lambda2, ..
-            } => {
+            ObjectiveSpec::InfoPro { lambda1, lambda2, .. } => {
                 assert!((lambda1 - 0.2).abs() < 1e-12 && (lambda2 - 0.5).abs() < 1e-12)
             }
             o => panic!("{o:?}"),
@@ -347,9 +304,6 @@ mod tests {
         let total: f64 = p.module_macs().iter().sum();
         let whole = plan("e2e", 1, 2).module_macs()[0];
         assert!((total - whole).abs() < 1.0);
-        assert!(
-            whole > 6.0e7 && whole < 7.5e7,
-            "ResNet-32 is ~69M MACs, got {whole}"
-        );
+        assert!(whole > 6.0e7 && whole < 7.5e7, "ResNet-32 is ~69M MACs, got {whole}");
     }
 }

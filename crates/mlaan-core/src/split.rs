@@ -94,10 +94,7 @@ impl Split {
         ends: Vec<BlockRef>,
         source: &str,
     ) -> Result<Split, PlanError> {
-        let bad = |reason: String| PlanError::InvalidSplit {
-            arch: arch.name.clone(),
-            reason,
-        };
+        let bad = |reason: String| PlanError::InvalidSplit { arch: arch.name.clone(), reason };
         let n = arch.num_blocks();
         if ends.len() + 1 > n + 1 {
             return Err(bad(format!(
@@ -152,19 +149,12 @@ impl Split {
             last_block.push(idx);
         }
         last_block.push(Some(n - 1));
-        Ok(Split {
-            ends,
-            source: source.to_string(),
-            last_block,
-        })
+        Ok(Split { ends, source: source.to_string(), last_block })
     }
 
     /// Resolve a config's split for K modules.
     pub fn resolve(arch: &ArchSpec, k: usize, spec: &SplitSpec) -> Result<Split, PlanError> {
-        let bad = |reason: String| PlanError::InvalidSplit {
-            arch: arch.name.clone(),
-            reason,
-        };
+        let bad = |reason: String| PlanError::InvalidSplit { arch: arch.name.clone(), reason };
         if k == 0 {
             return Err(bad("K must be at least 1".into()));
         }
@@ -260,11 +250,7 @@ impl Split {
             0
         } else {
             // The first block after the previous module's last block.
-            self.last_block[..m]
-                .iter()
-                .rev()
-                .find_map(|b| *b)
-                .map_or(0, |b| b + 1)
+            self.last_block[..m].iter().rev().find_map(|b| *b).map_or(0, |b| b + 1)
         };
         let end = self.last_block[m].map_or(start, |b| b + 1);
         start..end
@@ -277,9 +263,7 @@ impl Split {
 
     /// Module that owns forward block `b`.
     pub fn module_of_block(&self, b: usize) -> usize {
-        (0..self.k())
-            .find(|&m| self.module_blocks(m).contains(&b))
-            .expect("block in range")
+        (0..self.k()).find(|&m| self.module_blocks(m).contains(&b)).expect("block in range")
     }
 }
 
@@ -318,12 +302,8 @@ mod tests {
 
     #[test]
     fn every_block_matches_mlaan_settings() {
-        for (arch, k) in [
-            ("resnet32", 15),
-            ("resnet110", 54),
-            ("resnet34", 16),
-            ("resnet101", 33),
-        ] {
+        for (arch, k) in [("resnet32", 15), ("resnet110", 54), ("resnet34", 16), ("resnet101", 33)]
+        {
             let a = ArchSpec::from_name(arch).unwrap();
             let s = Split::resolve(&a, k, &SplitSpec::Named("every-block".into())).unwrap();
             assert!((0..k).all(|m| s.module_blocks(m).len() == 1), "{arch}");
@@ -347,29 +327,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("[1,3]") && e.contains("[2,1]"), "{e}");
-        let e = Split::from_ends(&a, vec![BlockRef::new(4, 0)], "t")
-            .unwrap_err()
-            .to_string();
+        let e = Split::from_ends(&a, vec![BlockRef::new(4, 0)], "t").unwrap_err().to_string();
         assert!(e.contains("[4,0]") && e.contains("does not exist"), "{e}");
-        let e = Split::from_ends(&a, vec![BlockRef::new(3, 4)], "t")
-            .unwrap_err()
-            .to_string();
+        let e = Split::from_ends(&a, vec![BlockRef::new(3, 4)], "t").unwrap_err().to_string();
         assert!(e.contains("last block"), "{e}");
         let e = Split::resolve(&a, 3, &SplitSpec::Ends(vec![BlockRef::new(1, 1)]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("K=2") && e.contains("K=3"), "{e}");
-        let e = Split::resolve(&a, 99, &SplitSpec::Named("auto".into()))
-            .unwrap_err()
-            .to_string();
+        let e = Split::resolve(&a, 99, &SplitSpec::Named("auto".into())).unwrap_err().to_string();
         assert!(e.contains("K=99") && e.contains("15 blocks"), "{e}");
-        let e = Split::resolve(&a, 3, &SplitSpec::Named("infopro".into()))
-            .unwrap_err()
-            .to_string();
+        let e = Split::resolve(&a, 3, &SplitSpec::Named("infopro".into())).unwrap_err().to_string();
         assert!(e.contains("K=3"), "{e}");
-        let e = Split::resolve(&a, 3, &SplitSpec::Named("zigzag".into()))
-            .unwrap_err()
-            .to_string();
+        let e = Split::resolve(&a, 3, &SplitSpec::Named("zigzag".into())).unwrap_err().to_string();
         assert!(e.contains("zigzag"), "{e}");
     }
 
@@ -377,10 +347,7 @@ mod tests {
     fn even_split_balances_block_counts() {
         let s = Split::resolve(&r32(), 3, &SplitSpec::Named("auto".into())).unwrap();
         assert_eq!(s.source, "even block counts");
-        assert_eq!(
-            (0..3).map(|m| s.module_blocks(m).len()).collect::<Vec<_>>(),
-            vec![5, 5, 5]
-        );
+        assert_eq!((0..3).map(|m| s.module_blocks(m).len()).collect::<Vec<_>>(), vec![5, 5, 5]);
         let whole = Split::whole(&r32());
         assert_eq!(whole.k(), 1);
         assert_eq!(whole.module_blocks(0), 0..15);

@@ -20,10 +20,8 @@ const BATCH: usize = 32;
 fn imagefolder() -> &'static (tempfile::TempDir, Datasets) {
     static TREE: OnceLock<(tempfile::TempDir, Datasets)> = OnceLock::new();
     TREE.get_or_init(|| {
-        let images: usize = std::env::var("MLAAN_BENCH_IMAGES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000);
+        let images: usize =
+            std::env::var("MLAAN_BENCH_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
         let dir = tempfile::tempdir().expect("temp dir");
         let t = Instant::now();
         write_synthetic_imagefolder(dir.path(), 10, images.div_ceil(10), 500, 375, 0)
@@ -34,11 +32,7 @@ fn imagefolder() -> &'static (tempfile::TempDir, Datasets) {
             ..DataConfig::default()
         })
         .expect("open");
-        eprintln!(
-            "generated {} in {:.1} s",
-            ds.train.describe(),
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("generated {} in {:.1} s", ds.train.describe(), t.elapsed().as_secs_f64());
         (dir, ds)
     })
 }
@@ -109,21 +103,13 @@ fn bench_in_memory(c: &mut Criterion) {
         let loader = Loader::new(
             ds.train.clone(),
             ds.train_transform.clone(),
-            LoaderConfig {
-                batch_size: 128,
-                workers,
-                ..LoaderConfig::default()
-            },
+            LoaderConfig { batch_size: 128, workers, ..LoaderConfig::default() },
         );
         let mut epoch = 0;
         group.bench_with_input(BenchmarkId::from_parameter(workers), &workers, |b, _| {
             b.iter(|| {
                 epoch += 1;
-                loader
-                    .epoch(epoch)
-                    .take(8)
-                    .map(|r| r.expect("batch").len())
-                    .sum::<usize>()
+                loader.epoch(epoch).take(8).map(|r| r.expect("batch").len()).sum::<usize>()
             })
         });
     }

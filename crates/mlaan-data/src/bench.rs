@@ -44,11 +44,7 @@ impl std::fmt::Display for ThroughputReport {
             self.mb_per_s
         )?;
         if let Some(cpu) = self.cpu_s.filter(|&c| c > 0.0) {
-            write!(
-                f,
-                "; {cpu:.2} CPU-s = {:.0} images per CPU-second",
-                self.images as f64 / cpu
-            )?;
+            write!(f, "; {cpu:.2} CPU-s = {:.0} images per CPU-second", self.images as f64 / cpu)?;
         }
         if let Some(e) = &self.first_error {
             write!(f, "; {} failed batches, first: {e}", self.errors)?;
@@ -168,14 +164,9 @@ pub fn write_synthetic_imagefolder(
         for c in 0..classes {
             let class_dir = dir.join(split).join(format!("class_{c:03}"));
             std::fs::create_dir_all(&class_dir).map_err(|e| DataError::io(&class_dir, e))?;
-            jobs.extend((0..n).map(|i| {
-                (
-                    class_dir.join(format!("img_{i:05}.jpg")),
-                    c,
-                    split == "val",
-                    i,
-                )
-            }));
+            jobs.extend(
+                (0..n).map(|i| (class_dir.join(format!("img_{i:05}.jpg")), c, split == "val", i)),
+            );
         }
     }
     let shape = ImageShape::new(3, height, width);
@@ -220,11 +211,7 @@ pub fn write_synthetic_imagefolder(
 /// noise, so JPEG sizes and decode costs resemble real photographs more than flat colour.
 fn synthetic_photo(shape: ImageShape, class: usize, rng: &mut impl Rng) -> Vec<u8> {
     let (h, w) = (shape.height, shape.width);
-    let base = [
-        (class * 67) % 256,
-        (class * 131 + 60) % 256,
-        (class * 199 + 120) % 256,
-    ];
+    let base = [(class * 67) % 256, (class * 131 + 60) % 256, (class * 199 + 120) % 256];
     let (cy, cx) = (rng.random_range(0..h), rng.random_range(0..w));
     let r2 = ((h.min(w) / 4).max(1) as f32).powi(2);
     let mut out = vec![0u8; shape.len()];

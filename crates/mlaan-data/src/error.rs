@@ -16,51 +16,26 @@ pub enum DataError {
     Format { path: PathBuf, reason: String },
     /// One record of a multi-record file is bad (label out of range, short record).
     #[error("{}, record {record}: {reason}", path.display())]
-    Record {
-        path: PathBuf,
-        record: usize,
-        reason: String,
-    },
+    Record { path: PathBuf, record: usize, reason: String },
     /// The dataset's files are not where they were looked for.
     #[error("{dataset}: {reason} (looked in {})", dir.display())]
-    NotFound {
-        dataset: String,
-        dir: PathBuf,
-        reason: String,
-    },
+    NotFound { dataset: String, dir: PathBuf, reason: String },
     /// A `[data]` setting that cannot be used.
     #[error("config key `data.{key}`: {reason}")]
     Config { key: String, reason: String },
     #[error("sample index {index} out of range for {dataset} ({len} samples)")]
-    IndexOutOfRange {
-        dataset: String,
-        index: usize,
-        len: usize,
-    },
+    IndexOutOfRange { dataset: String, index: usize, len: usize },
     /// Augmentation could not be applied to a decoded image.
     #[error("augmentation: {0}")]
     Transform(String),
     /// A sample-level failure with the sample's identity attached (transform errors, shape
     /// mismatches inside a batch).
     #[error("{dataset}, sample {index}: {reason}")]
-    Sample {
-        dataset: String,
-        index: usize,
-        reason: String,
-    },
+    Sample { dataset: String, index: usize, reason: String },
     #[error("downloading {url} to {}: {reason}", path.display())]
-    Download {
-        url: String,
-        path: PathBuf,
-        reason: String,
-    },
+    Download { url: String, path: PathBuf, reason: String },
     #[error("checksum mismatch for {} downloaded from {url}: expected md5 {expected}, got {actual}; the file was not kept", path.display())]
-    Checksum {
-        url: String,
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    Checksum { url: String, path: PathBuf, expected: String, actual: String },
     /// The dataset cannot be downloaded by `fetch` (e.g. ImageNet's licence).
     #[error("cannot fetch `{dataset}`: {reason}")]
     NotFetchable { dataset: String, reason: String },
@@ -74,32 +49,19 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        DataError::Format {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        DataError::Format { path: path.into(), reason: reason.into() }
     }
     pub(crate) fn record(
         path: impl Into<PathBuf>,
         record: usize,
         reason: impl Into<String>,
     ) -> Self {
-        DataError::Record {
-            path: path.into(),
-            record,
-            reason: reason.into(),
-        }
+        DataError::Record { path: path.into(), record, reason: reason.into() }
     }
     pub(crate) fn config(key: &str, reason: impl Into<String>) -> Self {
-        DataError::Config {
-            key: key.into(),
-            reason: reason.into(),
-        }
+        DataError::Config { key: key.into(), reason: reason.into() }
     }
 }

@@ -27,11 +27,7 @@ pub struct RemoteFile {
 
 impl RemoteFile {
     fn new(name: &str, md5: &str, unpack: bool) -> Self {
-        RemoteFile {
-            name: name.into(),
-            md5: md5.into(),
-            unpack,
-        }
+        RemoteFile { name: name.into(), md5: md5.into(), unpack }
     }
 }
 
@@ -195,48 +191,29 @@ pub fn manifest(
 pub fn fetch(name: &str, to: &Path, opts: &FetchOptions) -> Result<FetchReport, DataError> {
     let (canonical_base, builtin) = manifest(name, opts.svhn_extra)?;
     let files = opts.files.clone().unwrap_or(builtin);
-    let base = opts
-        .base_url
-        .as_deref()
-        .unwrap_or(canonical_base)
-        .trim_end_matches('/');
+    let base = opts.base_url.as_deref().unwrap_or(canonical_base).trim_end_matches('/');
     std::fs::create_dir_all(to).map_err(|e| DataError::io(to, e))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(opts.connect_timeout))
         .timeout_per_read(Some(opts.read_timeout))
         .build()
         .into();
-    let mut report = FetchReport {
-        dataset: name.into(),
-        dir: to.into(),
-        files: Vec::new(),
-    };
+    let mut report = FetchReport { dataset: name.into(), dir: to.into(), files: Vec::new() };
     for file in &files {
         let url = format!("{base}/{}", file.name);
         let dest = to.join(&file.name);
         let want = file.md5.to_ascii_lowercase();
         let present = !opts.force && dest.is_file() && md5_file(&dest)? == want;
         let (bytes, status) = if present {
-            let len = std::fs::metadata(&dest)
-                .map_err(|e| DataError::io(&dest, e))?
-                .len();
+            let len = std::fs::metadata(&dest).map_err(|e| DataError::io(&dest, e))?.len();
             (len, FetchStatus::AlreadyPresent)
         } else {
             tracing::info!("downloading {url}");
-            (
-                download(&agent, &url, &dest, &want)?,
-                FetchStatus::Downloaded,
-            )
+            (download(&agent, &url, &dest, &want)?, FetchStatus::Downloaded)
         };
         let unpacked =
             file.unpack && unpack_once(&dest, to, &want, status == FetchStatus::Downloaded)?;
-        report.files.push(FetchedFile {
-            name: file.name.clone(),
-            url,
-            bytes,
-            status,
-            unpacked,
-        });
+        report.files.push(FetchedFile { name: file.name.clone(), url, bytes, status, unpacked });
     }
     Ok(report)
 }
@@ -268,16 +245,10 @@ fn part_path(dest: &Path) -> PathBuf {
 /// body is complete and its MD5 is `md5`. The `.part` file never survives a failure.
 fn download(agent: &ureq::Agent, url: &str, dest: &Path, md5: &str) -> Result<u64, DataError> {
     let part = part_path(dest);
-    let fail = |reason: String| DataError::Download {
-        url: url.into(),
-        path: dest.into(),
-        reason,
-    };
+    let fail = |reason: String| DataError::Download { url: url.into(), path: dest.into(), reason };
     let result = (|| {
-        let mut response = agent
-            .get(url)
-            .call()
-            .map_err(|e| fail(format!("request failed: {e}")))?;
+        let mut response =
+            agent.get(url).call().map_err(|e| fail(format!("request failed: {e}")))?;
         let announced = response.body().content_length();
         let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
         let mut out = File::create(&part).map_err(|e| DataError::io(&part, e))?;
@@ -292,14 +263,11 @@ fn download(agent: &ureq::Agent, url: &str, dest: &Path, md5: &str) -> Result<u6
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| DataError::io(&part, e))?;
+            out.write_all(&buf[..n]).map_err(|e| DataError::io(&part, e))?;
             total += n as u64;
         }
         if let Some(len) = announced.filter(|&len| len != total) {
-            return Err(fail(format!(
-                "connection closed after {total} of {len} bytes"
-            )));
+            return Err(fail(format!("connection closed after {total} of {len} bytes")));
         }
         out.sync_all().map_err(|e| DataError::io(&part, e))?;
         let actual = hex(&hasher.finalize());
@@ -323,11 +291,7 @@ fn download(agent: &ureq::Agent, url: &str, dest: &Path, md5: &str) -> Result<u6
 /// Unpacks `archive` into `to` unless a marker says this exact archive (by MD5) was already
 /// unpacked there. Returns whether it unpacked now.
 fn unpack_once(archive: &Path, to: &Path, md5: &str, fresh: bool) -> Result<bool, DataError> {
-    let name = archive
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    let name = archive.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let marker = to.join(format!(".{name}.unpacked"));
     if !fresh && std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == md5) {
         return Ok(false);

@@ -15,16 +15,12 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, ImageShape), DataEr
         } else if bytes.is_empty() {
             "an empty file, not a JPEG image".to_string()
         } else {
-            format!(
-                "not a JPEG image (starts with {:02x?})",
-                &bytes[..bytes.len().min(4)]
-            )
+            format!("not a JPEG image (starts with {:02x?})", &bytes[..bytes.len().min(4)])
         };
         return Err(DataError::format(path, what));
     }
-    let options = DecoderOptions::default()
-        .jpeg_set_out_colorspace(ColorSpace::RGB)
-        .set_strict_mode(false);
+    let options =
+        DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB).set_strict_mode(false);
     // zune-jpeg returns errors for the corruptions we have met, but it is third-party code
     // fed with arbitrary files: a panic inside it must become this file's error, not kill a
     // loader thread.
@@ -37,21 +33,13 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, ImageShape), DataEr
     let (pixels, h, w) = match decoded {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return Err(DataError::format(path, format!("undecodable JPEG: {e:?}"))),
-        Err(_) => {
-            return Err(DataError::format(
-                path,
-                "undecodable JPEG (decoder panicked)",
-            ))
-        }
+        Err(_) => return Err(DataError::format(path, "undecodable JPEG (decoder panicked)")),
     };
     let plane = h * w;
     if plane == 0 || pixels.len() % plane != 0 {
         return Err(DataError::format(
             path,
-            format!(
-                "undecodable JPEG: {w}x{h} image with {} bytes",
-                pixels.len()
-            ),
+            format!("undecodable JPEG: {w}x{h} image with {} bytes", pixels.len()),
         ));
     }
     let comps = pixels.len() / plane;
@@ -85,10 +73,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, ImageShape), DataEr
 pub fn encode_jpeg(image: &[u8], shape: ImageShape, quality: u8) -> Result<Vec<u8>, String> {
     let (h, w) = (shape.height, shape.width);
     if h > usize::from(u16::MAX) || w > usize::from(u16::MAX) || image.len() != shape.len() {
-        return Err(format!(
-            "cannot encode a {shape} image from {} bytes",
-            image.len()
-        ));
+        return Err(format!("cannot encode a {shape} image from {} bytes", image.len()));
     }
     let plane = h * w;
     let (hwc, color) = match shape.channels {

@@ -42,11 +42,7 @@ pub struct ImageShape {
 
 impl ImageShape {
     pub fn new(channels: usize, height: usize, width: usize) -> Self {
-        ImageShape {
-            channels,
-            height,
-            width,
-        }
+        ImageShape { channels, height, width }
     }
     /// Bytes of one image of this shape.
     pub fn len(&self) -> usize {

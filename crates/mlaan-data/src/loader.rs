@@ -139,9 +139,7 @@ pub(crate) fn mix(parts: &[u64]) -> u64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    parts
-        .iter()
-        .fold(0x6d6c_6161_6e00_0000, |h, &p| splitmix(h ^ splitmix(p)))
+    parts.iter().fold(0x6d6c_6161_6e00_0000, |h, &p| splitmix(h ^ splitmix(p)))
 }
 
 const PERMUTATION: u64 = 1;
@@ -160,11 +158,7 @@ pub struct Loader {
 
 impl Loader {
     pub fn new(dataset: Arc<dyn Dataset>, transform: Transform, cfg: LoaderConfig) -> Self {
-        Loader {
-            dataset,
-            transform,
-            cfg,
-        }
+        Loader { dataset, transform, cfg }
     }
 
     pub fn config(&self) -> &LoaderConfig {
@@ -186,12 +180,7 @@ impl Loader {
         }
         let count = self.cfg.shard_count;
         let per_shard = n / count;
-        order
-            .into_iter()
-            .skip(self.cfg.shard_rank)
-            .step_by(count)
-            .take(per_shard)
-            .collect()
+        order.into_iter().skip(self.cfg.shard_rank).step_by(count).take(per_shard).collect()
     }
 
     /// Batches per epoch for this shard (before `start_batch` is applied).
@@ -217,13 +206,8 @@ impl Loader {
         let batch_size = self.cfg.batch_size;
         let end = self.num_batches();
         let first = self.cfg.start_batch.min(end);
-        let batches: Arc<Vec<Vec<usize>>> = Arc::new(
-            samples
-                .chunks(batch_size)
-                .take(end)
-                .map(<[usize]>::to_vec)
-                .collect(),
-        );
+        let batches: Arc<Vec<Vec<usize>>> =
+            Arc::new(samples.chunks(batch_size).take(end).map(<[usize]>::to_vec).collect());
         let workers = match self.cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -329,10 +313,8 @@ impl WorkerCtx {
             }
             let sample = self.dataset.get(i).and_then(|s| {
                 let mut rng = sample_rng(self.seed, self.epoch, i);
-                let (image, got) = self
-                    .transform
-                    .apply(&s, &mut rng)
-                    .map_err(|e| self.sample_error(i, e))?;
+                let (image, got) =
+                    self.transform.apply(&s, &mut rng).map_err(|e| self.sample_error(i, e))?;
                 match shape {
                     Some(want) if want != got => Err(self.sample_error(
                         i,
@@ -368,11 +350,7 @@ impl WorkerCtx {
 
     /// Attaches the sample's identity to a failure that does not name a file.
     fn sample_error(&self, index: usize, reason: impl std::fmt::Display) -> DataError {
-        DataError::Sample {
-            dataset: self.dataset.describe(),
-            index,
-            reason: reason.to_string(),
-        }
+        DataError::Sample { dataset: self.dataset.describe(), index, reason: reason.to_string() }
     }
 }
 

@@ -81,15 +81,7 @@ use PadMode::{Reflect, Zero};
 
 /// Every dataset `open` knows, with its METHOD.md §5 defaults.
 pub const DATASETS: &[DatasetSpec] = &[
-    padded(
-        "fashion-mnist",
-        "Fashion-MNIST",
-        2,
-        Zero,
-        true,
-        &[0.2860],
-        &[0.3530],
-    ),
+    padded("fashion-mnist", "Fashion-MNIST", 2, Zero, true, &[0.2860], &[0.3530]),
     padded("mnist", "MNIST", 2, Zero, false, &[0.1307], &[0.3081]),
     padded(
         "cifar10",
@@ -109,24 +101,8 @@ pub const DATASETS: &[DatasetSpec] = &[
         &[0.5071, 0.4865, 0.4409],
         &[0.2673, 0.2564, 0.2762],
     ),
-    padded(
-        "svhn",
-        "SVHN",
-        2,
-        Zero,
-        false,
-        &[0.4377, 0.4438, 0.4728],
-        &[0.1980, 0.2010, 0.1970],
-    ),
-    padded(
-        "stl10",
-        "STL-10",
-        4,
-        Zero,
-        true,
-        &[0.4467, 0.4398, 0.4066],
-        &[0.2603, 0.2566, 0.2713],
-    ),
+    padded("svhn", "SVHN", 2, Zero, false, &[0.4377, 0.4438, 0.4728], &[0.1980, 0.2010, 0.1970]),
+    padded("stl10", "STL-10", 4, Zero, true, &[0.4467, 0.4398, 0.4066], &[0.2603, 0.2566, 0.2713]),
     resized("imagenet", "ImageNet"),
     resized("imagefolder", "ImageFolder"),
     padded("synthetic", "synthetic", 0, Zero, false, &[0.5], &[0.25]),
@@ -221,13 +197,7 @@ fn read_splits(spec: &DatasetSpec, dir: &Path, cfg: &DataConfig) -> Result<Split
             ];
             fixed(
                 cifar::open(dir, sub, &train_files, cifar::CIFAR10, &title("train"))?,
-                cifar::open(
-                    dir,
-                    sub,
-                    &["test_batch.bin"],
-                    cifar::CIFAR10,
-                    &title("test"),
-                )?,
+                cifar::open(dir, sub, &["test_batch.bin"], cifar::CIFAR10, &title("test"))?,
                 cifar::class_names(dir, sub, "test_batch.bin", "batches.meta.txt", 10),
             )
         }
@@ -260,11 +230,7 @@ fn read_splits(spec: &DatasetSpec, dir: &Path, cfg: &DataConfig) -> Result<Split
                 svhn::open(
                     dir,
                     train_files,
-                    &title(if cfg.svhn_extra {
-                        "train+extra"
-                    } else {
-                        "train"
-                    }),
+                    &title(if cfg.svhn_extra { "train+extra" } else { "train" }),
                 )?,
                 svhn::open(dir, &["test_32x32.mat"], &title("test"))?,
                 Some(digits),
@@ -277,10 +243,7 @@ fn read_splits(spec: &DatasetSpec, dir: &Path, cfg: &DataConfig) -> Result<Split
         ),
         "imagenet" | "imagefolder" => {
             let train_dir = dir.join("train");
-            let test_dir = ["val", "test"]
-                .map(|d| dir.join(d))
-                .into_iter()
-                .find(|d| d.is_dir());
+            let test_dir = ["val", "test"].map(|d| dir.join(d)).into_iter().find(|d| d.is_dir());
             let test_dir = test_dir.ok_or_else(|| DataError::NotFound {
                 dataset: spec.name.into(),
                 dir: dir.into(),
@@ -311,11 +274,8 @@ fn read_splits(spec: &DatasetSpec, dir: &Path, cfg: &DataConfig) -> Result<Split
                     "synthetic_size, synthetic_channels and synthetic_classes must be positive",
                 ));
             }
-            let shape = ImageShape::new(
-                cfg.synthetic_channels,
-                cfg.synthetic_size,
-                cfg.synthetic_size,
-            );
+            let shape =
+                ImageShape::new(cfg.synthetic_channels, cfg.synthetic_size, cfg.synthetic_size);
             let n = cfg.synthetic_samples;
             let k = cfg.synthetic_classes;
             Splits {
@@ -326,10 +286,7 @@ fn read_splits(spec: &DatasetSpec, dir: &Path, cfg: &DataConfig) -> Result<Split
             }
         }
         other => {
-            return Err(DataError::config(
-                "dataset",
-                format!("`{other}` has no reader"),
-            ));
+            return Err(DataError::config("dataset", format!("`{other}` has no reader")));
         }
     })
 }
@@ -339,10 +296,8 @@ pub fn resolve_transforms(
     spec: &DatasetSpec,
     aug: &AugmentConfig,
 ) -> Result<(Transform, Transform), DataError> {
-    for (key, v) in [
-        ("augment.crop_size", aug.crop_size),
-        ("augment.eval_resize", aug.eval_resize),
-    ] {
+    for (key, v) in [("augment.crop_size", aug.crop_size), ("augment.eval_resize", aug.eval_resize)]
+    {
         if v == Some(0) {
             return Err(DataError::config(key, "must be positive"));
         }
@@ -355,10 +310,7 @@ pub fn resolve_transforms(
             if set {
                 return Err(DataError::config(
                     key,
-                    format!(
-                        "{} uses random-resized crops; padding does not apply",
-                        spec.name
-                    ),
+                    format!("{} uses random-resized crops; padding does not apply", spec.name),
                 ));
             }
         }
@@ -419,17 +371,11 @@ fn normalisation(
                 None => default.to_vec(),
             };
             if key == "std" && v.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
-                return Err(DataError::config(
-                    key,
-                    format!("{v:?}: every std must be positive"),
-                ));
+                return Err(DataError::config(key, format!("{v:?}: every std must be positive")));
             }
             Ok(v)
         };
-    Ok((
-        pick("mean", &cfg.mean, spec.mean)?,
-        pick("std", &cfg.std, spec.std)?,
-    ))
+    Ok((pick("mean", &cfg.mean, spec.mean)?, pick("std", &cfg.std, spec.std)?))
 }
 
 /// Opens the dataset named by `cfg.dataset` in `cfg.dir` (or its default dir), applies
@@ -453,18 +399,11 @@ pub fn open(cfg: &DataConfig) -> Result<Datasets, DataError> {
     // A crop that cannot fit the stored images is a config error, found now rather than in
     // the first batch.
     if let Some(shape) = splits.shape {
-        let probe = Sample {
-            image: vec![0; shape.len()],
-            shape,
-            label: 0,
-        };
+        let probe = Sample { image: vec![0; shape.len()], shape, label: 0 };
         let mut rng = crate::loader::sample_rng(0, 0, 0);
         for t in [&train_transform, &eval_transform] {
             t.apply(&probe, &mut rng).map_err(|e| {
-                DataError::config(
-                    "augment",
-                    format!("{e} (images are {shape}, transform: {t})"),
-                )
+                DataError::config("augment", format!("{e} (images are {shape}, transform: {t})"))
             })?;
         }
     }

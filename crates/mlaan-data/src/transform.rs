@@ -17,18 +17,10 @@ use std::ops::Range;
 pub enum Op {
     /// Pad every side by `pad` (zero or reflect) and take a random `size`x`size` crop
     /// (`None`: the input's own height and width) — CIFAR's `RandomCrop(32, padding=4)`.
-    PadCrop {
-        pad: usize,
-        mode: PadMode,
-        size: Option<usize>,
-    },
+    PadCrop { pad: usize, mode: PadMode, size: Option<usize> },
     /// Random area fraction in `scale` and aspect ratio in `ratio` (log-uniform), resized to
     /// `size`x`size` — torchvision's `RandomResizedCrop` including its 10 tries and fallback.
-    RandomResizedCrop {
-        size: usize,
-        scale: (f64, f64),
-        ratio: (f64, f64),
-    },
+    RandomResizedCrop { size: usize, scale: (f64, f64), ratio: (f64, f64) },
     /// Resize so that the shorter side is `size`, keeping the aspect ratio.
     ResizeShorter { size: usize },
     /// Centre `size`x`size` window; zero-filled where the image is smaller.
@@ -72,15 +64,9 @@ impl Transform {
             )));
         }
         if !self.ops.is_empty() && s.shape.is_empty() {
-            return Err(DataError::Transform(format!(
-                "cannot augment an empty {} image",
-                s.shape
-            )));
+            return Err(DataError::Transform(format!("cannot augment an empty {} image", s.shape)));
         }
-        let mut img = Img {
-            data: s.image.clone(),
-            shape: s.shape,
-        };
+        let mut img = Img { data: s.image.clone(), shape: s.shape };
         let mut i = 0;
         while i < self.ops.len() {
             img = match (&self.ops[i], self.ops.get(i + 1)) {
@@ -200,18 +186,9 @@ fn resize_shorter_then_crop(img: &Img, size: usize, crop: usize) -> Img {
         let off = |n: usize| ((n as f64 - crop as f64) / 2.0).round() as isize;
         return crop_window(&resized, off(oh), off(ow), crop, crop, PadMode::Zero);
     }
-    let (top, left) = (
-        ((oh - crop) as f64 / 2.0).round() as usize,
-        ((ow - crop) as f64 / 2.0).round() as usize,
-    );
-    resize_part(
-        img,
-        (0, 0, s.height, s.width),
-        oh,
-        ow,
-        top..top + crop,
-        left..left + crop,
-    )
+    let (top, left) =
+        (((oh - crop) as f64 / 2.0).round() as usize, ((ow - crop) as f64 / 2.0).round() as usize);
+    resize_part(img, (0, 0, s.height, s.width), oh, ow, top..top + crop, left..left + crop)
 }
 
 /// torchvision's `Resize(int)`: the shorter side becomes `size`, the longer is scaled and
@@ -251,9 +228,8 @@ fn border_index(i: isize, n: usize, mode: PadMode) -> Option<usize> {
 /// (possibly negative or past the edge); outside pixels follow `mode`.
 fn crop_window(img: &Img, top: isize, left: isize, oh: usize, ow: usize, mode: PadMode) -> Img {
     let s = img.shape;
-    let cols: Vec<Option<usize>> = (0..ow)
-        .map(|x| border_index(left + x as isize, s.width, mode))
-        .collect();
+    let cols: Vec<Option<usize>> =
+        (0..ow).map(|x| border_index(left + x as isize, s.width, mode)).collect();
     let inside = left >= 0 && left as usize + ow <= s.width;
     let mut out = Vec::with_capacity(s.channels * oh * ow);
     for plane in img.data.chunks_exact(s.height * s.width) {
@@ -271,10 +247,7 @@ fn crop_window(img: &Img, top: isize, left: isize, oh: usize, ow: usize, mode: P
             }
         }
     }
-    Img {
-        data: out,
-        shape: ImageShape::new(s.channels, oh, ow),
-    }
+    Img { data: out, shape: ImageShape::new(s.channels, oh, ow) }
 }
 
 /// torchvision's `RandomResizedCrop.get_params`: up to 10 tries of a random area and
@@ -301,24 +274,13 @@ fn random_resized_box(
     }
     let in_ratio = w as f64 / h.max(1) as f64;
     let (ch, cw) = if in_ratio < ratio.0 {
-        (
-            ((w as f64 / ratio.0).round() as usize).clamp(1, h.max(1)),
-            w,
-        )
+        (((w as f64 / ratio.0).round() as usize).clamp(1, h.max(1)), w)
     } else if in_ratio > ratio.1 {
-        (
-            h,
-            ((h as f64 * ratio.1).round() as usize).clamp(1, w.max(1)),
-        )
+        (h, ((h as f64 * ratio.1).round() as usize).clamp(1, w.max(1)))
     } else {
         (h, w)
     };
-    (
-        (h - ch.min(h)) / 2,
-        (w - cw.min(w)) / 2,
-        ch.min(h),
-        cw.min(w),
-    )
+    ((h - ch.min(h)) / 2, (w - cw.min(w)) / 2, ch.min(h), cw.min(w))
 }
 
 /// Source taps of a run of output pixels along one axis: output `first + i` reads
@@ -341,9 +303,7 @@ fn taps(offset: usize, len: usize, out: usize, range: Range<usize>) -> Taps {
     for (n, i) in range.enumerate() {
         let center = (i as f64 + 0.5) * scale;
         let lo = ((center - support + 0.5).floor().max(0.0) as usize).min(len - 1);
-        let hi = ((center + support + 0.5).floor() as usize)
-            .clamp(lo + 1, len)
-            .min(lo + taps);
+        let hi = ((center + support + 0.5).floor() as usize).clamp(lo + 1, len).min(lo + taps);
         let ws = &mut weights[n * taps..(n + 1) * taps];
         let mut sum = 0.0;
         for (k, j) in (lo..hi).enumerate() {
@@ -358,11 +318,7 @@ fn taps(offset: usize, len: usize, out: usize, range: Range<usize>) -> Taps {
         }
         start.push(offset + lo);
     }
-    Taps {
-        start,
-        weights,
-        taps,
-    }
+    Taps { start, weights, taps }
 }
 
 /// Resamples the window (`top`, `left`, `h`, `w`) of `img` to `oh`x`ow`.
@@ -385,10 +341,7 @@ fn resize_part(
     let s = img.shape;
     let out_shape = ImageShape::new(s.channels, rows.len(), cols.len());
     if rows.is_empty() || cols.is_empty() {
-        return Img {
-            data: Vec::new(),
-            shape: out_shape,
-        };
+        return Img { data: Vec::new(), shape: out_shape };
     }
     let (h, w) = (h.clamp(1, s.height), w.clamp(1, s.width));
     let tx = taps(left, w, ow, cols);
@@ -401,9 +354,7 @@ fn resize_part(
     let mut hrow = vec![0f32; tx.start.len()];
     // Horizontal weights tap-major, so the inner loop runs over output columns.
     let n = tx.start.len();
-    let wt: Vec<f32> = (0..tx.taps * n)
-        .map(|j| tx.weights[(j % n) * tx.taps + j / n])
-        .collect();
+    let wt: Vec<f32> = (0..tx.taps * n).map(|j| tx.weights[(j % n) * tx.taps + j / n]).collect();
     let mut out = Vec::with_capacity(out_shape.len());
     for plane in img.data.chunks_exact(s.height * s.width) {
         for (y, &sy) in ty.start.iter().enumerate() {
@@ -414,9 +365,7 @@ fn resize_part(
                     continue;
                 }
                 let row = &plane[(sy + k) * s.width + c0..(sy + k) * s.width + c1];
-                acc.iter_mut()
-                    .zip(row)
-                    .for_each(|(a, &p)| *a += wk * f32::from(p));
+                acc.iter_mut().zip(row).for_each(|(a, &p)| *a += wk * f32::from(p));
             }
             hrow.fill(0.0);
             for (k, wk) in wt.chunks_exact(n).enumerate() {
@@ -427,8 +376,5 @@ fn resize_part(
             out.extend(hrow.iter().map(|&v| (v + 0.5).clamp(0.0, 255.0) as u8));
         }
     }
-    Img {
-        data: out,
-        shape: out_shape,
-    }
+    Img { data: out, shape: out_shape }
 }

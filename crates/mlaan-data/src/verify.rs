@@ -35,9 +35,7 @@ impl VerifyReport {
     /// True when every sample was readable and every label below the class count.
     pub fn is_ok(&self) -> bool {
         self.splits.iter().all(|s| {
-            s.bad.is_empty()
-                && s.label_range
-                    .is_none_or(|(_, hi)| (hi as usize) < s.num_classes)
+            s.bad.is_empty() && s.label_range.is_none_or(|(_, hi)| (hi as usize) < s.num_classes)
         })
     }
 }
@@ -75,12 +73,8 @@ impl std::fmt::Display for VerifyReport {
                 Some((lo, hi)) => writeln!(f, "  labels: {lo}..={hi} ({} classes)", s.num_classes)?,
                 None => writeln!(f, "  labels: none")?,
             }
-            let hist: Vec<String> = s
-                .label_histogram
-                .iter()
-                .enumerate()
-                .map(|(l, n)| format!("{l}:{n}"))
-                .collect();
+            let hist: Vec<String> =
+                s.label_histogram.iter().enumerate().map(|(l, n)| format!("{l}:{n}")).collect();
             writeln!(f, "  histogram: {}", hist.join(" "))?;
             for (i, reason) in s.bad.iter().take(20) {
                 writeln!(f, "  bad sample {i}: {reason}")?;
@@ -113,10 +107,7 @@ pub fn verify(cfg: &DataConfig) -> Result<VerifyReport, DataError> {
 pub fn verify_split(name: &str, ds: &dyn Dataset, workers: usize) -> SplitReport {
     let start = Instant::now();
     let next = AtomicUsize::new(0);
-    let shared = Mutex::new((
-        BTreeMap::<ImageShape, usize>::new(),
-        Vec::<(usize, String)>::new(),
-    ));
+    let shared = Mutex::new((BTreeMap::<ImageShape, usize>::new(), Vec::<(usize, String)>::new()));
     std::thread::scope(|scope| {
         for _ in 0..workers.max(1) {
             scope.spawn(|| {

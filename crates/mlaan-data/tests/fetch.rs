@@ -53,11 +53,7 @@ impl Server {
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let line = String::from_utf8_lossy(&req)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
+                let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_string();
                 let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
                 let _ = match routes.get(&path) {
                     Some(Reply::Full(body)) => {
@@ -65,8 +61,7 @@ impl Server {
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                             body.len()
                         );
-                        conn.write_all(head.as_bytes())
-                            .and_then(|_| conn.write_all(body))
+                        conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(body))
                     }
                     Some(Reply::Truncated(body)) => {
                         let head = format!(
@@ -83,11 +78,7 @@ impl Server {
                 let _ = conn.flush();
             }
         });
-        Server {
-            base,
-            stop,
-            thread: Some(thread),
-        }
+        Server { base, stop, thread: Some(thread) }
     }
 }
 
@@ -122,8 +113,7 @@ fn cifar_tarball() -> Vec<u8> {
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(&mut h, format!("cifar-10-batches-bin/{name}"), &data[..])
-            .unwrap();
+        tar.append_data(&mut h, format!("cifar-10-batches-bin/{name}"), &data[..]).unwrap();
     }
     common::gz(&tar.into_inner().unwrap())
 }
@@ -138,11 +128,7 @@ fn opts(base: &str, files: Vec<RemoteFile>) -> FetchOptions {
 }
 
 fn remote(name: &str, md5: &str, unpack: bool) -> RemoteFile {
-    RemoteFile {
-        name: name.into(),
-        md5: md5.into(),
-        unpack,
-    }
+    RemoteFile { name: name.into(), md5: md5.into(), unpack }
 }
 
 #[test]
@@ -161,9 +147,7 @@ fn downloads_verifies_unpacks_and_then_reuses() {
     assert_eq!(report.files[0].status, FetchStatus::Downloaded);
     assert!(report.files[0].unpacked);
     assert_eq!(report.files[0].bytes, tarball.len() as u64);
-    assert!(report
-        .to_string()
-        .contains("downloaded from http://127.0.0.1"));
+    assert!(report.to_string().contains("downloaded from http://127.0.0.1"));
     let ds = open(&DataConfig {
         dataset: "cifar10".into(),
         dir: Some(dir.path().into()),
@@ -187,18 +171,12 @@ fn downloads_verifies_unpacks_and_then_reuses() {
 #[test]
 fn checksum_mismatch_keeps_no_file() {
     let body = b"not the real file".to_vec();
-    let server = Server::start(HashMap::from([(
-        "/train_32x32.mat".to_string(),
-        Reply::Full(body),
-    )]));
+    let server =
+        Server::start(HashMap::from([("/train_32x32.mat".to_string(), Reply::Full(body))]));
     let dir = tempfile::tempdir().unwrap();
     let o = opts(
         &server.base,
-        vec![remote(
-            "train_32x32.mat",
-            "e26dedcc434d2e4c54c9b2d4a06d8373",
-            false,
-        )],
+        vec![remote("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", false)],
     );
     let err = fetch("svhn", dir.path(), &o).unwrap_err();
     assert!(matches!(err, DataError::Checksum { .. }), "{err}");
@@ -221,39 +199,22 @@ fn broken_connection_keeps_no_file() {
         Reply::Truncated(body.clone()),
     )]));
     let dir = tempfile::tempdir().unwrap();
-    let o = opts(
-        &server.base,
-        vec![remote("t10k-labels-idx1-ubyte.gz", &md5_hex(&body), false)],
-    );
+    let o = opts(&server.base, vec![remote("t10k-labels-idx1-ubyte.gz", &md5_hex(&body), false)]);
     let err = fetch("mnist", dir.path(), &o).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, DataError::Download { .. }), "{msg}");
-    assert!(
-        msg.contains("t10k-labels-idx1-ubyte.gz") && msg.contains("127.0.0.1"),
-        "{msg}"
-    );
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
-        "no partial or final file"
-    );
+    assert!(msg.contains("t10k-labels-idx1-ubyte.gz") && msg.contains("127.0.0.1"), "{msg}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no partial or final file");
 }
 
 #[test]
 fn missing_url_and_unfetchable_datasets() {
     let server = Server::start(HashMap::new());
     let dir = tempfile::tempdir().unwrap();
-    let o = opts(
-        &server.base,
-        vec![remote("stl10_binary.tar.gz", "00", true)],
-    );
+    let o = opts(&server.base, vec![remote("stl10_binary.tar.gz", "00", true)]);
     let msg = fetch("stl10", dir.path(), &o).unwrap_err().to_string();
-    assert!(
-        msg.contains("stl10_binary.tar.gz") && msg.contains("404"),
-        "{msg}"
-    );
-    let msg = fetch("imagenet", dir.path(), &FetchOptions::default())
-        .unwrap_err()
-        .to_string();
+    assert!(msg.contains("stl10_binary.tar.gz") && msg.contains("404"), "{msg}");
+    let msg = fetch("imagenet", dir.path(), &FetchOptions::default()).unwrap_err().to_string();
     assert!(msg.contains("image-net.org"), "{msg}");
     assert!(fetch("synthetic", dir.path(), &FetchOptions::default()).is_err());
     assert!(fetch("nope", dir.path(), &FetchOptions::default())
@@ -267,15 +228,6 @@ fn manifests_carry_the_published_checksums() {
     let (base, files) = mlaan_data::fetch::manifest("cifar10", false).unwrap();
     assert!(base.starts_with("https://www.cs.toronto.edu"));
     assert_eq!(files[0].md5, "c32a1d4ab5d03f1284b67883e8d87530");
-    assert_eq!(
-        mlaan_data::fetch::manifest("svhn", true).unwrap().1.len(),
-        3
-    );
-    assert_eq!(
-        mlaan_data::fetch::manifest("fashion-mnist", false)
-            .unwrap()
-            .1
-            .len(),
-        4
-    );
+    assert_eq!(mlaan_data::fetch::manifest("svhn", true).unwrap().1.len(), 3);
+    assert_eq!(mlaan_data::fetch::manifest("fashion-mnist", false).unwrap().1.len(), 4);
 }

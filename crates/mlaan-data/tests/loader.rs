@@ -47,31 +47,15 @@ impl Dataset for TestSet {
 }
 
 fn set(n: usize) -> Arc<TestSet> {
-    Arc::new(TestSet {
-        n,
-        bad: vec![],
-        delay: Duration::ZERO,
-    })
+    Arc::new(TestSet { n, bad: vec![], delay: Duration::ZERO })
 }
 
 fn augment() -> Transform {
-    Transform::new(vec![
-        Op::PadCrop {
-            pad: 2,
-            mode: PadMode::Reflect,
-            size: None,
-        },
-        Op::HFlip,
-    ])
+    Transform::new(vec![Op::PadCrop { pad: 2, mode: PadMode::Reflect, size: None }, Op::HFlip])
 }
 
 fn cfg(batch_size: usize, workers: usize) -> LoaderConfig {
-    LoaderConfig {
-        batch_size,
-        workers,
-        seed: 42,
-        ..LoaderConfig::default()
-    }
+    LoaderConfig { batch_size, workers, seed: 42, ..LoaderConfig::default() }
 }
 
 fn collect(loader: &Loader, epoch: usize) -> Vec<Batch> {
@@ -86,10 +70,7 @@ fn identical_batches_for_any_worker_count() {
     assert_eq!(one, three);
     assert_eq!(one.len(), 7);
     assert_eq!(one[0].shape, [8, 3, 6, 6]);
-    assert_eq!(
-        one[6].shape[0], 2,
-        "last partial batch kept without drop_last"
-    );
+    assert_eq!(one[6].shape[0], 2, "last partial batch kept without drop_last");
     // Another epoch is another permutation and other augmentations.
     let other = collect(&Loader::new(ds, augment(), cfg(8, 2)), 4);
     assert_ne!(one[0].sample_ids, other[0].sample_ids);
@@ -103,16 +84,9 @@ fn identical_batches_for_any_worker_count() {
 
 #[test]
 fn ordered_delivery_and_unordered_mode_cover_the_same_batches() {
-    let slow = Arc::new(TestSet {
-        n: 40,
-        bad: vec![],
-        delay: Duration::from_millis(1),
-    });
+    let slow = Arc::new(TestSet { n: 40, bad: vec![], delay: Duration::from_millis(1) });
     let ordered = collect(&Loader::new(slow.clone(), augment(), cfg(4, 3)), 0);
-    assert_eq!(
-        ordered.iter().map(|b| b.index).collect::<Vec<_>>(),
-        (0..10).collect::<Vec<_>>()
-    );
+    assert_eq!(ordered.iter().map(|b| b.index).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
     let mut c = cfg(4, 3);
     c.ordered = false;
     let mut unordered = collect(&Loader::new(slow, augment(), c), 0);
@@ -123,10 +97,7 @@ fn ordered_delivery_and_unordered_mode_cover_the_same_batches() {
     c.shuffle = false;
     let plain = collect(&Loader::new(set(10), Transform::identity(), c), 0);
     assert_eq!(
-        plain
-            .iter()
-            .flat_map(|b| b.sample_ids.clone())
-            .collect::<Vec<_>>(),
+        plain.iter().flat_map(|b| b.sample_ids.clone()).collect::<Vec<_>>(),
         (0..10).collect::<Vec<_>>()
     );
 }
@@ -141,10 +112,7 @@ fn shards_are_disjoint_equal_and_cover_the_permutation() {
         c.shard_rank = rank;
         c.shard_count = 4;
         let loader = Loader::new(ds.clone(), Transform::identity(), c);
-        let ids: Vec<usize> = collect(&loader, 1)
-            .into_iter()
-            .flat_map(|b| b.sample_ids)
-            .collect();
+        let ids: Vec<usize> = collect(&loader, 1).into_iter().flat_map(|b| b.sample_ids).collect();
         assert_eq!(ids, loader.epoch_samples(1));
         sizes.push(ids.len());
         for id in ids {
@@ -174,11 +142,7 @@ fn start_batch_resumes_with_the_tail_of_the_epoch() {
 
 #[test]
 fn dropping_a_stream_mid_epoch_stops_and_joins_promptly() {
-    let ds = Arc::new(TestSet {
-        n: 400,
-        bad: vec![],
-        delay: Duration::from_millis(5),
-    });
+    let ds = Arc::new(TestSet { n: 400, bad: vec![], delay: Duration::from_millis(5) });
     let mut c = cfg(4, 3);
     c.prefetch = 2;
     let loader = Loader::new(ds.clone(), augment(), c);
@@ -188,11 +152,7 @@ fn dropping_a_stream_mid_epoch_stops_and_joins_promptly() {
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     drop(stream);
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "drop took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "drop took {:?}", t.elapsed());
     // Only the test and the loader still hold the dataset: every worker thread is gone.
     assert_eq!(Arc::strong_count(&ds), 2);
     // A stream that was never read is dropped just as promptly.
@@ -206,19 +166,12 @@ fn dropping_a_stream_mid_epoch_stops_and_joins_promptly() {
 
 #[test]
 fn bad_samples_are_skipped_or_stop_the_epoch() {
-    let ds = Arc::new(TestSet {
-        n: 12,
-        bad: vec![5],
-        delay: Duration::ZERO,
-    });
+    let ds = Arc::new(TestSet { n: 12, bad: vec![5], delay: Duration::ZERO });
     let mut c = cfg(4, 2);
     c.shuffle = false;
     c.on_bad_sample = OnBadSample::Skip;
     let batches = collect(&Loader::new(ds.clone(), augment(), c.clone()), 0);
-    assert_eq!(
-        batches.iter().map(|b| b.skipped).collect::<Vec<_>>(),
-        [0, 1, 0]
-    );
+    assert_eq!(batches.iter().map(|b| b.skipped).collect::<Vec<_>>(), [0, 1, 0]);
     assert_eq!(batches[1].sample_ids, [4, 6, 7]);
     assert_eq!(batches[1].shape, [3, 3, 6, 6]);
     assert_eq!(batches[1].images.len(), 3 * 108);
@@ -233,17 +186,11 @@ fn bad_samples_are_skipped_or_stop_the_epoch() {
 
 #[test]
 fn transform_failures_name_the_sample_and_bad_configs_yield_an_error() {
-    let crop_too_big = Transform::new(vec![Op::PadCrop {
-        pad: 0,
-        mode: PadMode::Zero,
-        size: Some(9),
-    }]);
+    let crop_too_big =
+        Transform::new(vec![Op::PadCrop { pad: 0, mode: PadMode::Zero, size: Some(9) }]);
     let mut c = cfg(4, 1);
     c.shuffle = false;
-    let first = Loader::new(set(8), crop_too_big, c)
-        .epoch(0)
-        .next()
-        .unwrap();
+    let first = Loader::new(set(8), crop_too_big, c).epoch(0).next().unwrap();
     let e = first.unwrap_err().to_string();
     assert!(e.contains("sample 0") && e.contains("9x9 crop"), "{e}");
 
@@ -252,41 +199,20 @@ fn transform_failures_name_the_sample_and_bad_configs_yield_an_error() {
     assert_eq!(loader.num_batches(), 0);
     let items: Vec<_> = loader.epoch(0).collect();
     assert_eq!(items.len(), 1);
-    assert!(items[0]
-        .as_ref()
-        .unwrap_err()
-        .to_string()
-        .contains("batch_size"));
+    assert!(items[0].as_ref().unwrap_err().to_string().contains("batch_size"));
     bad.batch_size = 2;
     bad.shard_rank = 3;
     bad.shard_count = 3;
-    let items: Vec<_> = Loader::new(set(8), Transform::identity(), bad)
-        .epoch(0)
-        .collect();
-    assert!(items[0]
-        .as_ref()
-        .unwrap_err()
-        .to_string()
-        .contains("shard rank 3"));
+    let items: Vec<_> = Loader::new(set(8), Transform::identity(), bad).epoch(0).collect();
+    assert!(items[0].as_ref().unwrap_err().to_string().contains("shard rank 3"));
 }
 
 #[test]
 fn drop_last_and_batch_counts() {
     let mut c = cfg(4, 1);
     c.drop_last = true;
-    assert_eq!(
-        Loader::new(set(10), Transform::identity(), c.clone()).num_batches(),
-        2
-    );
+    assert_eq!(Loader::new(set(10), Transform::identity(), c.clone()).num_batches(), 2);
     c.drop_last = false;
-    assert_eq!(
-        Loader::new(set(10), Transform::identity(), c.clone()).num_batches(),
-        3
-    );
-    assert_eq!(
-        Loader::new(set(0), Transform::identity(), c)
-            .epoch(0)
-            .count(),
-        0
-    );
+    assert_eq!(Loader::new(set(10), Transform::identity(), c.clone()).num_batches(), 3);
+    assert_eq!(Loader::new(set(0), Transform::identity(), c).epoch(0).count(), 0);
 }

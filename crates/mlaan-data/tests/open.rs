@@ -14,39 +14,16 @@ fn ops(name: &str, aug: &AugmentConfig) -> (Vec<Op>, Vec<Op>) {
 #[test]
 fn method_defaults_per_dataset() {
     let none = AugmentConfig::default();
-    let pad = |pad, mode| Op::PadCrop {
-        pad,
-        mode,
-        size: None,
-    };
-    assert_eq!(
-        ops("cifar10", &none),
-        (vec![pad(4, PadMode::Reflect), Op::HFlip], vec![])
-    );
-    assert_eq!(
-        ops("cifar100", &none).0,
-        vec![pad(4, PadMode::Reflect), Op::HFlip]
-    );
+    let pad = |pad, mode| Op::PadCrop { pad, mode, size: None };
+    assert_eq!(ops("cifar10", &none), (vec![pad(4, PadMode::Reflect), Op::HFlip], vec![]));
+    assert_eq!(ops("cifar100", &none).0, vec![pad(4, PadMode::Reflect), Op::HFlip]);
     assert_eq!(ops("svhn", &none).0, vec![pad(2, PadMode::Zero)]);
-    assert_eq!(
-        ops("stl10", &none).0,
-        vec![pad(4, PadMode::Zero), Op::HFlip]
-    );
-    assert_eq!(
-        ops("fashion-mnist", &none).0,
-        vec![pad(2, PadMode::Zero), Op::HFlip]
-    );
+    assert_eq!(ops("stl10", &none).0, vec![pad(4, PadMode::Zero), Op::HFlip]);
+    assert_eq!(ops("fashion-mnist", &none).0, vec![pad(2, PadMode::Zero), Op::HFlip]);
     assert_eq!(ops("mnist", &none).0, vec![pad(2, PadMode::Zero)]);
     assert_eq!(ops("synthetic", &none), (vec![], vec![]));
-    let rrc = Op::RandomResizedCrop {
-        size: 224,
-        scale: (0.08, 1.0),
-        ratio: (0.75, 4.0 / 3.0),
-    };
-    let eval = vec![
-        Op::ResizeShorter { size: 256 },
-        Op::CenterCrop { size: 224 },
-    ];
+    let rrc = Op::RandomResizedCrop { size: 224, scale: (0.08, 1.0), ratio: (0.75, 4.0 / 3.0) };
+    let eval = vec![Op::ResizeShorter { size: 256 }, Op::CenterCrop { size: 224 }];
     assert_eq!(ops("imagenet", &none), (vec![rrc, Op::HFlip], eval.clone()));
     assert_eq!(ops("imagefolder", &none).1, eval);
     let cifar = spec("cifar10").unwrap();
@@ -57,21 +34,12 @@ fn method_defaults_per_dataset() {
 
 #[test]
 fn overrides_and_their_errors() {
-    let aug = AugmentConfig {
-        disable: true,
-        ..AugmentConfig::default()
-    };
+    let aug = AugmentConfig { disable: true, ..AugmentConfig::default() };
     assert_eq!(ops("cifar10", &aug), (vec![], vec![]));
     let (t, e) = ops("imagenet", &aug);
-    assert_eq!(
-        t, e,
-        "disabled augmentation on photos still resizes to a fixed shape"
-    );
-    let aug = AugmentConfig {
-        crop_padding: Some(0),
-        flip: Some(false),
-        ..AugmentConfig::default()
-    };
+    assert_eq!(t, e, "disabled augmentation on photos still resizes to a fixed shape");
+    let aug =
+        AugmentConfig { crop_padding: Some(0), flip: Some(false), ..AugmentConfig::default() };
     assert_eq!(ops("cifar10", &aug).0, vec![]);
     let aug = AugmentConfig {
         pad_mode: Some(PadMode::Zero),
@@ -81,41 +49,20 @@ fn overrides_and_their_errors() {
     assert_eq!(
         ops("cifar10", &aug),
         (
-            vec![
-                Op::PadCrop {
-                    pad: 4,
-                    mode: PadMode::Zero,
-                    size: Some(28)
-                },
-                Op::HFlip
-            ],
+            vec![Op::PadCrop { pad: 4, mode: PadMode::Zero, size: Some(28) }, Op::HFlip],
             vec![Op::CenterCrop { size: 28 }]
         )
     );
-    let aug = AugmentConfig {
-        crop_size: Some(160),
-        eval_resize: Some(182),
-        ..AugmentConfig::default()
-    };
+    let aug =
+        AugmentConfig { crop_size: Some(160), eval_resize: Some(182), ..AugmentConfig::default() };
     assert_eq!(
         ops("imagenet", &aug).1,
-        vec![
-            Op::ResizeShorter { size: 182 },
-            Op::CenterCrop { size: 160 }
-        ]
+        vec![Op::ResizeShorter { size: 182 }, Op::CenterCrop { size: 160 }]
     );
-    let bad = AugmentConfig {
-        crop_padding: Some(4),
-        ..AugmentConfig::default()
-    };
-    let e = resolve_transforms(spec("imagenet").unwrap(), &bad)
-        .unwrap_err()
-        .to_string();
+    let bad = AugmentConfig { crop_padding: Some(4), ..AugmentConfig::default() };
+    let e = resolve_transforms(spec("imagenet").unwrap(), &bad).unwrap_err().to_string();
     assert!(e.contains("data.augment.crop_padding"), "{e}");
-    let bad = AugmentConfig {
-        crop_size: Some(0),
-        ..AugmentConfig::default()
-    };
+    let bad = AugmentConfig { crop_size: Some(0), ..AugmentConfig::default() };
     assert!(resolve_transforms(spec("cifar10").unwrap(), &bad)
         .unwrap_err()
         .to_string()
@@ -147,20 +94,11 @@ fn config_errors_name_the_key() {
     assert_eq!(ds.info.std, [0.25; 3]);
     c.augment.crop_size = Some(40);
     let e = open(&c).unwrap_err().to_string();
-    assert!(
-        e.contains("data.augment") && e.contains("40x40 crop"),
-        "{e}"
-    );
-    let e = open(&DataConfig {
-        dataset: "cifar-11".into(),
-        ..DataConfig::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("data.dataset") && e.contains("cifar10, cifar100"),
-        "{e}"
-    );
+    assert!(e.contains("data.augment") && e.contains("40x40 crop"), "{e}");
+    let e = open(&DataConfig { dataset: "cifar-11".into(), ..DataConfig::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.dataset") && e.contains("cifar10, cifar100"), "{e}");
     let e = open(&DataConfig {
         dataset: "cifar10".into(),
         dir: Some("no/such/dir".into()),
@@ -178,10 +116,7 @@ fn limits_and_info() {
     c.test_limit = 3;
     let ds = open(&c).unwrap();
     assert_eq!((ds.train.len(), ds.test.len()), (10, 3));
-    assert!(ds
-        .train
-        .describe()
-        .starts_with("first 10 of synthetic train"));
+    assert!(ds.train.describe().starts_with("first 10 of synthetic train"));
     assert!(ds.train.get(10).is_err());
     assert_eq!(ds.info.num_classes, 4);
     assert_eq!(ds.info.eval_shape, ImageShape::new(3, 12, 12));
@@ -204,10 +139,7 @@ fn imagefolder_info_shapes_and_verify_report() {
     let report = verify(&c).unwrap();
     assert!(!report.is_ok());
     let text = report.to_string();
-    assert!(
-        text.contains("broken.jpg") && text.contains("not a JPEG"),
-        "{text}"
-    );
+    assert!(text.contains("broken.jpg") && text.contains("not a JPEG"), "{text}");
     assert!(text.contains("3x30x40 x12"), "{text}");
     assert_eq!(report.splits[0].label_histogram, [4, 5, 4]);
     std::fs::remove_file(dir.path().join("train/class_001/broken.jpg")).unwrap();

@@ -10,11 +10,7 @@ use mlaan_data::{open, DataError, ImageShape};
 use std::path::Path;
 
 fn cfg(dataset: &str, dir: &Path) -> DataConfig {
-    DataConfig {
-        dataset: dataset.into(),
-        dir: Some(dir.into()),
-        ..DataConfig::default()
-    }
+    DataConfig { dataset: dataset.into(), dir: Some(dir.into()), ..DataConfig::default() }
 }
 
 fn err_text(r: Result<impl std::fmt::Debug, DataError>) -> String {
@@ -37,10 +33,7 @@ fn idx_plain_and_gzipped_read_back_exactly() {
             assert_eq!(ds.train.label(i), s.label);
         }
         assert_eq!(ds.test.get(2).unwrap().image, test[2]);
-        assert!(ds
-            .train
-            .describe()
-            .contains("MNIST train: 7 images 1x5x4, 10 classes"));
+        assert!(ds.train.describe().contains("MNIST train: 7 images 1x5x4, 10 classes"));
     }
 }
 
@@ -53,15 +46,9 @@ fn idx_corruptions_name_the_file_and_reason() {
     assert!(parse(&good).is_ok());
     let wrong_magic = idx(2049, &[2, 3, 3], &[0; 18]);
     let e = err_text(parse(&wrong_magic));
-    assert!(
-        e.contains("x-images-idx3-ubyte") && e.contains("magic"),
-        "{e}"
-    );
+    assert!(e.contains("x-images-idx3-ubyte") && e.contains("magic"), "{e}");
     let e = err_text(parse(&good[..good.len() - 1]));
-    assert!(
-        e.contains("truncated") && e.contains("x-images-idx3-ubyte"),
-        "{e}"
-    );
+    assert!(e.contains("truncated") && e.contains("x-images-idx3-ubyte"), "{e}");
     let e = err_text(parse(&good[..6]));
     assert!(e.contains("truncated"), "{e}");
     let mut long = good.clone();
@@ -71,35 +58,19 @@ fn idx_corruptions_name_the_file_and_reason() {
     // Label out of range, and label/image count mismatch, through the reader.
     write_idx_split(dir.path(), "train", 4, 2, 2, false);
     write_idx_split(dir.path(), "t10k", 2, 2, 2, false);
-    std::fs::write(
-        dir.path().join("train-labels-idx1-ubyte"),
-        idx(2049, &[4], &[1, 12, 3, 4]),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx(2049, &[4], &[1, 12, 3, 4]))
+        .unwrap();
     let e = err_text(idx::open(dir.path(), "train", "MNIST train", 10));
-    assert!(
-        e.contains("train-labels-idx1-ubyte, record 1: label 12 out of range"),
-        "{e}"
-    );
-    std::fs::write(
-        dir.path().join("train-labels-idx1-ubyte"),
-        idx(2049, &[3], &[1, 2, 3]),
-    )
-    .unwrap();
+    assert!(e.contains("train-labels-idx1-ubyte, record 1: label 12 out of range"), "{e}");
+    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx(2049, &[3], &[1, 2, 3]))
+        .unwrap();
     let e = err_text(idx::open(dir.path(), "train", "MNIST train", 10));
     assert!(e.contains("3 labels") && e.contains("4 images"), "{e}");
     // A truncated gzip stream.
     let zipped = gz(&idx(2051, &[4, 2, 2], &[0; 16]));
-    std::fs::write(
-        dir.path().join("t10k-images-idx3-ubyte"),
-        &zipped[..zipped.len() / 2],
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), &zipped[..zipped.len() / 2]).unwrap();
     let e = err_text(idx::open(dir.path(), "t10k", "MNIST test", 10));
-    assert!(
-        e.contains("t10k-images-idx3-ubyte") && e.contains("gzip"),
-        "{e}"
-    );
+    assert!(e.contains("t10k-images-idx3-ubyte") && e.contains("gzip"), "{e}");
     // Missing files.
     let empty = tempfile::tempdir().unwrap();
     let e = err_text(open(&cfg("mnist", empty.path())));
@@ -114,35 +85,22 @@ fn cifar_images(n: usize, seed: usize) -> Vec<Vec<u8>> {
 fn cifar10_binary_nested_and_flat_layouts() {
     for nested in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let root = if nested {
-            dir.path().join("cifar-10-batches-bin")
-        } else {
-            dir.path().to_path_buf()
-        };
+        let root =
+            if nested { dir.path().join("cifar-10-batches-bin") } else { dir.path().to_path_buf() };
         std::fs::create_dir_all(&root).unwrap();
         let mut all = Vec::new();
         for b in 1..=5 {
             let imgs = cifar_images(2, b * 10);
             let labels: Vec<Vec<u8>> = (0..2).map(|i| vec![((b + i) % 10) as u8]).collect();
-            std::fs::write(
-                root.join(format!("data_batch_{b}.bin")),
-                cifar_file(&labels, &imgs),
-            )
-            .unwrap();
+            std::fs::write(root.join(format!("data_batch_{b}.bin")), cifar_file(&labels, &imgs))
+                .unwrap();
             all.extend(imgs.into_iter().zip(labels));
         }
         let test_imgs = cifar_images(3, 99);
         let test_labels = vec![vec![9], vec![0], vec![5]];
-        std::fs::write(
-            root.join("test_batch.bin"),
-            cifar_file(&test_labels, &test_imgs),
-        )
-        .unwrap();
+        std::fs::write(root.join("test_batch.bin"), cifar_file(&test_labels, &test_imgs)).unwrap();
         let ds = open(&cfg("cifar10", dir.path())).unwrap();
-        assert_eq!(
-            (ds.train.len(), ds.test.len(), ds.info.num_classes),
-            (10, 3, 10)
-        );
+        assert_eq!((ds.train.len(), ds.test.len(), ds.info.num_classes), (10, 3, 10));
         for (i, (img, label)) in all.iter().enumerate() {
             let s = ds.train.get(i).unwrap();
             assert_eq!(&s.image, img);
@@ -166,18 +124,12 @@ fn cifar100_fine_and_coarse_labels() {
     let mut c = cfg("cifar100", dir.path());
     let fine = open(&c).unwrap();
     assert_eq!(fine.info.num_classes, 100);
-    assert_eq!(
-        (0..3).map(|i| fine.train.label(i)).collect::<Vec<_>>(),
-        [77, 99, 0]
-    );
+    assert_eq!((0..3).map(|i| fine.train.label(i)).collect::<Vec<_>>(), [77, 99, 0]);
     assert_eq!(fine.train.get(1).unwrap().image, imgs[1]);
     c.cifar100_labels = "coarse".into();
     let coarse = open(&c).unwrap();
     assert_eq!(coarse.info.num_classes, 20);
-    assert_eq!(
-        (0..3).map(|i| coarse.train.label(i)).collect::<Vec<_>>(),
-        [3, 19, 0]
-    );
+    assert_eq!((0..3).map(|i| coarse.train.label(i)).collect::<Vec<_>>(), [3, 19, 0]);
     c.cifar100_labels = "medium".into();
     assert!(err_text(open(&c)).contains("data.cifar100_labels"));
 }
@@ -191,16 +143,10 @@ fn cifar_corruptions_name_file_and_record() {
         |b: &[u8], layout| cifar::parse_records(b, layout, p, &mut Vec::new(), &mut Vec::new());
     assert!(run(&good, cifar::CIFAR10).is_ok());
     let e = err_text(run(&good[..good.len() - 10], cifar::CIFAR10));
-    assert!(
-        e.contains("data_batch_3.bin, record 2") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("data_batch_3.bin, record 2") && e.contains("truncated"), "{e}");
     let bad = cifar_file(&[vec![1], vec![10], vec![3]], &imgs);
     let e = err_text(run(&bad, cifar::CIFAR10));
-    assert!(
-        e.contains("data_batch_3.bin, record 1: label 10 out of range 0..10"),
-        "{e}"
-    );
+    assert!(e.contains("data_batch_3.bin, record 1: label 10 out of range 0..10"), "{e}");
     let bad100 = cifar_file(&[vec![1, 5], vec![2, 100]], &imgs[..2]);
     assert!(err_text(run(&bad100, cifar::CIFAR100_FINE)).contains("record 1: label 100"));
     assert!(err_text(run(&[], cifar::CIFAR10)).contains("empty"));
@@ -237,21 +183,10 @@ fn svhn_extra_is_appended_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let a: Vec<Vec<u8>> = (0..2).map(|i| pattern(i, 3072)).collect();
     let b: Vec<Vec<u8>> = (0..3).map(|i| pattern(i + 50, 3072)).collect();
-    std::fs::write(
-        dir.path().join("train_32x32.mat"),
-        svhn_mat(&a, &[1, 2], true, false),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("test_32x32.mat"),
-        svhn_mat(&a, &[1, 2], true, false),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("extra_32x32.mat"),
-        svhn_mat(&b, &[3, 4, 0], true, false),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("train_32x32.mat"), svhn_mat(&a, &[1, 2], true, false)).unwrap();
+    std::fs::write(dir.path().join("test_32x32.mat"), svhn_mat(&a, &[1, 2], true, false)).unwrap();
+    std::fs::write(dir.path().join("extra_32x32.mat"), svhn_mat(&b, &[3, 4, 0], true, false))
+        .unwrap();
     let mut c = cfg("svhn", dir.path());
     assert_eq!(open(&c).unwrap().train.len(), 2);
     c.svhn_extra = true;
@@ -311,22 +246,12 @@ fn stl10_binary_is_transposed_to_row_major() {
     for (i, img) in images.iter().enumerate() {
         assert_eq!(&ds.train.get(i).unwrap().image, img, "image {i}");
     }
-    assert_eq!(
-        (0..3).map(|i| ds.train.label(i)).collect::<Vec<_>>(),
-        [0, 9, 3]
-    );
+    assert_eq!((0..3).map(|i| ds.train.label(i)).collect::<Vec<_>>(), [0, 9, 3]);
     assert_eq!(ds.info.class_names.as_ref().unwrap()[9], "truck");
     // Corruptions.
     let e = err_text(stl10::parse_labels(&[1, 0, 3], Path::new("train_y.bin")));
-    assert!(
-        e.contains("train_y.bin, record 1: label 0 out of range"),
-        "{e}"
-    );
-    let e = err_text(stl10::parse_images(
-        &[0; 27647],
-        Path::new("train_X.bin"),
-        &mut Vec::new(),
-    ));
+    assert!(e.contains("train_y.bin, record 1: label 0 out of range"), "{e}");
+    let e = err_text(stl10::parse_images(&[0; 27647], Path::new("train_X.bin"), &mut Vec::new()));
     assert!(e.contains("train_X.bin") && e.contains("truncated"), "{e}");
     std::fs::write(root.join("train_y.bin"), [1u8, 2]).unwrap();
     assert!(err_text(open(&cfg("stl10", dir.path()))).contains("2 labels"));
@@ -359,10 +284,7 @@ fn imagefolder_decodes_jpegs_in_sorted_order() {
     let train = write_jpeg_tree(dir.path(), "train", &["ant", "bee", "cat"], 3, shape);
     write_jpeg_tree(dir.path(), "val", &["bee"], 2, shape);
     let ds = open(&cfg("imagefolder", dir.path())).unwrap();
-    assert_eq!(
-        ds.info.class_names.as_deref().unwrap(),
-        ["ant", "bee", "cat"]
-    );
+    assert_eq!(ds.info.class_names.as_deref().unwrap(), ["ant", "bee", "cat"]);
     assert_eq!((ds.train.len(), ds.test.len()), (9, 2));
     for (i, (img, label)) in train.iter().enumerate() {
         let s = ds.train.get(i).unwrap();
@@ -390,18 +312,12 @@ fn imagefolder_errors_name_the_folder_or_file() {
     write_jpeg_tree(dir.path(), "val", &["a"], 1, shape);
     std::fs::create_dir_all(dir.path().join("train/c_empty")).unwrap();
     let e = err_text(open(&cfg("imagefolder", dir.path())));
-    assert!(
-        e.contains("c_empty") && e.contains("empty class folder"),
-        "{e}"
-    );
+    assert!(e.contains("c_empty") && e.contains("empty class folder"), "{e}");
     std::fs::remove_dir(dir.path().join("train/c_empty")).unwrap();
 
     std::fs::write(dir.path().join("train/b/notes.txt"), "not an image").unwrap();
-    std::fs::write(
-        dir.path().join("train/b/zz_broken.jpg"),
-        [0xff, 0xd8, 0xff, 0xe0, 1, 2, 3, 4],
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("train/b/zz_broken.jpg"), [0xff, 0xd8, 0xff, 0xe0, 1, 2, 3, 4])
+        .unwrap();
     let ds = open(&cfg("imagefolder", dir.path())).unwrap();
     let names: Vec<String> = (0..ds.train.len())
         .map(|i| match ds.train.get(i) {
@@ -409,16 +325,9 @@ fn imagefolder_errors_name_the_folder_or_file() {
             Err(e) => e.to_string(),
         })
         .collect();
+    assert!(names.iter().any(|e| e.contains("notes.txt") && e.contains("not a JPEG")), "{names:?}");
     assert!(
-        names
-            .iter()
-            .any(|e| e.contains("notes.txt") && e.contains("not a JPEG")),
-        "{names:?}"
-    );
-    assert!(
-        names
-            .iter()
-            .any(|e| e.contains("zz_broken.jpg") && e.contains("undecodable")),
+        names.iter().any(|e| e.contains("zz_broken.jpg") && e.contains("undecodable")),
         "{names:?}"
     );
     std::fs::create_dir_all(dir.path().join("val/unknown")).unwrap();
@@ -468,10 +377,7 @@ fn real_fashion_mnist_when_installed() {
     assert_eq!(ds.info.train_shape, ImageShape::new(1, 28, 28));
     let mut hist = [0usize; 10];
     (0..ds.train.len()).for_each(|i| hist[ds.train.label(i) as usize] += 1);
-    assert_eq!(
-        hist, [6000; 10],
-        "Fashion-MNIST training classes are balanced"
-    );
+    assert_eq!(hist, [6000; 10], "Fashion-MNIST training classes are balanced");
     let s = ds.train.get(0).unwrap();
     assert_eq!(s.image.len(), 784);
     assert!(s.image.iter().any(|&p| p > 0));

@@ -17,18 +17,10 @@ pub enum Head {
     GapFc(Linear),
     /// InfoPro's `1c2f`: 3x3 conv (stride 2 and doubled width below 64 channels) + BN + ReLU +
     /// GAP + FC(128) + ReLU + FC(out).
-    OneConvTwoFc {
-        conv: Conv2d,
-        bn: BatchNorm2d,
-        fc1: Linear,
-        fc2: Linear,
-    },
+    OneConvTwoFc { conv: Conv2d, bn: BatchNorm2d, fc1: Linear, fc2: Linear },
     /// The DGL paper's deeper head: two 3x3 conv + BN + ReLU layers, 2x2 average pool, and a
     /// three-layer MLP.
-    Dgl {
-        convs: Vec<(Conv2d, BatchNorm2d)>,
-        fcs: Vec<Linear>,
-    },
+    Dgl { convs: Vec<(Conv2d, BatchNorm2d)>, fcs: Vec<Linear> },
 }
 
 impl Head {
@@ -36,11 +28,8 @@ impl Head {
         match kind {
             HeadKind::GapFc => Head::GapFc(Linear::new(p / "fc", in_channels, out)),
             HeadKind::OneConvTwoFc => {
-                let (width, stride) = if in_channels < 64 {
-                    (2 * in_channels, 2)
-                } else {
-                    (in_channels, 1)
-                };
+                let (width, stride) =
+                    if in_channels < 64 { (2 * in_channels, 2) } else { (in_channels, 1) };
                 Head::OneConvTwoFc {
                     conv: Conv2d::new(p / "conv", in_channels, width, 3, stride, false),
                     bn: BatchNorm2d::new(p / "bn", width),

@@ -25,19 +25,13 @@ pub struct Lam {
 impl Lam {
     pub fn new(p: &nn::Path, ema: &nn::Path, kind: BlockKind, chain: &[BlockInfo]) -> Self {
         let real = |b: &BlockInfo| format!("layer{}.{}", b.at.stage, b.at.index);
-        let copies = chain
-            .iter()
-            .enumerate()
-            .map(|(j, b)| Block::new(&(p / "lam" / j), kind, b))
-            .collect();
+        let copies =
+            chain.iter().enumerate().map(|(j, b)| Block::new(&(p / "lam" / j), kind, b)).collect();
         let copy_of = chain
             .iter()
             .enumerate()
             .map(|(j, b)| {
-                (
-                    format!("{}.lam.{j}", p.components().collect::<Vec<_>>().join(".")),
-                    real(b),
-                )
+                (format!("{}.lam.{j}", p.components().collect::<Vec<_>>().join(".")), real(b))
             })
             .collect();
         Lam {

@@ -81,21 +81,9 @@ impl Conv2d {
         );
         let bias = bias.then(|| {
             let bound = 1.0 / ((cin * k * k) as f64).sqrt();
-            p.var(
-                "bias",
-                &[cout],
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )
+            p.var("bias", &[cout], Init::Uniform { lo: -bound, up: bound })
         });
-        Conv2d {
-            weight,
-            bias,
-            stride: stride as i64,
-            padding: k / 2,
-        }
+        Conv2d { weight, bias, stride: stride as i64, padding: k / 2 }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -181,10 +169,7 @@ pub struct Linear {
 impl Linear {
     pub fn new(p: nn::Path, cin: usize, cout: usize) -> Self {
         let bound = 1.0 / (cin as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
+        let init = Init::Uniform { lo: -bound, up: bound };
         Linear {
             weight: p.var("weight", &[cout as i64, cin as i64], init),
             bias: p.var("bias", &[cout as i64], init),

@@ -18,10 +18,7 @@ pub fn reconstruction_bce(reconstruction: &Tensor, image: &Tensor) -> Tensor {
 pub fn supervised_contrastive(features: &Tensor, labels: &Tensor, temperature: f64) -> Tensor {
     let n = features.size()[0];
     let device = features.device();
-    let f = features
-        / features
-            .norm_scalaropt_dim(2.0, [1i64].as_slice(), true)
-            .clamp_min(1e-12);
+    let f = features / features.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);
     let sim = f.matmul(&f.transpose(0, 1)) / temperature;
     // Subtract the row maximum (a constant per row) for numerical stability.
     let (row_max, _) = sim.max_dim(1, true);
@@ -29,10 +26,7 @@ pub fn supervised_contrastive(features: &Tensor, labels: &Tensor, temperature: f
     let not_self =
         Tensor::ones([n, n], (Kind::Float, device)) - Tensor::eye(n, (Kind::Float, device));
     let labels = labels.view([-1, 1]);
-    let positives = labels
-        .eq_tensor(&labels.transpose(0, 1))
-        .to_kind(Kind::Float)
-        * &not_self;
+    let positives = labels.eq_tensor(&labels.transpose(0, 1)).to_kind(Kind::Float) * &not_self;
     let exp = logits.exp() * &not_self;
     let log_prob = &logits - exp.sum_dim_intlist(1, true, Kind::Float).log();
     let pos_count = positives.sum_dim_intlist(1, false, Kind::Float);
@@ -44,11 +38,7 @@ pub fn supervised_contrastive(features: &Tensor, labels: &Tensor, temperature: f
 
 /// Number of correct top-1 predictions.
 pub fn correct(logits: &Tensor, labels: &Tensor) -> i64 {
-    logits
-        .argmax(1, false)
-        .eq_tensor(labels)
-        .sum(Kind::Int64)
-        .int64_value(&[])
+    logits.argmax(1, false).eq_tensor(labels).sum(Kind::Int64).int64_value(&[])
 }
 
 #[cfg(test)]

@@ -96,10 +96,8 @@ impl LocalNets {
             .map(|t| {
                 let prefix = term_prefix(t.kind);
                 let p = prefix.split('.').fold(root.clone(), |p, c| p / c);
-                let lam = t
-                    .lam
-                    .as_ref()
-                    .map(|l| Lam::new(&p, &ema_vs.root(), arch.block, &l.blocks));
+                let lam =
+                    t.lam.as_ref().map(|l| Lam::new(&p, &ema_vs.root(), arch.block, &l.blocks));
                 let objective = match &t.objective {
                     ObjectiveSpec::FinalClassifier => Objective::Final,
                     ObjectiveSpec::Classify { head, in_channels } => Objective::Classify(
@@ -129,23 +127,11 @@ impl LocalNets {
                         }
                     }
                 };
-                Term {
-                    spec: t.clone(),
-                    lam,
-                    objective,
-                    prefix: prefix.to_string(),
-                }
+                Term { spec: t.clone(), lam, objective, prefix: prefix.to_string() }
             })
             .collect();
         ema_vs.freeze();
-        LocalNets {
-            index: spec.index,
-            vs,
-            ema_vs,
-            backbone,
-            classifier,
-            terms,
-        }
+        LocalNets { index: spec.index, vs, ema_vs, backbone, classifier, terms }
     }
 
     /// h_i from the module's input.
@@ -162,11 +148,7 @@ impl LocalNets {
         };
         match &term.objective {
             Objective::Final => {
-                let logits = self
-                    .classifier
-                    .as_ref()
-                    .expect("last module has fc")
-                    .forward(&z);
+                let logits = self.classifier.as_ref().expect("last module has fc").forward(&z);
                 TermOutput {
                     loss: losses::cross_entropy(&logits, targets.labels),
                     logits: Some(logits),
@@ -179,27 +161,15 @@ impl LocalNets {
                     logits: Some(logits),
                 }
             }
-            Objective::InfoPro {
-                decoder,
-                head,
-                lambda1,
-                lambda2,
-                contrast,
-            } => {
+            Objective::InfoPro { decoder, head, lambda1, lambda2, contrast } => {
                 let image = targets.image.expect("InfoPro needs the raw image");
                 let bce = losses::reconstruction_bce(&decoder.forward(&z, mode), image);
                 let out = head.forward(&z, mode);
                 let (cls, logits) = match contrast {
-                    Some(t) => (
-                        losses::supervised_contrastive(&out, targets.labels, *t),
-                        None,
-                    ),
+                    Some(t) => (losses::supervised_contrastive(&out, targets.labels, *t), None),
                     None => (losses::cross_entropy(&out, targets.labels), Some(out)),
                 };
-                TermOutput {
-                    loss: bce * *lambda1 + cls * *lambda2,
-                    logits,
-                }
+                TermOutput { loss: bce * *lambda1 + cls * *lambda2, logits }
             }
         }
     }
@@ -210,18 +180,15 @@ impl LocalNets {
         if let Some(c) = &self.classifier {
             return Some(c.forward(h));
         }
-        self.terms
-            .iter()
-            .find(|t| t.spec.kind == TermKind::Independent)
-            .and_then(|t| match &t.objective {
+        self.terms.iter().find(|t| t.spec.kind == TermKind::Independent).and_then(|t| {
+            match &t.objective {
                 Objective::Classify(head) => Some(head.forward(h, Mode::Eval)),
-                Objective::InfoPro {
-                    head,
-                    contrast: None,
-                    ..
-                } => Some(head.forward(h, Mode::Eval)),
+                Objective::InfoPro { head, contrast: None, .. } => {
+                    Some(head.forward(h, Mode::Eval))
+                }
                 _ => None,
-            })
+            }
+        })
     }
 
     /// Trainable parameters of the backbone slice and classifier, by name.
@@ -238,12 +205,8 @@ impl LocalNets {
 
     /// Trainable parameters by name, sorted for a stable order.
     pub fn named_trainable(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
-            .into_iter()
-            .filter(|(n, t)| t.requires_grad() && keep(n))
-            .collect();
+        let mut v: Vec<(String, Tensor)> =
+            self.vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && keep(n)).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -252,22 +215,14 @@ impl LocalNets {
     /// prefixed `ema.`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        v.extend(
-            self.ema_vs
-                .variables()
-                .into_iter()
-                .map(|(n, t)| (format!("ema.{n}"), t)),
-        );
+        v.extend(self.ema_vs.variables().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     /// Number of elements of parameters whose name satisfies `keep` (for `plan`).
     pub fn count_params(&self, keep: impl Fn(&str) -> bool) -> usize {
-        self.named_trainable(keep)
-            .iter()
-            .map(|(_, t)| t.numel())
-            .sum()
+        self.named_trainable(keep).iter().map(|(_, t)| t.numel()).sum()
     }
 
     pub fn ema_param_count(&self) -> usize {

@@ -22,14 +22,7 @@ impl Stem {
             Family::ImageNet => (7, 2),
         };
         Stem {
-            conv1: Conv2d::new(
-                root / "conv1",
-                in_channels,
-                arch.stem_width,
-                k,
-                stride,
-                false,
-            ),
+            conv1: Conv2d::new(root / "conv1", in_channels, arch.stem_width, k, stride, false),
             bn1: BatchNorm2d::new(root / "bn1", arch.stem_width),
             max_pool: arch.family == Family::ImageNet,
         }
@@ -83,14 +76,7 @@ impl Block {
         let downsample = info.projection.then(|| {
             let d = p / "downsample";
             (
-                Conv2d::new(
-                    &d / "0",
-                    info.in_channels,
-                    info.out_channels,
-                    1,
-                    info.stride,
-                    false,
-                ),
+                Conv2d::new(&d / "0", info.in_channels, info.out_channels, 1, info.stride, false),
                 BatchNorm2d::new(&d / "1", info.out_channels),
             )
         });
@@ -127,9 +113,7 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn new(p: nn::Path, in_features: usize, classes: usize) -> Self {
-        Classifier {
-            fc: Linear::new(p, in_features, classes),
-        }
+        Classifier { fc: Linear::new(p, in_features, classes) }
     }
     pub fn forward(&self, h: &Tensor) -> Tensor {
         self.fc.forward(&global_avg_pool(h))

@@ -40,33 +40,20 @@ fn whole(arch: &str, input: Chw, classes: usize) -> (NetworkPlan, LocalNets) {
 fn logits(n: &LocalNets, x: &Tensor) -> Tensor {
     tch::no_grad(|| {
         let h = n.forward(x, Mode::Eval);
-        n.classifier
-            .as_ref()
-            .expect("one module has fc")
-            .forward(&h)
+        n.classifier.as_ref().expect("one module has fc").forward(&h)
     })
 }
 
 fn image(n: i64, c: Chw) -> Tensor {
-    Tensor::rand(
-        [n, c.c as i64, c.h as i64, c.w as i64],
-        (Kind::Float, Device::Cpu),
-    )
+    Tensor::rand([n, c.c as i64, c.h as i64, c.w as i64], (Kind::Float, Device::Cpu))
 }
 
 fn names(n: &LocalNets) -> BTreeMap<String, Vec<i64>> {
     n.state().into_iter().map(|(k, t)| (k, t.size())).collect()
 }
 
-const CIFAR: [&str; 7] = [
-    "resnet8",
-    "resnet14",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-];
+const CIFAR: [&str; 7] =
+    ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"];
 const IMAGENET: [&str; 5] = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"];
 
 #[test]
@@ -170,10 +157,7 @@ fn backbone_union(p: &NetworkPlan) -> BTreeMap<String, Vec<i64>> {
             if name.starts_with("aux.") || name.starts_with("ema.") {
                 continue;
             }
-            assert!(
-                all.insert(name.clone(), shape).is_none(),
-                "{name} is in two modules"
-            );
+            assert!(all.insert(name.clone(), shape).is_none(), "{name} is in two modules");
         }
     }
     all
@@ -181,10 +165,9 @@ fn backbone_union(p: &NetworkPlan) -> BTreeMap<String, Vec<i64>> {
 
 #[test]
 fn backbone_names_do_not_depend_on_the_split() {
-    for (arch, input) in [
-        ("resnet32", Chw { c: 3, h: 32, w: 32 }),
-        ("resnet18", Chw { c: 3, h: 64, w: 64 }),
-    ] {
+    for (arch, input) in
+        [("resnet32", Chw { c: 3, h: 32, w: 32 }), ("resnet18", Chw { c: 3, h: 64, w: 64 })]
+    {
         let (_, one) = whole(arch, input, 10);
         let one = names(&one);
         for method in ["dgl", "infopro", "mlaan-dgl"] {
@@ -201,12 +184,7 @@ fn heads_give_class_scores_for_every_width() {
     for (width, side) in [(16, 32), (32, 16), (64, 8)] {
         let h = Tensor::randn([3, width, side, side], (Kind::Float, Device::Cpu));
         for kind in [HeadKind::GapFc, HeadKind::OneConvTwoFc, HeadKind::Dgl] {
-            let head = Head::new(
-                &(&root / format!("{kind:?}_{width}")),
-                kind,
-                width as usize,
-                10,
-            );
+            let head = Head::new(&(&root / format!("{kind:?}_{width}")), kind, width as usize, 10);
             for mode in [Mode::Train, Mode::Eval] {
                 let y = head.forward(&h, mode);
                 assert_eq!(y.size(), vec![3, 10], "{kind:?} width {width}");
@@ -223,10 +201,7 @@ fn decoder_reconstructs_an_image_in_the_unit_interval() {
         let dec = Decoder::new(&(vs.root() / format!("dec{width}")), width, channels, image);
         let h = Tensor::randn([2, width as i64, side, side], (Kind::Float, Device::Cpu));
         let y = dec.forward(&h, Mode::Train);
-        assert_eq!(
-            y.size(),
-            vec![2, channels as i64, image[0] as i64, image[1] as i64]
-        );
+        assert_eq!(y.size(), vec![2, channels as i64, image[0] as i64, image[1] as i64]);
         assert!(y.min().double_value(&[]) > 0.0 && y.max().double_value(&[]) < 1.0);
     }
 }

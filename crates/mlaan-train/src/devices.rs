@@ -79,12 +79,10 @@ pub fn gpu_memory(indices: &[usize]) -> Option<Vec<GpuMemory>> {
             let dev = nvml.device_by_index(i as u32).ok()?;
             let info = dev.memory_info().ok()?;
             let process_used_bytes = dev.running_compute_processes().ok().and_then(|ps| {
-                ps.iter()
-                    .find(|p| p.pid == pid)
-                    .and_then(|p| match p.used_gpu_memory {
-                        nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
-                        nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
-                    })
+                ps.iter().find(|p| p.pid == pid).and_then(|p| match p.used_gpu_memory {
+                    nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => Some(b),
+                    nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+                })
             });
             Some(GpuMemory {
                 index: i,
@@ -102,4 +100,44 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Samples this process's NVML memory on some GPUs in a background thread and keeps the peak.
+pub struct GpuPeakSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl GpuPeakSampler {
+    /// Start sampling every `period`; `None` when NVML is unavailable or no GPU is named.
+    pub fn start(indices: &[usize], period: std::time::Duration) -> Option<Self> {
+        if indices.is_empty() {
+            return None;
+        }
+        gpu_memory(indices)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let idx = indices.to_vec();
+        let handle = std::thread::spawn(move || {
+            let mut peak = vec![0u64; idx.len()];
+            loop {
+                if let Some(m) = gpu_memory(&idx) {
+                    for (p, g) in peak.iter_mut().zip(m) {
+                        *p = (*p).max(g.process_used_bytes.unwrap_or(g.device_used_bytes));
+                    }
+                }
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return peak;
+                }
+                std::thread::sleep(period);
+            }
+        });
+        Some(GpuPeakSampler { stop, handle })
+    }
+
+    /// Stop and return the peak bytes per GPU.
+    pub fn finish(self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
 }

@@ -30,14 +30,7 @@ static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 /// Build module `m` of `plan` on `device`.
 pub fn build_nets(plan: &NetworkPlan, m: usize, image: ImageSpec, device: Device) -> LocalNets {
     let _rng = GLOBAL_RNG.lock();
-    LocalNets::new(
-        &plan.arch,
-        &plan.modules[m],
-        image.channels,
-        image.size,
-        image.classes,
-        device,
-    )
+    LocalNets::new(&plan.arch, &plan.modules[m], image.channels, image.size, image.classes, device)
 }
 
 /// Deterministic initial state of every module.
@@ -93,12 +86,7 @@ pub fn initial_state(
                 }
             }
         }
-        states.push(
-            state
-                .into_iter()
-                .map(|(n, t)| (n, t.detach().copy()))
-                .collect(),
-        );
+        states.push(state.into_iter().map(|(n, t)| (n, t.detach().copy())).collect());
     }
     Ok(states)
 }

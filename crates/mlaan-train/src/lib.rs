@@ -2,6 +2,7 @@
 //! schedules that drive them ([`sequential`], [`pipeline`]), the optimizer ([`optim`]),
 //! initial state ([`init`]), evaluation, metrics and the top-level [`trainer`].
 
+pub mod bench;
 pub mod devices;
 pub mod init;
 pub mod metrics;
@@ -19,18 +20,9 @@ pub enum TrainError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("non-finite value in module {module} at batch {batch}: {what}")]
-    NonFinite {
-        module: usize,
-        batch: u64,
-        what: String,
-    },
+    NonFinite { module: usize, batch: u64, what: String },
     #[error("stage {stage} (modules {modules:?}) failed at batch {batch:?}: {cause}")]
-    Stage {
-        stage: usize,
-        modules: Vec<usize>,
-        batch: Option<u64>,
-        cause: String,
-    },
+    Stage { stage: usize, modules: Vec<usize>, batch: Option<u64>, cause: String },
     /// A neighbouring stage went away: a consequence of another failure, not a cause.
     #[error("{0}")]
     Peer(String),

@@ -12,19 +12,12 @@ pub struct JsonlWriter {
 
 impl JsonlWriter {
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        Ok(JsonlWriter {
-            out: BufWriter::new(File::create(path)?),
-        })
+        Ok(JsonlWriter { out: BufWriter::new(File::create(path)?) })
     }
 
     pub fn append(path: &Path) -> std::io::Result<Self> {
         Ok(JsonlWriter {
-            out: BufWriter::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            out: BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
         })
     }
 

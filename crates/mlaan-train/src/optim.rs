@@ -33,10 +33,8 @@ impl Sgd {
     /// alone (as PyTorch skips parameters whose `.grad` is `None`).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<(), TchError> {
         let _guard = tch::no_grad_guard();
-        for ((_, p), (g, buf)) in self
-            .params
-            .iter()
-            .zip(grads.iter().zip(self.momentum_buffers.iter_mut()))
+        for ((_, p), (g, buf)) in
+            self.params.iter().zip(grads.iter().zip(self.momentum_buffers.iter_mut()))
         {
             let Some(g) = g else { continue };
             let mut d = if self.weight_decay != 0.0 {
@@ -57,11 +55,7 @@ impl Sgd {
                         b
                     }
                 };
-                d = if self.nesterov {
-                    d.f_add(&b.f_mul_scalar(self.momentum)?)?
-                } else {
-                    b
-                };
+                d = if self.nesterov { d.f_add(&b.f_mul_scalar(self.momentum)?)? } else { b };
             }
             let mut p = p.shallow_clone();
             let _ = p.f_sub_(&d.f_mul_scalar(lr)?)?;
@@ -71,11 +65,7 @@ impl Sgd {
 
     /// Bytes of optimizer state.
     pub fn state_bytes(&self) -> u64 {
-        self.momentum_buffers
-            .iter()
-            .flatten()
-            .map(crate::bytes_of)
-            .sum()
+        self.momentum_buffers.iter().flatten().map(crate::bytes_of).sum()
     }
 }
 
@@ -131,17 +121,11 @@ mod tests {
         //         d' = d + 0.9·buf = [-1.4697411, 4.1490672]
         //         p = [0.9031 + 0.14697411, -2.0912 - 0.41490672] = [1.05007411, -2.50610672]
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let cfg = OptimConfig {
-            momentum: 0.9,
-            nesterov: true,
-            weight_decay: 0.01,
-            ..Default::default()
-        };
+        let cfg =
+            OptimConfig { momentum: 0.9, nesterov: true, weight_decay: 0.01, ..Default::default() };
         let mut opt = Sgd::new(vec![("p".into(), p.shallow_clone())], &cfg);
-        opt.step(&[Some(Tensor::from_slice(&[0.5f32, 0.5]))], 0.1)
-            .unwrap();
-        opt.step(&[Some(Tensor::from_slice(&[-1.0f32, 2.0]))], 0.1)
-            .unwrap();
+        opt.step(&[Some(Tensor::from_slice(&[0.5f32, 0.5]))], 0.1).unwrap();
+        opt.step(&[Some(Tensor::from_slice(&[-1.0f32, 2.0]))], 0.1).unwrap();
         let got: Vec<f32> = Vec::try_from(p.detach().to_kind(Kind::Float)).unwrap();
         assert!(
             (got[0] - 1.050_074_1).abs() < 1e-6 && (got[1] + 2.506_106_7).abs() < 1e-6,

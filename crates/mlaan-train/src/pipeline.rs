@@ -44,11 +44,7 @@ use tch::{Device, Kind, Tensor};
 /// Messages flowing forward.
 pub enum Forward {
     /// A training batch: stage input (raw `u8` images for stage 0) and targets.
-    Train {
-        id: u64,
-        x: Tensor,
-        targets: BatchTargets,
-    },
+    Train { id: u64, x: Tensor, targets: BatchTargets },
     /// An evaluation batch.
     Eval { x: Tensor, labels: Tensor },
     /// Report evaluation counts and reset them.
@@ -223,6 +219,7 @@ pub struct Pipeline {
     /// Events received while waiting for something else.
     backlog: VecDeque<Event>,
     failures: Vec<Failure>,
+    /// (live, peak live) bytes of each stage when it exited, by stage.
     pub final_bytes: Vec<(u64, u64)>,
 }
 
@@ -326,11 +323,7 @@ impl Pipeline {
                 plan: plan.clone(),
                 states: states[modules.clone()]
                     .iter()
-                    .map(|st| {
-                        st.iter()
-                            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                            .collect()
-                    })
+                    .map(|st| st.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
                     .collect(),
                 settings: settings.clone(),
                 input: fwd_rx[s].take().expect("one receiver per stage"),
@@ -363,7 +356,7 @@ impl Pipeline {
             drain_tag: 0,
             backlog: VecDeque::new(),
             failures: Vec::new(),
-            final_bytes: Vec::new(),
+            final_bytes: vec![(0, 0); d],
         })
     }
 
@@ -400,11 +393,9 @@ impl Pipeline {
                 self.stop.store(true, Ordering::Relaxed);
                 self.failures.push(f);
             }
-            Event::Exited {
-                live_bytes,
-                peak_live_bytes,
-                ..
-            } => self.final_bytes.push((live_bytes, peak_live_bytes)),
+            Event::Exited { stage, live_bytes, peak_live_bytes } => {
+                self.final_bytes[stage] = (live_bytes, peak_live_bytes)
+            }
             other => self.backlog.push_back(other),
         }
     }
@@ -422,10 +413,7 @@ impl Pipeline {
         }
         let failures = std::mem::take(&mut self.failures);
         let primary = failures.iter().position(|f| !f.secondary).unwrap_or(0);
-        failures
-            .into_iter()
-            .nth(primary)
-            .map_or(fallback, Failure::into_error)
+        failures.into_iter().nth(primary).map_or(fallback, Failure::into_error)
     }
 
     /// Events other than failures, in arrival order.
@@ -528,12 +516,8 @@ struct Clock {
 }
 
 fn run_stage(ctx: StageContext) {
-    let (index, modules, events, stop) = (
-        ctx.index,
-        ctx.modules.clone(),
-        ctx.events.clone(),
-        ctx.stop.clone(),
-    );
+    let (index, modules, events, stop) =
+        (ctx.index, ctx.modules.clone(), ctx.events.clone(), ctx.stop.clone());
     let current = Arc::new(AtomicU64::new(u64::MAX));
     let cur = current.clone();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -625,46 +609,20 @@ impl StageWorker {
             ));
         }
         let first = ctx.modules.start;
-        for TwinWire {
-            module: m,
-            block,
-            rx,
-            lag,
-        } in ctx.twins
-        {
+        for TwinWire { module: m, block, rx, lag } in ctx.twins {
             let module = &mut modules[m - first];
             let params = block_params(&module.nets.ema_vs.variables(), &block);
-            module.twins.push(TwinLink {
-                block,
-                params,
-                rx,
-                lag,
-            });
+            module.twins.push(TwinLink { block, params, rx, lag });
         }
-        for SourceWire {
-            module: m,
-            block,
-            tx,
-            to,
-        } in ctx.sources
-        {
+        for SourceWire { module: m, block, tx, to } in ctx.sources {
             let module = &mut modules[m - first];
             let params = block_params(&module.nets.vs.variables(), &block);
-            module.sources.push(SourceLink {
-                block,
-                params,
-                tx,
-                device: to,
-            });
+            module.sources.push(SourceLink { block, params, tx, device: to });
         }
         let stage = Stage::new(&plan, modules, device);
         let c = s.image.channels as i64;
-        let mean = Tensor::from_slice(&s.mean)
-            .view([1, c, 1, 1])
-            .to_device(device);
-        let std = Tensor::from_slice(&s.std)
-            .view([1, c, 1, 1])
-            .to_device(device);
+        let mean = Tensor::from_slice(&s.mean).view([1, c, 1, 1]).to_device(device);
+        let std = Tensor::from_slice(&s.std).view([1, c, 1, 1]).to_device(device);
         Ok(StageWorker {
             index: ctx.index,
             stage,
@@ -716,10 +674,8 @@ impl StageWorker {
     }
 
     fn recv_grad(&mut self) -> Result<BackMsg, TrainError> {
-        let rx = self
-            .grads_in
-            .as_ref()
-            .ok_or(TrainError::Protocol("no gradient channel".into()))?;
+        let rx =
+            self.grads_in.as_ref().ok_or(TrainError::Protocol("no gradient channel".into()))?;
         let t = Instant::now();
         let r = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
@@ -776,10 +732,7 @@ impl StageWorker {
     }
 
     fn send_back(&mut self, msg: BackMsg) -> Result<(), TrainError> {
-        let tx = self
-            .grads_out
-            .as_ref()
-            .ok_or(TrainError::Protocol("no previous stage".into()))?;
+        let tx = self.grads_out.as_ref().ok_or(TrainError::Protocol("no previous stage".into()))?;
         tx.send(msg).map_err(|_| {
             TrainError::Peer(format!("stage {} stopped taking gradients", self.index - 1))
         })
@@ -834,22 +787,16 @@ impl StageWorker {
         self.clock.busy += t.elapsed();
         if let Some(next) = self.next_device {
             let t = Instant::now();
-            let msg = Forward::Train {
-                id,
-                x: h.to_device(next),
-                targets: targets.to_device(next),
-            };
+            let msg = Forward::Train { id, x: h.to_device(next), targets: targets.to_device(next) };
             self.clock.busy += t.elapsed();
             self.send_forward(msg)?;
         }
         let r = self.stage.routes;
         match early {
             Some(msg) => self.send_back(msg)?,
-            None if r.prev_expects && !r.next_passes_through => self.send_back(BackMsg {
-                id,
-                parts: Vec::new(),
-                last: true,
-            })?,
+            None if r.prev_expects && !r.next_passes_through => {
+                self.send_back(BackMsg { id, parts: Vec::new(), last: true })?
+            }
             None => {}
         }
         self.last_forward = id;
@@ -871,11 +818,7 @@ impl StageWorker {
         let out = self.stage.receive(msg.id, msg.parts)?;
         self.clock.busy += t.elapsed();
         if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
-            self.send_back(BackMsg {
-                id: msg.id,
-                parts: out,
-                last: msg.last,
-            })?;
+            self.send_back(BackMsg { id: msg.id, parts: out, last: msg.last })?;
         }
         Ok(msg.last)
     }
@@ -888,11 +831,7 @@ impl StageWorker {
         self.note_live();
         self.clock.busy += t.elapsed();
         if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
-            self.send_back(BackMsg {
-                id: msg.id,
-                parts: out,
-                last: msg.last,
-            })?;
+            self.send_back(BackMsg { id: msg.id, parts: out, last: msg.last })?;
         }
         Ok(())
     }
@@ -1053,23 +992,13 @@ impl StageWorker {
             }
             Forward::EvalEnd => {
                 let modules = std::mem::take(&mut self.eval);
-                let _ = self.events.send(Event::Eval {
-                    stage: self.index,
-                    modules,
-                });
+                let _ = self.events.send(Event::Eval { stage: self.index, modules });
                 self.send_forward(Forward::EvalEnd)?;
             }
             Forward::Collect => {
-                let modules = self
-                    .stage
-                    .modules
-                    .iter()
-                    .map(snapshot)
-                    .collect::<Result<Vec<_>, _>>()?;
-                let _ = self.events.send(Event::State {
-                    stage: self.index,
-                    modules,
-                });
+                let modules =
+                    self.stage.modules.iter().map(snapshot).collect::<Result<Vec<_>, _>>()?;
+                let _ = self.events.send(Event::State { stage: self.index, modules });
                 self.send_forward(Forward::Collect)?;
             }
             Forward::Drain { tag } => {
@@ -1090,10 +1019,7 @@ impl StageWorker {
                 .stage
                 .modules
                 .iter()
-                .map(|m| ModuleEval {
-                    module: m.index,
-                    ..Default::default()
-                })
+                .map(|m| ModuleEval { module: m.index, ..Default::default() })
                 .collect();
         }
         let n = labels.size()[0];
@@ -1115,13 +1041,7 @@ impl StageWorker {
     }
 
     fn note_live(&mut self) {
-        let transient = self
-            .stage
-            .modules
-            .iter()
-            .map(|m| m.transient_peak)
-            .max()
-            .unwrap_or(0);
+        let transient = self.stage.modules.iter().map(|m| m.transient_peak).max().unwrap_or(0);
         let live = self.stage.live_bytes() + self.queued_bytes.load(Ordering::Relaxed);
         self.clock.peak_live = self.clock.peak_live.max(live + transient);
         self.peak_live = self.peak_live.max(live + transient);
@@ -1151,13 +1071,7 @@ impl StageWorker {
                 let l = m
                     .stats
                     .iter()
-                    .map(|s| {
-                        if s.batches > 0 {
-                            s.loss_sum / s.batches as f64
-                        } else {
-                            f64::NAN
-                        }
-                    })
+                    .map(|s| if s.batches > 0 { s.loss_sum / s.batches as f64 } else { f64::NAN })
                     .collect();
                 m.stats.iter_mut().for_each(|s| *s = Default::default());
                 (m.index, l)
@@ -1185,13 +1099,7 @@ impl StageWorker {
         let lr = self.settings.lr.at(step.saturating_sub(1));
         self.clock.start = Some(now);
         self.events
-            .send(Event::Window {
-                stage: self.index,
-                window,
-                step,
-                lr,
-                term_losses,
-            })
+            .send(Event::Window { stage: self.index, window, step, lr, term_losses })
             .map_err(|_| TrainError::Stopped)
     }
 }
@@ -1211,21 +1119,14 @@ fn snapshot(m: &LocalModule) -> Result<ModuleSnapshot, TrainError> {
         .zip(&opt.momentum_buffers)
         .filter_map(|((n, _), b)| b.as_ref().map(|b| Ok((n.clone(), cpu(b)?))))
         .collect::<Result<_, TrainError>>()?;
-    Ok(ModuleSnapshot {
-        module: m.index,
-        state,
-        momentum,
-        step: m.step,
-    })
+    Ok(ModuleSnapshot { module: m.index, state, momentum, step: m.step })
 }
 
 /// Trainable parameters of block `block` (e.g. `layer3.0`) in a store, sorted by name.
 fn block_params(vars: &HashMap<String, Tensor>, block: &str) -> Vec<Tensor> {
     let prefix = format!("{block}.");
-    let mut v: Vec<(&String, &Tensor)> = vars
-        .iter()
-        .filter(|(n, _)| n.starts_with(&prefix) && !n.contains("running_"))
-        .collect();
+    let mut v: Vec<(&String, &Tensor)> =
+        vars.iter().filter(|(n, _)| n.starts_with(&prefix) && !n.contains("running_")).collect();
     v.sort_by(|a, b| a.0.cmp(b.0));
     v.into_iter().map(|(_, t)| t.shallow_clone()).collect()
 }

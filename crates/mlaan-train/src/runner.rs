@@ -165,18 +165,13 @@ fn add_into(acc: &mut Option<Tensor>, g: Tensor) -> Result<(), TrainError> {
 impl LocalModule {
     pub fn new(nets: LocalNets, s: ModuleSettings) -> Self {
         let params = nets.named_trainable(|_| true);
-        let slot: HashMap<String, usize> = params
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.clone(), i))
-            .collect();
+        let slot: HashMap<String, usize> =
+            params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         let with_slots = |v: Vec<(String, Tensor)>| -> Vec<(usize, Tensor)> {
             v.into_iter().map(|(n, t)| (slot[&n], t)).collect()
         };
         let backbone = with_slots(nets.backbone_params());
-        let term_params = (0..nets.terms.len())
-            .map(|t| with_slots(nets.term_params(t)))
-            .collect();
+        let term_params = (0..nets.terms.len()).map(|t| with_slots(nets.term_params(t))).collect();
         let n = params.len();
         let stats = vec![TermStats::default(); nets.terms.len()];
         LocalModule {
@@ -210,23 +205,12 @@ impl LocalModule {
         x: &Tensor,
         targets: BatchTargets,
     ) -> Result<Tensor, TrainError> {
-        let x = if self.input_grad {
-            x.detach().set_requires_grad(true)
-        } else {
-            x.detach()
-        };
+        let x = if self.input_grad { x.detach().set_requires_grad(true) } else { x.detach() };
         let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Train));
         let out = h.detach();
         self.pending.insert(
             id,
-            Pending {
-                x,
-                h,
-                targets,
-                g_params: None,
-                g_unsent: BTreeMap::new(),
-                graph_bytes,
-            },
+            Pending { x, h, targets, g_params: None, g_unsent: BTreeMap::new(), graph_bytes },
         );
         Ok(out)
     }
@@ -235,25 +219,18 @@ impl LocalModule {
     /// Returns the unweighted losses.
     pub fn local_losses(&mut self, id: u64) -> Result<Vec<f64>, TrainError> {
         let mut losses = Vec::with_capacity(self.nets.terms.len());
-        let p = self.pending.get(&id).ok_or(TrainError::Protocol(format!(
-            "module {}: no batch {id}",
-            self.index
-        )))?;
+        let p = self
+            .pending
+            .get(&id)
+            .ok_or(TrainError::Protocol(format!("module {}: no batch {id}", self.index)))?;
         let hd = p.h.detach().set_requires_grad(true);
-        let image = p
-            .targets
-            .image_u8
-            .as_ref()
-            .map(|t| t.to_kind(Kind::Float) / 255.0);
+        let image = p.targets.image_u8.as_ref().map(|t| t.to_kind(Kind::Float) / 255.0);
         let labels = p.targets.labels.shallow_clone();
         let mut parts = Vec::new();
         for t in 0..self.nets.terms.len() {
             let spec = &self.nets.terms[t].spec;
             let (weight, reach) = (spec.weight, spec.reach);
-            let targets = Targets {
-                labels: &labels,
-                image: image.as_ref(),
-            };
+            let targets = Targets { labels: &labels, image: image.as_ref() };
             let (out, bytes) = count_saved(|| self.nets.term_loss(t, &hd, &targets, Mode::Train));
             self.transient_peak = self.transient_peak.max(bytes);
             let loss = out.loss.f_double_value(&[])?;
@@ -281,10 +258,7 @@ impl LocalModule {
                 }
             }
             if grads[0].defined() {
-                parts.push(GradPart {
-                    reach_left: reach,
-                    grad: grads[0].shallow_clone(),
-                });
+                parts.push(GradPart { reach_left: reach, grad: grads[0].shallow_clone() });
             }
         }
         self.add_grads(id, parts)?;
@@ -294,12 +268,9 @@ impl LocalModule {
     /// Gradient parts on h of batch `id` from later modules (or from this module's terms).
     pub fn add_grads(&mut self, id: u64, parts: Vec<GradPart>) -> Result<(), TrainError> {
         let index = self.index;
-        let p = self
-            .pending
-            .get_mut(&id)
-            .ok_or(TrainError::Protocol(format!(
-                "module {index}: gradient for unknown batch {id}"
-            )))?;
+        let p = self.pending.get_mut(&id).ok_or(TrainError::Protocol(format!(
+            "module {index}: gradient for unknown batch {id}"
+        )))?;
         for part in parts {
             if part.reach_left >= 1 && index > 0 {
                 let e = p.g_unsent.remove(&part.reach_left);
@@ -318,17 +289,12 @@ impl LocalModule {
         let p = self
             .pending
             .get_mut(&id)
-            .ok_or(TrainError::Protocol(format!(
-                "module {index}: propagate unknown batch {id}"
-            )))?;
+            .ok_or(TrainError::Protocol(format!("module {index}: propagate unknown batch {id}")))?;
         let unsent = std::mem::take(&mut p.g_unsent);
         let mut out = Vec::with_capacity(unsent.len());
         for (reach, g) in unsent {
             let gx = vjp(&p.h, &g, &[&p.x], true)?;
-            out.push(GradPart {
-                reach_left: reach - 1,
-                grad: gx[0].shallow_clone(),
-            });
+            out.push(GradPart { reach_left: reach - 1, grad: gx[0].shallow_clone() });
         }
         Ok(out)
     }
@@ -340,9 +306,7 @@ impl LocalModule {
         let p = self
             .pending
             .remove(&id)
-            .ok_or(TrainError::Protocol(format!(
-                "module {index}: finish unknown batch {id}"
-            )))?;
+            .ok_or(TrainError::Protocol(format!("module {index}: finish unknown batch {id}")))?;
         if let Some(g) = &p.g_params {
             self.param_pass(&p.h, g)?;
         }
@@ -384,11 +348,7 @@ impl LocalModule {
         let (x0, targets) = self.stored.remove(&id).ok_or(TrainError::Protocol(format!(
             "module {index}: late gradient for unknown batch {id}"
         )))?;
-        let x = if self.input_grad {
-            x0.detach().set_requires_grad(true)
-        } else {
-            x0.detach()
-        };
+        let x = if self.input_grad { x0.detach().set_requires_grad(true) } else { x0.detach() };
         let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Recompute));
         let keep = if last { None } else { Some((x0, targets)) };
         self.pending.insert(
@@ -396,10 +356,7 @@ impl LocalModule {
             Pending {
                 x,
                 h,
-                targets: BatchTargets {
-                    labels: Tensor::new(),
-                    image_u8: None,
-                },
+                targets: BatchTargets { labels: Tensor::new(), image_u8: None },
                 g_params: None,
                 g_unsent: BTreeMap::new(),
                 graph_bytes,
@@ -511,11 +468,8 @@ impl LocalModule {
                     + p.g_unsent.values().map(bytes_of).sum::<u64>()
             })
             .sum();
-        let stored: u64 = self
-            .stored
-            .values()
-            .map(|(x, t)| bytes_of(x) + bytes_of(&t.labels))
-            .sum();
+        let stored: u64 =
+            self.stored.values().map(|(x, t)| bytes_of(x) + bytes_of(&t.labels)).sum();
         stores + self.opt.state_bytes() + grads + pending + stored
     }
 

@@ -59,15 +59,8 @@ impl Stage {
     pub fn new(plan: &NetworkPlan, modules: Vec<LocalModule>, device: Device) -> Self {
         let a = modules[0].index;
         let b = a + modules.len();
-        let keeps_input = (a..b)
-            .map(|m| plan.incoming_reach_left(m, b).is_some())
-            .collect();
-        Stage {
-            routes: StageRoutes::new(plan, a..b),
-            modules,
-            keeps_input,
-            device,
-        }
+        let keeps_input = (a..b).map(|m| plan.incoming_reach_left(m, b).is_some()).collect();
+        Stage { routes: StageRoutes::new(plan, a..b), modules, keeps_input, device }
     }
 
     pub fn first_module(&self) -> usize {
@@ -152,11 +145,7 @@ impl Stage {
 
     /// Batches whose inputs are still stored for late gradients.
     pub fn outstanding(&self) -> usize {
-        self.modules
-            .iter()
-            .map(|m| m.stored_count())
-            .max()
-            .unwrap_or(0)
+        self.modules.iter().map(|m| m.stored_count()).max().unwrap_or(0)
     }
 
     pub fn live_bytes(&self) -> u64 {

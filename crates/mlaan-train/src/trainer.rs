@@ -73,7 +73,8 @@ pub struct Session {
     pub steps_per_epoch: u64,
     /// Id of the next training batch (= optimizer steps taken when drained).
     pub next_id: u64,
-    needs_image: bool,
+    /// Whether batches carry the raw image (InfoPro's reconstruction target).
+    pub needs_image: bool,
 }
 
 impl Session {
@@ -140,13 +141,27 @@ impl Session {
             let batch =
                 batch.with_context(|| format!("loading training batch {}", self.next_id))?;
             let (x, targets) = to_tensors(&batch, self.needs_image);
-            self.pipe.send(Forward::Train {
-                id: self.next_id,
-                x,
-                targets,
-            })?;
-            self.next_id += 1;
+            self.send_batch(x, targets)?;
             on_batch(self.pipe.take_events()?)?;
+        }
+        Ok(())
+    }
+
+    /// Send one training mini-batch, as its micro-batches under GPipe (ids `next_id · M + j`).
+    pub fn send_batch(&mut self, x: Tensor, targets: BatchTargets) -> Result<()> {
+        let m = self.cfg.pipeline.micro_batches as i64;
+        let id = self.next_id;
+        self.next_id += 1;
+        if m == 1 {
+            return Ok(self.pipe.send(Forward::Train { id, x, targets })?);
+        }
+        let xs = x.chunk(m, 0);
+        let ys = targets.labels.chunk(m, 0);
+        let images = targets.image_u8.map(|t| t.chunk(m, 0));
+        for (j, (x, labels)) in xs.into_iter().zip(ys).enumerate() {
+            let image_u8 = images.as_ref().map(|v| v[j].shallow_clone());
+            let id = id * m as u64 + j as u64;
+            self.pipe.send(Forward::Train { id, x, targets: BatchTargets { labels, image_u8 } })?;
         }
         Ok(())
     }
@@ -199,10 +214,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Summary> 
         if cfg.train.eval_every_epoch || last {
             eval = s.evaluate()?;
             log.eval(s.next_id, epoch, &eval)?;
-            bar.println(format!(
-                "epoch {epoch}: test accuracy {:.4}",
-                eval.accuracy()
-            ));
+            bar.println(format!("epoch {epoch}: test accuracy {:.4}", eval.accuracy()));
         }
         if last {
             break;
@@ -240,34 +252,27 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Summary> 
         peak_rss_bytes: devices::peak_rss_bytes(),
         gpu_memory: gpu_indices(&devices).and_then(|i| devices::gpu_memory(&i)),
     };
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
 }
 
 /// The network plan for a config on an opened dataset.
 pub fn plan_for(cfg: &RunConfig, data: &Datasets) -> Result<NetworkPlan> {
     let s = data.info.train_shape;
-    Ok(NetworkPlan::new(
-        cfg,
-        Chw {
-            c: s.channels,
-            h: s.height,
-            w: s.width,
-        },
-        data.info.num_classes,
-    )?)
+    let input = Chw { c: s.channels, h: s.height, w: s.width };
+    let mut plan = NetworkPlan::new(cfg, input, data.info.num_classes)?;
+    // GPipe accumulates micro-batch gradients: each micro-batch's mean loss is weighted 1/M so
+    // that the step equals one on the whole mini-batch.
+    let m = cfg.pipeline.micro_batches as f64;
+    for t in plan.modules.iter_mut().flat_map(|m| m.terms.iter_mut()) {
+        t.weight /= m;
+    }
+    Ok(plan)
 }
 
 pub fn image_spec(data: &Datasets) -> ImageSpec {
     let s = data.info.train_shape;
-    ImageSpec {
-        channels: s.channels,
-        size: [s.height, s.width],
-        classes: data.info.num_classes,
-    }
+    ImageSpec { channels: s.channels, size: [s.height, s.width], classes: data.info.num_classes }
 }
 
 pub fn pipeline_settings(
@@ -296,7 +301,7 @@ pub fn pipeline_settings(
         mean: data.info.mean.clone(),
         std: data.info.std.clone(),
         log_every: cfg.train.log_every as u64,
-        accumulate: 1,
+        accumulate: cfg.pipeline.micro_batches,
         on_nonfinite: cfg.pipeline.on_nonfinite,
         fault: opts.fault,
         intra_op_threads: 1,
@@ -311,9 +316,7 @@ pub fn choose_placement(
 ) -> Result<Placement> {
     if cfg.pipeline.schedule == Schedule::Sequential || plan.method == Method::E2e && plan.k() == 1
     {
-        return Ok(Placement {
-            groups: std::iter::once(0..plan.k()).collect(),
-        });
+        return Ok(Placement { groups: std::iter::once(0..plan.k()).collect() });
     }
     let costs = plan.module_macs();
     Ok(place(&costs, devices.len())?)
@@ -321,9 +324,7 @@ pub fn choose_placement(
 
 /// The device of each stage.
 fn stage_devices(p: &Placement, devices: &[Device]) -> Vec<Device> {
-    (0..p.num_stages())
-        .map(|s| devices[s.min(devices.len() - 1)])
-        .collect()
+    (0..p.num_stages()).map(|s| devices[s.min(devices.len() - 1)]).collect()
 }
 
 /// Intra-op threads: CPU stages share the cores, never oversubscribing them.
@@ -346,13 +347,7 @@ fn configure_threads(cfg: &RunConfig, p: &Placement, devices: &[Device]) -> usiz
 fn gpu_indices(devices: &[Device]) -> Option<Vec<usize>> {
     let v: Vec<usize> = devices
         .iter()
-        .filter_map(|d| {
-            if let Device::Cuda(i) = d {
-                Some(*i)
-            } else {
-                None
-            }
-        })
+        .filter_map(|d| if let Device::Cuda(i) = d { Some(*i) } else { None })
         .collect();
     (!v.is_empty()).then_some(v)
 }
@@ -377,12 +372,10 @@ impl EvalResult {
         self.modules.iter().max_by_key(|m| m.module)
     }
     pub fn accuracy(&self) -> f64 {
-        self.last()
-            .map_or(0.0, |m| m.correct as f64 / m.seen.max(1) as f64)
+        self.last().map_or(0.0, |m| m.correct as f64 / m.seen.max(1) as f64)
     }
     pub fn loss(&self) -> f64 {
-        self.last()
-            .map_or(f64::NAN, |m| m.loss_sum / m.seen.max(1) as f64)
+        self.last().map_or(f64::NAN, |m| m.loss_sum / m.seen.max(1) as f64)
     }
     pub fn module_accuracy(&self, k: usize) -> Vec<Option<f64>> {
         (0..k)
@@ -410,10 +403,7 @@ pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result
     for batch in loader.epoch(0) {
         let batch = batch.context("loading a test batch")?;
         let (x, t) = to_tensors(&batch, false);
-        pipe.send(Forward::Eval {
-            x,
-            labels: t.labels,
-        })?;
+        pipe.send(Forward::Eval { x, labels: t.labels })?;
     }
     pipe.send(Forward::EvalEnd)?;
     let mut result = EvalResult::default();
@@ -478,21 +468,11 @@ impl MetricsLog {
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
         for ev in events {
-            let Event::Window {
-                stage,
-                window,
-                step,
-                lr,
-                term_losses,
-            } = ev
-            else {
+            let Event::Window { stage, window, step, lr, term_losses } = ev else {
                 continue;
             };
             self.last[stage] = Some(window.clone());
-            let slot = self
-                .pending
-                .entry(step)
-                .or_insert_with(|| vec![None; self.stages]);
+            let slot = self.pending.entry(step).or_insert_with(|| vec![None; self.stages]);
             slot[stage] = Some((window, lr, term_losses));
             if slot.iter().all(|s| s.is_some()) {
                 let slot = self.pending.remove(&step).expect("present");

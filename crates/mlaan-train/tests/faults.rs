@@ -29,10 +29,7 @@ fn run_with_fault(schedule: Schedule, fault: Fault) -> Result<(), String> {
     let mut cfg = tiny("mlaan-dgl", 4);
     cfg.pipeline.schedule = schedule;
     cfg.pipeline.devices = vec!["cpu".into(); 4];
-    let opts = RunOptions {
-        fault: Some(fault),
-        save_model: false,
-    };
+    let opts = RunOptions { fault: Some(fault), save_model: false };
     let mut s = Session::start(&cfg, &opts).map_err(|e| format!("{e:#}"))?;
     let r = (|| {
         for epoch in 0..3 {
@@ -47,40 +44,26 @@ fn run_with_fault(schedule: Schedule, fault: Fault) -> Result<(), String> {
 
 #[test]
 fn any_failing_stage_stops_the_pipeline_cleanly() {
-    let kinds = [
-        FaultKind::Error,
-        FaultKind::Panic,
-        FaultKind::NaN,
-        FaultKind::CloseChannel,
-    ];
+    let kinds = [FaultKind::Error, FaultKind::Panic, FaultKind::NaN, FaultKind::CloseChannel];
     for schedule in [Schedule::Async, Schedule::Sync] {
         for stage in 0..4 {
             for kind in kinds {
-                let fault = Fault {
-                    stage,
-                    batch: 5,
-                    kind,
-                };
+                let fault = Fault { stage, batch: 5, kind };
                 let (tx, rx) = mpsc::channel();
                 let t0 = Instant::now();
                 std::thread::spawn(move || {
                     let _ = tx.send(run_with_fault(schedule, fault));
                 });
-                let result = rx
-                    .recv_timeout(Duration::from_secs(60))
-                    .unwrap_or_else(|_| {
-                        panic!("{schedule} {kind:?} at stage {stage}: the pipeline hung")
-                    });
+                let result = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+                    panic!("{schedule} {kind:?} at stage {stage}: the pipeline hung")
+                });
                 let took = t0.elapsed();
                 let err =
                     result.expect_err(&format!("{schedule} {kind:?} at stage {stage}: no error"));
                 match kind {
                     FaultKind::Error | FaultKind::Panic => {
                         assert!(err.contains(&format!("stage {stage}")), "{err}");
-                        assert!(
-                            err.contains("batch Some(5)") || err.contains("batch 5"),
-                            "{err}"
-                        );
+                        assert!(err.contains("batch Some(5)") || err.contains("batch 5"), "{err}");
                         assert!(
                             err.contains(if kind == FaultKind::Panic {
                                 "panicked"
@@ -92,10 +75,9 @@ fn any_failing_stage_stops_the_pipeline_cleanly() {
                     }
                     // The first stage with a loss of its own sees the NaN (stage 0 holds only
                     // module 0, which has none under MLAAN).
-                    FaultKind::NaN => assert!(
-                        err.contains("non-finite") && err.contains("batch 5"),
-                        "{err}"
-                    ),
+                    FaultKind::NaN => {
+                        assert!(err.contains("non-finite") && err.contains("batch 5"), "{err}")
+                    }
                     FaultKind::CloseChannel => assert!(err.contains("stopped"), "{err}"),
                 }
                 assert!(

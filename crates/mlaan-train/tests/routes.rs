@@ -17,11 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-const IMAGE: ImageSpec = ImageSpec {
-    channels: 3,
-    size: [8, 8],
-    classes: 4,
-};
+const IMAGE: ImageSpec = ImageSpec { channels: 3, size: [8, 8], classes: 4 };
 
 fn plan_of(method: &str, k: usize, d: usize) -> NetworkPlan {
     let mut cfg = tiny(method, k);
@@ -36,13 +32,7 @@ fn batch() -> (Tensor, BatchTargets) {
     let x = (&i * 0.37).sin() + (&i * 0.011).cos();
     let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
     let image = ((&i * 0.53).sin() * 127.0 + 128.0).to_kind(Kind::Uint8);
-    (
-        x,
-        BatchTargets {
-            labels,
-            image_u8: Some(image),
-        },
-    )
+    (x, BatchTargets { labels, image_u8: Some(image) })
 }
 
 /// All modules in one stage, never stepping: gradients stay in the accumulators.
@@ -79,11 +69,7 @@ fn product_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<Vec<(String,
     let (x, t) = batch();
     let _ = stage.process(0, &x, &t).unwrap();
     stage.finish(0, false).unwrap();
-    stage
-        .modules
-        .iter()
-        .map(|m| m.accumulated_grads())
-        .collect()
+    stage.modules.iter().map(|m| m.accumulated_grads()).collect()
 }
 
 /// METHOD.md literally: every loss gets its own forward from the detached output where its
@@ -98,10 +84,7 @@ fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets>
         .collect();
     let (x, t) = batch();
     let image = t.image_u8.as_ref().unwrap().to_kind(Kind::Float) / 255.0;
-    let targets = Targets {
-        labels: &t.labels,
-        image: Some(&image),
-    };
+    let targets = Targets { labels: &t.labels, image: Some(&image) };
     // h_j by value, once (batch statistics; running statistics untouched).
     let mut h = Vec::new();
     tch::no_grad(|| {
@@ -114,11 +97,7 @@ fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets>
     for (i, spec) in plan.modules.iter().enumerate() {
         for (ti, term) in spec.terms.iter().enumerate() {
             let start = i - term.reach;
-            let mut z = if start == 0 {
-                x.shallow_clone()
-            } else {
-                h[start - 1].detach()
-            };
+            let mut z = if start == 0 { x.shallow_clone() } else { h[start - 1].detach() };
             for n in &nets[start..=i] {
                 z = n.forward(&z, Mode::Recompute);
             }
@@ -160,10 +139,7 @@ fn check_against_reference(method: &str, k: usize, d: usize) {
             }
         }
     }
-    assert!(
-        compared > 20,
-        "{method}: only {compared} gradients compared"
-    );
+    assert!(compared > 20, "{method}: only {compared} gradients compared");
 }
 
 #[test]
@@ -198,10 +174,8 @@ fn reached(
     }
     let states = initial_state(&plan, IMAGE, 3).unwrap();
     let grads = product_grads(&plan, &states);
-    let r = grads
-        .into_iter()
-        .map(|g| g.into_iter().map(|(n, g)| (n, nonzero(&g))).collect())
-        .collect();
+    let r =
+        grads.into_iter().map(|g| g.into_iter().map(|(n, g)| (n, nonzero(&g))).collect()).collect();
     (plan, r)
 }
 
@@ -236,11 +210,7 @@ fn every_loss_reaches_exactly_its_modules() {
                             expect,
                             "{method} K={k} d={d}: {:?} loss of module {i} {} module {m} `{name}`",
                             term.kind,
-                            if expect {
-                                "must reach"
-                            } else {
-                                "must not reach"
-                            }
+                            if expect { "must reach" } else { "must not reach" }
                         );
                     }
                 }
@@ -255,46 +225,27 @@ fn mlaan_routes_match_method_md() {
     // the cascade at step i reaches modules i−1..i; LAM copies only from their own cascade.
     let plan = plan_of("mlaan-dgl", 5, 2);
     assert!(plan.modules[0].terms.is_empty());
-    let reach: Vec<Vec<(TermKind, usize)>> = plan
-        .modules
-        .iter()
-        .map(|m| m.terms.iter().map(|t| (t.kind, t.reach)).collect())
-        .collect();
-    assert_eq!(
-        reach[1],
-        vec![(TermKind::Independent, 0), (TermKind::Cascade, 1)]
-    );
+    let reach: Vec<Vec<(TermKind, usize)>> =
+        plan.modules.iter().map(|m| m.terms.iter().map(|t| (t.kind, t.reach)).collect()).collect();
+    assert_eq!(reach[1], vec![(TermKind::Independent, 0), (TermKind::Cascade, 1)]);
     assert_eq!(reach[4], vec![(TermKind::Final, 1)]);
     let (_, got) = reached("mlaan-dgl", 5, 2, 1, 1);
     assert!(
-        got[0]
-            .iter()
-            .filter(|(n, _)| !n.starts_with("aux."))
-            .all(|(_, h)| *h),
+        got[0].iter().filter(|(n, _)| !n.starts_with("aux.")).all(|(_, h)| *h),
         "cascade of step 1 reaches module 0"
     );
     let (_, got) = reached("mlaan-dgl", 5, 2, 2, 1);
+    assert!(got[0].iter().all(|(_, h)| !*h), "cascade of step 2 must not reach module 0");
     assert!(
-        got[0].iter().all(|(_, h)| !*h),
-        "cascade of step 2 must not reach module 0"
-    );
-    assert!(
-        got[2]
-            .iter()
-            .any(|(n, h)| n.starts_with("aux.cascade.lam.") && *h),
+        got[2].iter().any(|(n, h)| n.starts_with("aux.cascade.lam.") && *h),
         "LAM copies learn from their cascade"
     );
     let (_, got) = reached("mlaan-dgl", 5, 2, 2, 0);
     assert!(
-        got[2]
-            .iter()
-            .all(|(n, h)| !n.starts_with("aux.cascade.") || !*h),
+        got[2].iter().all(|(n, h)| !n.starts_with("aux.cascade.") || !*h),
         "LAM copies get nothing from the independent loss"
     );
-    assert!(
-        got[1].iter().all(|(_, h)| !*h),
-        "independent loss never reaches module i−1"
-    );
+    assert!(got[1].iter().all(|(_, h)| !*h), "independent loss never reaches module i−1");
 }
 
 #[test]

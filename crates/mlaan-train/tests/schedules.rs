@@ -27,30 +27,17 @@ fn assert_same(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot]) {
     let mut compared = 0;
     for (x, y) in a.iter().zip(b) {
         assert_eq!(x.step, y.step, "{what}: module {} steps", x.module);
-        assert_eq!(
-            x.state.len(),
-            y.state.len(),
-            "{what}: module {} state size",
-            x.module
-        );
+        assert_eq!(x.state.len(), y.state.len(), "{what}: module {} state size", x.module);
         for ((n1, t1), (n2, t2)) in x.state.iter().zip(&y.state) {
             assert_eq!(n1, n2);
             let d = max_rel_diff(t1, t2);
-            assert!(
-                d < 1e-4,
-                "{what}: module {} `{n1}` differs by {d:e}",
-                x.module
-            );
+            assert!(d < 1e-4, "{what}: module {} `{n1}` differs by {d:e}", x.module);
             compared += 1;
         }
         assert_eq!(x.momentum.len(), y.momentum.len());
         for ((n1, t1), (_, t2)) in x.momentum.iter().zip(&y.momentum) {
             let d = max_rel_diff(t1, t2);
-            assert!(
-                d < 1e-4,
-                "{what}: module {} momentum of `{n1}` differs by {d:e}",
-                x.module
-            );
+            assert!(d < 1e-4, "{what}: module {} momentum of `{n1}` differs by {d:e}", x.module);
         }
     }
     assert!(compared > 50, "{what}: only {compared} tensors compared");
@@ -66,20 +53,12 @@ fn with(method: &str, k: usize, schedule: Schedule, devices: usize, ema_lag: &st
 
 #[test]
 fn sync_equals_sequential_for_every_method() {
-    for (method, k) in [
-        ("dgl", 4),
-        ("infopro", 4),
-        ("mlaan-dgl", 4),
-        ("mlaan-infopro", 4),
-        ("e2e", 1),
-    ] {
+    for (method, k) in
+        [("dgl", 4), ("infopro", 4), ("mlaan-dgl", 4), ("mlaan-infopro", 4), ("e2e", 1)]
+    {
         let reference = run(&with(method, k, Schedule::Sequential, 1, "distance"), 20);
         let pipelined = run(&with(method, k, Schedule::Sync, 4, "distance"), 20);
-        assert_same(
-            &format!("{method} sync on 4 stages"),
-            &reference,
-            &pipelined,
-        );
+        assert_same(&format!("{method} sync on 4 stages"), &reference, &pipelined);
     }
 }
 
@@ -90,11 +69,7 @@ fn sync_with_grouped_modules_and_depth_three_equals_sequential() {
     seq.method.cascade_depth = 3;
     let mut sync = with("mlaan-dgl", 6, Schedule::Sync, 4, "distance");
     sync.method.cascade_depth = 3;
-    assert_same(
-        "mlaan-dgl d=3 K=6 on 4 stages",
-        &run(&seq, 12),
-        &run(&sync, 12),
-    );
+    assert_same("mlaan-dgl d=3 K=6 on 4 stages", &run(&seq, 12), &run(&sync, 12));
 }
 
 #[test]
@@ -110,11 +85,7 @@ fn async_without_cascade_equals_sequential() {
         let reference = run(&with(method, 4, Schedule::Sequential, 1, "auto"), 20);
         let mut a = with(method, 4, Schedule::Async, 4, "auto");
         a.pipeline.in_flight = 1;
-        assert_same(
-            &format!("{method} async in-flight 1"),
-            &reference,
-            &run(&a, 20),
-        );
+        assert_same(&format!("{method} async in-flight 1"), &reference, &run(&a, 20));
     }
 }
 
@@ -132,16 +103,38 @@ fn ema_twin_follows_the_formula() {
         }) {
             let twin0 = &b.state.iter().find(|(n, _)| n == name).unwrap().1;
             let real = name.strip_prefix("ema.").unwrap();
-            let real1 = &after
-                .iter()
-                .flat_map(|s| s.state.iter())
-                .find(|(n, _)| n == real)
-                .unwrap()
-                .1;
+            let real1 =
+                &after.iter().flat_map(|s| s.state.iter()).find(|(n, _)| n == real).unwrap().1;
             let expect = twin0 * 0.9 + real1 * 0.1;
             assert!(max_rel_diff(twin1, &expect) < 1e-6, "twin `{name}`");
             checked += 1;
         }
     }
     assert!(checked > 0);
+}
+
+#[test]
+fn gpipe_is_backprop() {
+    // e2e over 4 stages (GPipe without micro-batches) is plain backprop of the whole network.
+    let whole = run(&with("e2e", 1, Schedule::Sequential, 1, "auto"), 12);
+    let split = run(&with("e2e", 4, Schedule::Sync, 4, "auto"), 12);
+    let names = |s: &[ModuleSnapshot]| -> Vec<(String, tch::Tensor)> {
+        let mut v: Vec<_> = s
+            .iter()
+            .flat_map(|m| m.state.iter().map(|(n, t)| (n.clone(), t.shallow_clone())))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (a, b) = (names(&whole), names(&split));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(max_rel_diff(x, y) < 1e-4, "`{n}` differs");
+    }
+    // With micro-batches the stages accumulate and step once per mini-batch.
+    let mut seq = with("e2e", 4, Schedule::Sequential, 1, "auto");
+    seq.pipeline.micro_batches = 2;
+    let mut gpipe = with("e2e", 4, Schedule::Sync, 4, "auto");
+    gpipe.pipeline.micro_batches = 2;
+    assert_same("gpipe M=2", &run(&seq, 8), &run(&gpipe, 8));
 }

@@ -5,11 +5,7 @@ use super::{read_class_names, read_file, ArrayDataset};
 use crate::{DataError, ImageShape};
 use std::path::{Path, PathBuf};
 
-pub const SHAPE: ImageShape = ImageShape {
-    channels: 3,
-    height: 32,
-    width: 32,
-};
+pub const SHAPE: ImageShape = ImageShape { channels: 3, height: 32, width: 32 };
 
 /// Which label of a record to use: CIFAR-10 has one label byte, CIFAR-100 two (coarse, fine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,21 +16,11 @@ pub struct LabelLayout {
     pub num_classes: usize,
 }
 
-pub const CIFAR10: LabelLayout = LabelLayout {
-    label_bytes: 1,
-    use_byte: 0,
-    num_classes: 10,
-};
-pub const CIFAR100_COARSE: LabelLayout = LabelLayout {
-    label_bytes: 2,
-    use_byte: 0,
-    num_classes: 20,
-};
-pub const CIFAR100_FINE: LabelLayout = LabelLayout {
-    label_bytes: 2,
-    use_byte: 1,
-    num_classes: 100,
-};
+pub const CIFAR10: LabelLayout = LabelLayout { label_bytes: 1, use_byte: 0, num_classes: 10 };
+pub const CIFAR100_COARSE: LabelLayout =
+    LabelLayout { label_bytes: 2, use_byte: 0, num_classes: 20 };
+pub const CIFAR100_FINE: LabelLayout =
+    LabelLayout { label_bytes: 2, use_byte: 1, num_classes: 100 };
 
 /// Appends the records of one file to `pixels`/`labels`. A size that is not a whole number
 /// of records, or a label out of range, is an error naming the record.
@@ -98,14 +84,7 @@ pub fn open(
         }
         parse_records(&read_file(&path)?, layout, &path, &mut pixels, &mut labels)?;
     }
-    Ok(ArrayDataset::new(
-        title,
-        root,
-        SHAPE,
-        pixels,
-        labels,
-        layout.num_classes,
-    ))
+    Ok(ArrayDataset::new(title, root, SHAPE, pixels, labels, layout.num_classes))
 }
 
 /// `dir/sub` when it holds the files, else `dir` itself.

@@ -60,19 +60,13 @@ impl ImageFolder {
         let mut files = Vec::new();
         for name in &present {
             let label = classes.iter().position(|c| c == name).ok_or_else(|| {
-                DataError::format(
-                    root.join(name),
-                    "class folder not present in the training split",
-                )
+                DataError::format(root.join(name), "class folder not present in the training split")
             })?;
             let dir = root.join(name);
             let mut found = Vec::new();
             walk(&dir, &mut found)?;
             if found.is_empty() {
-                return Err(DataError::format(
-                    &dir,
-                    "empty class folder (no image files)",
-                ));
+                return Err(DataError::format(&dir, "empty class folder (no image files)"));
             }
             files.extend(found.into_iter().map(|p| {
                 let rel = p.strip_prefix(root).map(Path::to_path_buf).unwrap_or(p);
@@ -110,22 +104,15 @@ impl Dataset for ImageFolder {
         self.classes.len()
     }
     fn get(&self, index: usize) -> Result<Sample, DataError> {
-        let (rel, label) = self
-            .files
-            .get(index)
-            .ok_or_else(|| DataError::IndexOutOfRange {
-                dataset: self.title.clone(),
-                index,
-                len: self.files.len(),
-            })?;
+        let (rel, label) = self.files.get(index).ok_or_else(|| DataError::IndexOutOfRange {
+            dataset: self.title.clone(),
+            index,
+            len: self.files.len(),
+        })?;
         let path = self.root.join(rel);
         let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
         let (image, shape) = image::decode(&bytes, &path)?;
-        Ok(Sample {
-            image,
-            shape,
-            label: *label,
-        })
+        Ok(Sample { image, shape, label: *label })
     }
     fn label(&self, index: usize) -> u32 {
         self.files.get(index).map_or(u32::MAX, |f| f.1)

@@ -24,20 +24,14 @@ pub fn parse<'a>(
 ) -> Result<IdxArray<'a>, DataError> {
     let err = |reason: String| DataError::format(path, reason);
     let word = |i: usize| -> Option<u32> {
-        bytes
-            .get(4 * i..4 * i + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        bytes.get(4 * i..4 * i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     };
     let magic =
         word(0).ok_or_else(|| err(format!("truncated: {} bytes, no IDX header", bytes.len())))?;
     if magic != expected_magic {
         return Err(err(format!(
             "bad IDX magic number {magic} (expected {expected_magic}: {})",
-            if expected_magic == IMAGES_MAGIC {
-                "u8 images, 3 dims"
-            } else {
-                "u8 labels, 1 dim"
-            }
+            if expected_magic == IMAGES_MAGIC { "u8 images, 3 dims" } else { "u8 labels, 1 dim" }
         )));
     }
     let ndims = (magic & 0xff) as usize;
@@ -64,10 +58,7 @@ pub fn parse<'a>(
             have - want
         )));
     }
-    Ok(IdxArray {
-        dims,
-        data: &bytes[header..],
-    })
+    Ok(IdxArray { dims, data: &bytes[header..] })
 }
 
 /// Reads one split (`train` or `t10k`) of an MNIST-layout directory.
@@ -98,19 +89,11 @@ pub fn open(
     if labels.dims[0] != n {
         return Err(DataError::format(
             &labels_path,
-            format!(
-                "{} labels but {} has {n} images",
-                labels.dims[0],
-                images_path.display()
-            ),
+            format!("{} labels but {} has {n} images", labels.dims[0], images_path.display()),
         ));
     }
     let labels: Vec<u32> = labels.data.iter().map(|&l| u32::from(l)).collect();
-    if let Some((i, l)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l as usize >= num_classes)
-    {
+    if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= num_classes) {
         return Err(DataError::record(
             &labels_path,
             i,

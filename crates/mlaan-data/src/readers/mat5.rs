@@ -138,10 +138,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<MatVar>, DataError> {
     if bytes.len() < 128 {
         return Err(DataError::format(
             path,
-            format!(
-                "truncated: {} bytes, shorter than the 128-byte MAT-file header",
-                bytes.len()
-            ),
+            format!("truncated: {} bytes, shorter than the 128-byte MAT-file header", bytes.len()),
         ));
     }
     let big_endian = match &bytes[126..128] {
@@ -161,11 +158,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<MatVar>, DataError> {
             ))
         }
     };
-    let mut p = Parser {
-        path: path.to_path_buf(),
-        big_endian,
-        depth: 0,
-    };
+    let mut p = Parser { path: path.to_path_buf(), big_endian, depth: 0 };
     let mut vars = Vec::new();
     p.elements(bytes, 128, &mut vars)?;
     Ok(vars)
@@ -192,36 +185,26 @@ impl Parser {
 
     fn u32_at(&self, b: &[u8], at: usize) -> Option<u32> {
         let s: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
-        Some(if self.big_endian {
-            u32::from_be_bytes(s)
-        } else {
-            u32::from_le_bytes(s)
-        })
+        Some(if self.big_endian { u32::from_be_bytes(s) } else { u32::from_le_bytes(s) })
     }
 
     /// Reads the element tag at `at` within `b` (`base` is `b`'s offset in its stream, for
     /// messages).
     fn element<'a>(&self, b: &'a [u8], at: usize, base: usize) -> Result<Element<'a>, DataError> {
-        let first = self
-            .u32_at(b, at)
-            .ok_or_else(|| self.err(base + at, "truncated element tag"))?;
+        let first =
+            self.u32_at(b, at).ok_or_else(|| self.err(base + at, "truncated element tag"))?;
         if first >> 16 != 0 {
             // Small data element: count in the upper half, payload in the next 4 bytes.
             let (ty, n) = (first & 0xffff, (first >> 16) as usize);
             if n > 4 {
-                return Err(self.err(
-                    base + at,
-                    format!("small data element claims {n} bytes (max 4)"),
-                ));
+                return Err(
+                    self.err(base + at, format!("small data element claims {n} bytes (max 4)"))
+                );
             }
             let data = b
                 .get(at + 4..at + 4 + n)
                 .ok_or_else(|| self.err(base + at, "truncated small data element"))?;
-            return Ok(Element {
-                ty,
-                data,
-                next: at + 8,
-            });
+            return Ok(Element { ty, data, next: at + 8 });
         }
         let n = self
             .u32_at(b, at + 4)
@@ -237,16 +220,8 @@ impl Parser {
             )
         })?;
         // Compressed elements are not padded; everything else is padded to 8 bytes.
-        let next = if first == MI_COMPRESSED {
-            start + n
-        } else {
-            (start + n).div_ceil(8) * 8
-        };
-        Ok(Element {
-            ty: first,
-            data,
-            next,
-        })
+        let next = if first == MI_COMPRESSED { start + n } else { (start + n).div_ceil(8) * 8 };
+        Ok(Element { ty: first, data, next })
     }
 
     /// Parses a sequence of top-level elements starting at `at`.
@@ -277,11 +252,9 @@ impl Parser {
                     return Err(self.err(at, "compressed elements nested too deeply"));
                 }
                 let mut inflated = Vec::new();
-                flate2::read::ZlibDecoder::new(data)
-                    .read_to_end(&mut inflated)
-                    .map_err(|e| {
-                        self.err(at, format!("bad zlib stream in compressed element: {e}"))
-                    })?;
+                flate2::read::ZlibDecoder::new(data).read_to_end(&mut inflated).map_err(|e| {
+                    self.err(at, format!("bad zlib stream in compressed element: {e}"))
+                })?;
                 self.depth += 1;
                 let mut inner_at = 0;
                 while inner_at < inflated.len() {
@@ -326,19 +299,11 @@ impl Parser {
         let data = if numeric {
             let real = self.element(b, name_el.next, at)?;
             let width = MatData::width(real.ty).ok_or_else(|| {
-                self.err(
-                    at,
-                    format!("variable `{name}`: unsupported storage type {}", real.ty),
-                )
+                self.err(at, format!("variable `{name}`: unsupported storage type {}", real.ty))
             })?;
-            let count = dims
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| {
-                    self.err(
-                        at,
-                        format!("variable `{name}`: dimensions {dims:?} overflow"),
-                    )
+            let count =
+                dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
+                    self.err(at, format!("variable `{name}`: dimensions {dims:?} overflow"))
                 })?;
             if real.data.len() != count.saturating_mul(width) {
                 return Err(self.err(
@@ -357,12 +322,7 @@ impl Parser {
         } else {
             None
         };
-        Ok(MatVar {
-            name,
-            class,
-            dims,
-            data,
-        })
+        Ok(MatVar { name, class, dims, data })
     }
 }
 
@@ -396,14 +356,7 @@ pub fn write(vars: &[WriteVar<'_>], compress: bool) -> Vec<u8> {
     file.extend_from_slice(&[0; 8]);
     file.extend_from_slice(&0x0100u16.to_le_bytes());
     file.extend_from_slice(b"IM");
-    for &WriteVar {
-        name,
-        class,
-        dims,
-        storage,
-        data,
-    } in vars
-    {
+    for &WriteVar { name, class, dims, storage, data } in vars {
         let code: u32 = match class {
             MatClass::Double => 6,
             MatClass::Single => 7,
@@ -418,15 +371,8 @@ pub fn write(vars: &[WriteVar<'_>], compress: bool) -> Vec<u8> {
             MatClass::Other(c) => u32::from(c),
         };
         let mut m = Vec::new();
-        padded(
-            &mut m,
-            MI_UINT32,
-            &[code.to_le_bytes(), 0u32.to_le_bytes()].concat(),
-        );
-        let d: Vec<u8> = dims
-            .iter()
-            .flat_map(|&d| (d as i32).to_le_bytes())
-            .collect();
+        padded(&mut m, MI_UINT32, &[code.to_le_bytes(), 0u32.to_le_bytes()].concat());
+        let d: Vec<u8> = dims.iter().flat_map(|&d| (d as i32).to_le_bytes()).collect();
         padded(&mut m, MI_INT32, &d);
         padded(&mut m, MI_INT8, name.as_bytes());
         padded(&mut m, storage, data);

@@ -76,11 +76,9 @@ impl Dataset for ArrayDataset {
     }
     fn get(&self, index: usize) -> Result<Sample, DataError> {
         match self.image(index) {
-            Some(image) => Ok(Sample {
-                image: image.to_vec(),
-                shape: self.shape,
-                label: self.labels[index],
-            }),
+            Some(image) => {
+                Ok(Sample { image: image.to_vec(), shape: self.shape, label: self.labels[index] })
+            }
             None => Err(DataError::IndexOutOfRange {
                 dataset: self.title.clone(),
                 index,
@@ -203,11 +201,7 @@ pub(crate) fn transpose_planes(src: &[u8], shape: ImageShape, dst: &mut Vec<u8>)
 /// Reads optional class names, one per non-empty line.
 pub(crate) fn read_class_names(path: &Path, expected: usize) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(path).ok()?;
-    let names: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let names: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     (names.len() == expected).then_some(names)
 }

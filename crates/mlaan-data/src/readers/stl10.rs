@@ -5,11 +5,7 @@ use super::{read_class_names, read_file, transpose_planes, ArrayDataset};
 use crate::{DataError, ImageShape};
 use std::path::{Path, PathBuf};
 
-pub const SHAPE: ImageShape = ImageShape {
-    channels: 3,
-    height: 96,
-    width: 96,
-};
+pub const SHAPE: ImageShape = ImageShape { channels: 3, height: 96, width: 96 };
 
 /// Decodes the bytes of an `_X.bin` file into row-major CHW images, appending.
 pub fn parse_images(bytes: &[u8], path: &Path, pixels: &mut Vec<u8>) -> Result<usize, DataError> {
@@ -37,11 +33,7 @@ pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<Vec<u32>, DataError> {
             if (1..=10).contains(&l) {
                 Ok(u32::from(l - 1))
             } else {
-                Err(DataError::record(
-                    path,
-                    i,
-                    format!("label {l} out of range 1..=10"),
-                ))
+                Err(DataError::record(path, i, format!("label {l} out of range 1..=10")))
             }
         })
         .collect()
@@ -80,11 +72,7 @@ pub fn open(dir: &Path, split: &str, title: &str) -> Result<ArrayDataset, DataEr
     if n != labels.len() {
         return Err(DataError::format(
             &yp,
-            format!(
-                "{} labels but {} has {n} images",
-                labels.len(),
-                xp.display()
-            ),
+            format!("{} labels but {} has {n} images", labels.len(), xp.display()),
         ));
     }
     Ok(ArrayDataset::new(title, root, SHAPE, pixels, labels, 10))

@@ -6,11 +6,7 @@ use super::{read_file, transpose_planes, ArrayDataset};
 use crate::{DataError, ImageShape};
 use std::path::Path;
 
-pub const SHAPE: ImageShape = ImageShape {
-    channels: 3,
-    height: 32,
-    width: 32,
-};
+pub const SHAPE: ImageShape = ImageShape { channels: 3, height: 32, width: 32 };
 
 /// Decodes one SVHN `.mat` file's bytes into CHW pixels and labels 0..9, appending.
 pub fn decode(
@@ -26,10 +22,7 @@ pub fn decode(
                 path,
                 format!(
                     "no variable `{name}` (found: {})",
-                    vars.iter()
-                        .map(|v| v.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    vars.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             )
         })
@@ -62,11 +55,7 @@ pub fn decode(
     labels.reserve(n);
     for (i, &v) in ys.iter().enumerate() {
         if !(1.0..=10.0).contains(&v) || v.fract() != 0.0 {
-            return Err(DataError::record(
-                path,
-                i,
-                format!("label {v} out of range 1..=10"),
-            ));
+            return Err(DataError::record(path, i, format!("label {v} out of range 1..=10")));
         }
         labels.push(v as u32 % 10);
     }

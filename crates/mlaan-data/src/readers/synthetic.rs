@@ -18,13 +18,7 @@ pub struct Synthetic {
 
 impl Synthetic {
     pub fn new(title: &str, len: usize, classes: usize, shape: ImageShape, salt: u64) -> Self {
-        Synthetic {
-            title: title.into(),
-            len,
-            classes: classes.max(1),
-            shape,
-            salt,
-        }
+        Synthetic { title: title.into(), len, classes: classes.max(1), shape, salt }
     }
 }
 
@@ -49,9 +43,8 @@ impl Dataset for Synthetic {
         let mut class_rng = ChaCha8Rng::seed_from_u64(mix(&[0x5f37_c1a5, c]));
         let fx = 1.0 + (c % 3) as f32;
         let fy = (c / 3 % 3) as f32;
-        let colour: Vec<f32> = (0..self.shape.channels)
-            .map(|_| class_rng.random_range(0.3f32..1.0))
-            .collect();
+        let colour: Vec<f32> =
+            (0..self.shape.channels).map(|_| class_rng.random_range(0.3f32..1.0)).collect();
         let class_phase = class_rng.random_range(0.0f32..std::f32::consts::TAU);
         // Sample variation: a small phase shift and pixel noise, small enough that even a
         // linear model separates the classes.
@@ -69,11 +62,7 @@ impl Dataset for Synthetic {
                 }
             }
         }
-        Ok(Sample {
-            image,
-            shape: self.shape,
-            label,
-        })
+        Ok(Sample { image, shape: self.shape, label })
     }
     fn label(&self, index: usize) -> u32 {
         if index < self.len {

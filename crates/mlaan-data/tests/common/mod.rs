@@ -8,9 +8,7 @@ use std::path::Path;
 
 /// A deterministic CHW image whose every pixel differs from its neighbours.
 pub fn pattern(seed: usize, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|j| ((seed * 31 + j * 7 + j / 5) % 251) as u8)
-        .collect()
+    (0..len).map(|j| ((seed * 31 + j * 7 + j / 5) % 251) as u8).collect()
 }
 
 pub fn gz(bytes: &[u8]) -> Vec<u8> {
@@ -41,11 +39,7 @@ pub fn write_idx_split(
     let labels: Vec<u8> = (0..n).map(|i| (i * 3 % 10) as u8).collect();
     let img = idx(2051, &[n as u32, h as u32, w as u32], &images.concat());
     let lab = idx(2049, &[n as u32], &labels);
-    let (img, lab, ext) = if zipped {
-        (gz(&img), gz(&lab), ".gz")
-    } else {
-        (img, lab, "")
-    };
+    let (img, lab, ext) = if zipped { (gz(&img), gz(&lab), ".gz") } else { (img, lab, "") };
     std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte{ext}")), img).unwrap();
     std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte{ext}")), lab).unwrap();
     (images, labels)
@@ -53,11 +47,7 @@ pub fn write_idx_split(
 
 /// CIFAR records: label bytes then 3072 pixel bytes each.
 pub fn cifar_file(labels: &[Vec<u8>], images: &[Vec<u8>]) -> Vec<u8> {
-    labels
-        .iter()
-        .zip(images)
-        .flat_map(|(l, i)| l.iter().chain(i).copied())
-        .collect()
+    labels.iter().zip(images).flat_map(|(l, i)| l.iter().chain(i).copied()).collect()
 }
 
 /// Column-major `X` of SVHN (32x32x3xN) from CHW images.
@@ -80,17 +70,11 @@ pub fn svhn_x(images: &[Vec<u8>]) -> Vec<u8> {
 pub fn svhn_mat(images: &[Vec<u8>], digits: &[u32], compress: bool, y_u8: bool) -> Vec<u8> {
     let x = svhn_x(images);
     let n = images.len();
-    let y: Vec<f64> = digits
-        .iter()
-        .map(|&d| if d == 0 { 10.0 } else { d as f64 })
-        .collect();
+    let y: Vec<f64> = digits.iter().map(|&d| if d == 0 { 10.0 } else { d as f64 }).collect();
     let (y_storage, y_bytes): (u32, Vec<u8>) = if y_u8 {
         (mat5::storage::UINT8, y.iter().map(|&v| v as u8).collect())
     } else {
-        (
-            mat5::storage::DOUBLE,
-            y.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        (mat5::storage::DOUBLE, y.iter().flat_map(|v| v.to_le_bytes()).collect())
     };
     mat5::write(
         &[
@@ -147,9 +131,5 @@ pub fn smooth(shape: ImageShape, seed: usize) -> Vec<u8> {
 
 pub fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).sum::<f64>() / a.len() as f64
 }

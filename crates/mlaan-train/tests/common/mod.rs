@@ -35,6 +35,5 @@ pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Whether a gradient is present and not all zero.
 pub fn nonzero(g: &Option<Tensor>) -> bool {
-    g.as_ref()
-        .is_some_and(|g| g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0)
+    g.as_ref().is_some_and(|g| g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0)
 }

@@ -1,0 +1,139 @@
+//! Benchmark results: what `mlaan-pipe bench` measures and writes as `bench.json`, and what
+//! the report renders (Markdown table, plots). No libtorch here, so reports can be rendered
+//! and tested anywhere.
+
+use serde::{Deserialize, Serialize};
+
+/// Time shares of one stage over the timed window (fractions of its wall time).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageShare {
+    pub stage: usize,
+    pub device: String,
+    pub modules: Vec<usize>,
+    pub busy: f64,
+    pub wait_input: f64,
+    pub wait_output: f64,
+    pub wait_grad: f64,
+    /// Exact peak of live tensor bytes the stage held (parameters, aux, LAM, EMA, optimizer
+    /// state, gradients, inputs and graphs in flight).
+    pub peak_live_bytes: u64,
+}
+
+/// One benchmarked configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CaseResult {
+    /// e.g. `e2e`, `gpipe`, `mlaan-dgl async`.
+    pub name: String,
+    pub method: String,
+    pub schedule: String,
+    pub devices: Vec<String>,
+    pub k: usize,
+    pub micro_batches: usize,
+    /// Images per second of each repetition (device-synchronised: the pipeline is drained).
+    pub images_per_s: Vec<f64>,
+    /// Shares of the median repetition.
+    pub stages: Vec<StageShare>,
+    /// Peak GPU memory per device of the median repetition, where NVML is available.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_peak_bytes: Vec<u64>,
+}
+
+impl CaseResult {
+    pub fn median(&self) -> f64 {
+        median(&self.images_per_s)
+    }
+    pub fn min(&self) -> f64 {
+        self.images_per_s.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    pub fn max(&self) -> f64 {
+        self.images_per_s.iter().copied().fold(0.0, f64::max)
+    }
+    /// Largest per-stage peak of live bytes.
+    pub fn max_stage_bytes(&self) -> u64 {
+        self.stages.iter().map(|s| s.peak_live_bytes).max().unwrap_or(0)
+    }
+}
+
+/// Median of a non-empty slice (mean of the middle two for even lengths); 0 when empty.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// A whole benchmark run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub arch: String,
+    pub dataset: String,
+    pub input: [usize; 3],
+    pub batch_size: usize,
+    pub k: usize,
+    pub devices: Vec<String>,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    pub repeats: usize,
+    /// How GPU memory was measured, or why it was not.
+    pub memory_note: String,
+    pub peak_rss_bytes: Option<u64>,
+    pub cases: Vec<CaseResult>,
+}
+
+impl BenchReport {
+    fn find(&self, name: &str) -> Option<&CaseResult> {
+        self.cases.iter().find(|c| c.name == name)
+    }
+    /// Median throughput of `case` over the baseline `base` (e.g. `e2e` or `gpipe`).
+    pub fn speedup(&self, case: &CaseResult, base: &str) -> Option<f64> {
+        let b = self.find(base)?.median();
+        (b > 0.0).then(|| case.median() / b)
+    }
+    /// Speed-up over single-device e2e divided by the number of devices used.
+    pub fn scaling_efficiency(&self, case: &CaseResult) -> Option<f64> {
+        self.speedup(case, "e2e").map(|s| s / case.devices.len().max(1) as f64)
+    }
+    /// Largest stage's peak live bytes relative to e2e's.
+    pub fn memory_ratio(&self, case: &CaseResult) -> Option<f64> {
+        let e = self.find("e2e")?.max_stage_bytes();
+        (e > 0).then(|| case.max_stage_bytes() as f64 / e as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratios() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let case = |name: &str, ips: Vec<f64>, devices: usize, bytes: u64| CaseResult {
+            name: name.into(),
+            images_per_s: ips,
+            devices: vec!["cpu".into(); devices],
+            stages: vec![StageShare { peak_live_bytes: bytes, ..Default::default() }],
+            ..Default::default()
+        };
+        let r = BenchReport {
+            cases: vec![
+                case("e2e", vec![100.0, 110.0, 90.0], 1, 1000),
+                case("gpipe", vec![150.0], 2, 600),
+                case("dgl async", vec![180.0], 2, 400),
+            ],
+            ..Default::default()
+        };
+        let dgl = &r.cases[2];
+        assert_eq!(r.speedup(dgl, "e2e"), Some(1.8));
+        assert_eq!(r.speedup(dgl, "gpipe"), Some(1.2));
+        assert_eq!(r.scaling_efficiency(dgl), Some(0.9));
+        assert_eq!(r.memory_ratio(dgl), Some(0.4));
+    }
+}

@@ -1,0 +1,247 @@
+//! `mlaan-pipe bench`: every configuration on the same devices, in one process, repeated and
+//! interleaved after a warm-up, fed from the same batches held in memory (so the loader does
+//! not compete for the cores). Throughput is measured from the first timed batch to a drained
+//! pipeline, i.e. with device synchronisation.
+//!
+//! Cases are written `METHOD[:SCHEDULE]`; `e2e` is end-to-end backprop on the first device,
+//! `gpipe` is micro-batched pipelined backprop over all devices, a local method defaults to
+//! `async` over all devices, and `:sequential` runs every module on the first device.
+
+use crate::devices::{self, GpuPeakSampler};
+use crate::pipeline::Event;
+use crate::runner::BatchTargets;
+use crate::trainer::{to_tensors, RunOptions, Session};
+use anyhow::{bail, Context, Result};
+use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
+use mlaan_core::config::{Method, RunConfig, Schedule};
+use mlaan_core::device::DeviceSpec;
+use mlaan_data::{Loader, LoaderConfig};
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// Model, data, batch size and K; `pipeline.devices` are the devices of pipelined cases.
+    pub base: RunConfig,
+    pub cases: Vec<String>,
+    pub warmup: usize,
+    pub steps: usize,
+    pub repeats: usize,
+    /// Micro-batches of the GPipe case.
+    pub micro_batches: usize,
+}
+
+/// The run config of one case.
+pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
+    let mut c = spec.base.clone();
+    let (method, schedule) = match case.split_once(':') {
+        Some((m, s)) => (m, Some(s)),
+        None => (case, None),
+    };
+    let first = vec![c.pipeline.devices[0].clone()];
+    match method {
+        "e2e" => {
+            c.method.name = Method::E2e;
+            c.model.k = 1;
+            c.pipeline.schedule = Schedule::Sequential;
+            c.pipeline.devices = first;
+        }
+        "gpipe" => {
+            c.method.name = Method::E2e;
+            c.pipeline.schedule = Schedule::Sync;
+            c.pipeline.micro_batches = spec.micro_batches;
+        }
+        m => {
+            c.method.name = m.parse().map_err(anyhow::Error::msg)?;
+            c.pipeline.schedule = match schedule.unwrap_or("async") {
+                "async" => Schedule::Async,
+                "sync" => Schedule::Sync,
+                "sequential" => {
+                    c.pipeline.devices = first;
+                    Schedule::Sequential
+                }
+                s => bail!("case `{case}`: unknown schedule `{s}` (async, sync, sequential)"),
+            };
+        }
+    }
+    if method == "e2e" || method == "gpipe" {
+        if let Some(s) = schedule {
+            bail!("case `{case}`: `{method}` takes no schedule (`:{s}`)");
+        }
+    }
+    // Windows are reported at drains only: one window per timed run.
+    c.train.log_every = usize::MAX / 2;
+    c.validate().with_context(|| format!("case `{case}`"))?;
+    Ok(c)
+}
+
+/// Run every case `repeats` times, interleaved; `progress` hears about each measurement.
+pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let configs: Vec<(String, RunConfig)> = spec
+        .cases
+        .iter()
+        .map(|c| Ok((display_name(c), case_config(spec, c)?)))
+        .collect::<Result<_>>()?;
+    let batches = sample_batches(&spec.base, spec.warmup + spec.steps)?;
+    let mut results: Vec<CaseResult> = configs
+        .iter()
+        .map(|(name, c)| CaseResult {
+            name: name.clone(),
+            method: c.method.name.to_string(),
+            schedule: c.pipeline.schedule.to_string(),
+            devices: c.pipeline.devices.clone(),
+            k: c.model.k,
+            micro_batches: c.pipeline.micro_batches,
+            ..Default::default()
+        })
+        .collect();
+    let mut per_rep: Vec<Vec<Measurement>> = configs.iter().map(|_| Vec::new()).collect();
+    for rep in 0..spec.repeats {
+        for (i, (name, cfg)) in configs.iter().enumerate() {
+            let m = measure(cfg, &batches, spec.warmup, spec.steps)
+                .with_context(|| format!("benchmark case `{name}`"))?;
+            progress(&format!(
+                "rep {}/{}  {name:<24} {:>9.1} images/s",
+                rep + 1,
+                spec.repeats,
+                m.images_per_s
+            ));
+            per_rep[i].push(m);
+        }
+    }
+    for (r, ms) in results.iter_mut().zip(per_rep) {
+        r.images_per_s = ms.iter().map(|m| m.images_per_s).collect();
+        let med = mlaan_core::bench::median(&r.images_per_s);
+        let pick = ms
+            .into_iter()
+            .min_by(|a, b| (a.images_per_s - med).abs().total_cmp(&(b.images_per_s - med).abs()))
+            .expect("at least one repetition");
+        r.stages = pick.stages;
+        r.gpu_peak_bytes = pick.gpu_peak_bytes;
+    }
+    let b = &spec.base;
+    let first = &batches[0].0;
+    let size = first.size();
+    let uses_gpu = b.pipeline.devices.iter().any(|d| d != "cpu");
+    Ok(BenchReport {
+        arch: b.model.arch.clone(),
+        dataset: b.data.dataset.clone(),
+        input: [size[1] as usize, size[2] as usize, size[3] as usize],
+        batch_size: b.train.batch_size,
+        k: b.model.k,
+        devices: b.pipeline.devices.clone(),
+        warmup_steps: spec.warmup,
+        timed_steps: spec.steps,
+        repeats: spec.repeats,
+        memory_note: if uses_gpu {
+            "GPU: NVML per-process used memory (CUDA context and the caching allocator's \
+             reserved memory included), sampled every 10 ms; stages: exact live tensor bytes"
+                .into()
+        } else {
+            "CPU devices: exact live tensor bytes per stage (parameters, aux, LAM, EMA, optimizer \
+             state, gradients, inputs and graphs in flight); process peak RSS below"
+                .into()
+        },
+        peak_rss_bytes: devices::peak_rss_bytes(),
+        cases: results,
+    })
+}
+
+fn display_name(case: &str) -> String {
+    match case.split_once(':') {
+        Some((m, s)) => format!("{m} {s}"),
+        None if case == "e2e" || case == "gpipe" => case.to_string(),
+        None => format!("{case} async"),
+    }
+}
+
+/// Batches from the base config's training data, held in memory.
+fn sample_batches(cfg: &RunConfig, n: usize) -> Result<Vec<(Tensor, BatchTargets)>> {
+    let data = mlaan_data::open(&cfg.data).context("opening the benchmark data")?;
+    let loader = Loader::new(
+        data.train.clone(),
+        data.train_transform.clone(),
+        LoaderConfig::train(&cfg.data, cfg.train.batch_size, cfg.train.seed),
+    );
+    let mut out = Vec::new();
+    for b in loader.epoch(0).take(n.clamp(1, 16)) {
+        out.push(to_tensors(&b?, true));
+    }
+    if out.is_empty() {
+        bail!("the benchmark data gives no batch of {}", cfg.train.batch_size);
+    }
+    Ok(out)
+}
+
+struct Measurement {
+    images_per_s: f64,
+    stages: Vec<StageShare>,
+    gpu_peak_bytes: Vec<u64>,
+}
+
+fn measure(
+    cfg: &RunConfig,
+    batches: &[(Tensor, BatchTargets)],
+    warmup: usize,
+    steps: usize,
+) -> Result<Measurement> {
+    let mut s = Session::start(cfg, &RunOptions::default())?;
+    let feed = |s: &mut Session, i: usize| -> Result<Vec<Event>> {
+        let (x, t) = &batches[i % batches.len()];
+        let image_u8 = s.needs_image.then(|| x.shallow_clone());
+        s.send_batch(
+            x.shallow_clone(),
+            BatchTargets { labels: t.labels.shallow_clone(), image_u8 },
+        )?;
+        Ok(s.pipe.take_events()?)
+    };
+    for i in 0..warmup {
+        feed(&mut s, i)?;
+    }
+    s.drain()?;
+    let gpus: Vec<usize> =
+        crate::devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?
+            .iter()
+            .filter_map(|d| if let Device::Cuda(i) = d { Some(*i) } else { None })
+            .collect();
+    let sampler = GpuPeakSampler::start(&gpus, Duration::from_millis(10));
+    let t = Instant::now();
+    let mut events = Vec::new();
+    for i in 0..steps {
+        events.extend(feed(&mut s, warmup + i)?);
+    }
+    events.extend(s.drain()?);
+    let elapsed = t.elapsed().as_secs_f64();
+    let gpu_peak_bytes = sampler.map(|g| g.finish()).unwrap_or_default();
+    let stages_n = s.pipe.num_stages;
+    let final_bytes = s.finish()?;
+    let mut stages: Vec<StageShare> =
+        (0..stages_n).map(|i| StageShare { stage: i, ..Default::default() }).collect();
+    let mut wall = vec![0.0; stages_n];
+    for e in events {
+        if let Event::Window { stage, window: w, .. } = e {
+            let st = &mut stages[stage];
+            st.device = w.device.clone();
+            st.modules = w.modules.clone();
+            st.busy += w.busy_ms;
+            st.wait_input += w.wait_input_ms;
+            st.wait_output += w.wait_output_ms;
+            st.wait_grad += w.wait_grad_ms;
+            wall[stage] += w.wall_ms;
+        }
+    }
+    for (st, (w, (_, peak))) in stages.iter_mut().zip(wall.iter().zip(final_bytes)) {
+        let w = w.max(1e-9);
+        st.busy /= w;
+        st.wait_input /= w;
+        st.wait_output /= w;
+        st.wait_grad /= w;
+        st.peak_live_bytes = peak;
+    }
+    Ok(Measurement {
+        images_per_s: (steps * cfg.train.batch_size) as f64 / elapsed,
+        stages,
+        gpu_peak_bytes,
+    })
+}

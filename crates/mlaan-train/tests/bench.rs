@@ -1,0 +1,57 @@
+//! The benchmark runner measures every case on the same batches and reports shares that add
+//! up and memory that is counted.
+
+mod common;
+
+use common::tiny;
+use mlaan_train::bench::{case_config, run, BenchSpec};
+
+#[test]
+fn every_case_is_measured() {
+    let mut base = tiny("mlaan-dgl", 4);
+    base.pipeline.devices = vec!["cpu".into(), "cpu".into()];
+    let spec = BenchSpec {
+        base,
+        cases: ["e2e", "gpipe", "dgl", "mlaan-dgl", "mlaan-dgl:sync", "mlaan-dgl:sequential"]
+            .map(String::from)
+            .to_vec(),
+        warmup: 1,
+        steps: 4,
+        repeats: 2,
+        micro_batches: 2,
+    };
+    let r = run(&spec, &mut |_| {}).unwrap();
+    assert_eq!(r.cases.len(), 6);
+    for c in &r.cases {
+        assert_eq!(c.images_per_s.len(), 2, "{}", c.name);
+        assert!(c.median() > 0.0, "{}", c.name);
+        let stages = if c.name == "e2e" || c.name.ends_with("sequential") { 1 } else { 2 };
+        assert_eq!(c.stages.len(), stages, "{}", c.name);
+        for s in &c.stages {
+            let total = s.busy + s.wait_input + s.wait_output + s.wait_grad;
+            assert!(s.busy > 0.0 && total <= 1.05, "{} stage {}: shares {total}", c.name, s.stage);
+            assert!(s.peak_live_bytes > 0, "{} stage {}", c.name, s.stage);
+        }
+    }
+    let e2e = r.cases.iter().find(|c| c.name == "e2e").unwrap();
+    assert_eq!(r.speedup(e2e, "e2e"), Some(1.0));
+    assert!(r.memory_ratio(&r.cases[2]).unwrap() < 1.0, "a DGL stage holds less than e2e");
+}
+
+#[test]
+fn bad_cases_are_named() {
+    let spec = BenchSpec {
+        base: tiny("dgl", 4),
+        cases: vec![],
+        warmup: 0,
+        steps: 1,
+        repeats: 1,
+        micro_batches: 3,
+    };
+    let e = case_config(&spec, "mlaan-dgl:fast").unwrap_err().to_string();
+    assert!(e.contains("fast"), "{e}");
+    let e = case_config(&spec, "backprop").unwrap_err().to_string();
+    assert!(e.contains("backprop"), "{e}");
+    let e = format!("{:#}", case_config(&spec, "gpipe").unwrap_err());
+    assert!(e.contains("micro_batches"), "{e}");
+}
