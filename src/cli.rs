@@ -31,6 +31,42 @@ pub enum Command {
     /// Datasets: verify, fetch, benchmark the loader, generate an image folder.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Throughput and memory of e2e, GPipe and the local methods on the same devices, side by
+    /// side in one run; writes bench.json, bench.md and plots.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model, data, batch, K and devices (dataset defaults to CIFAR-shaped synthetic data).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Cases, `METHOD[:SCHEDULE]`; `e2e` runs on the first device, `gpipe` is pipelined
+    /// backprop with micro-batches, local methods default to `async`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "e2e,gpipe,dgl,infopro,mlaan-dgl,mlaan-dgl:sync,mlaan-infopro"
+    )]
+    pub cases: Vec<String>,
+    /// Untimed batches before each measurement.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed batches per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Repetitions of every case, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Micro-batches of the GPipe case.
+    #[arg(long, default_value_t = 4)]
+    pub micro_batches: usize,
+    /// Output directory (default: runs/bench-<time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the Markdown summary (for pasting into an issue) instead of the table.
+    #[arg(long)]
+    pub markdown: bool,
 }
 
 /// Flags that build the run config.
@@ -125,23 +161,14 @@ impl ConfigArgs {
             put("pipeline.in_flight", v.to_string());
         }
         let list = |items: Vec<String>| {
-            format!(
-                "[{}]",
-                items.iter().map(|s| q(s)).collect::<Vec<_>>().join(",")
-            )
+            format!("[{}]", items.iter().map(|s| q(s)).collect::<Vec<_>>().join(","))
         };
         if let Some(v) = &self.devices {
-            put(
-                "pipeline.devices",
-                list(v.split(',').map(|s| s.trim().to_string()).collect()),
-            );
+            put("pipeline.devices", list(v.split(',').map(|s| s.trim().to_string()).collect()));
         }
         if let Some(v) = &self.gpus {
             let gpus = mlaan_core::device::DeviceSpec::gpus(v)?;
-            put(
-                "pipeline.devices",
-                list(gpus.iter().map(|d| d.to_string()).collect()),
-            );
+            put("pipeline.devices", list(gpus.iter().map(|d| d.to_string()).collect()));
         }
         Ok(RunConfig::load(self.config.as_deref(), &o)?)
     }
@@ -157,6 +184,13 @@ pub struct TrainArgs {
     /// Inject a fault for drills: KIND@STAGE:BATCH, KIND = error|panic|nan|close.
     #[arg(long, hide = true)]
     pub inject_fault: Option<String>,
+    /// Continue from a checkpoint: `auto` (the newest complete one under OUT/ckpt, or a fresh
+    /// start when there is none) or a checkpoint directory.
+    #[arg(long, value_name = "auto|PATH")]
+    pub resume: Option<String>,
+    /// Drills: pause this long before a checkpoint's completion marker is written.
+    #[arg(long, hide = true)]
+    pub checkpoint_pause_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -188,7 +222,7 @@ pub enum DataCommand {
     /// Download a public dataset and check its published checksums.
     Fetch(FetchArgs),
     /// Measure the loader's throughput (decode + augmentation) on a dataset.
-    Bench(BenchArgs),
+    Bench(LoaderBenchArgs),
     /// Write a synthetic JPEG image folder (`DIR/train/class_NNN/*.jpg`, `DIR/val/...`).
     MakeImagefolder(MakeImageFolderArgs),
 }
@@ -213,7 +247,7 @@ pub struct FetchArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub struct LoaderBenchArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Decoder threads (default: `data.workers`; 0 = all cores).
@@ -260,16 +294,12 @@ mod tests {
     #[test]
     fn json_takes_an_optional_file() {
         let cli = Cli::try_parse_from(["mlaan-pipe", "plan", "--json", "--k", "2"]).unwrap();
-        let Command::Plan(p) = cli.command else {
-            panic!("not plan")
-        };
+        let Command::Plan(p) = cli.command else { panic!("not plan") };
         assert_eq!(p.json.as_deref(), Some(std::path::Path::new("-")));
         assert_eq!(p.config.k, Some(2));
         let cli = Cli::try_parse_from(["mlaan-pipe", "eval", "--model", "m", "--json", "r.json"])
             .unwrap();
-        let Command::Eval(e) = cli.command else {
-            panic!("not eval")
-        };
+        let Command::Eval(e) = cli.command else { panic!("not eval") };
         assert_eq!(e.json.as_deref(), Some(std::path::Path::new("r.json")));
     }
 }

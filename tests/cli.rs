@@ -24,10 +24,7 @@ fn text(o: &Output) -> (String, String) {
 fn ok(args: &[&str]) -> String {
     let o = mlaan(args);
     let (out, err) = text(&o);
-    assert!(
-        o.status.success(),
-        "{args:?} failed\nstdout:\n{out}\nstderr:\n{err}"
-    );
+    assert!(o.status.success(), "{args:?} failed\nstdout:\n{out}\nstderr:\n{err}");
     out
 }
 
@@ -119,30 +116,12 @@ fn plan_errors_name_the_numbers() {
         "model.split=[[2,1],[1,3]]",
     ]);
     assert!(err.contains("[1,3]") && err.contains("[2,1]"), "{err}");
-    let err = fails(&[
-        "plan",
-        "--dataset",
-        "synthetic",
-        "--method",
-        "dgl",
-        "--k",
-        "99",
-    ]);
+    let err = fails(&["plan", "--dataset", "synthetic", "--method", "dgl", "--k", "99"]);
     assert!(err.contains("K=99"), "{err}");
     let err = fails(&["plan", "--dataset", "synthetic", "--set", "optim.lrr=0.1"]);
     assert!(err.contains("lrr"), "{err}");
     // A GPU that is not here: the plan is printed anyway, with a note.
-    let out = ok(&[
-        "plan",
-        "--dataset",
-        "synthetic",
-        "--method",
-        "dgl",
-        "--k",
-        "2",
-        "--gpus",
-        "7",
-    ]);
+    let out = ok(&["plan", "--dataset", "synthetic", "--method", "dgl", "--k", "2", "--gpus", "7"]);
     assert!(out.contains("GPU 7"), "{out}");
 }
 
@@ -167,25 +146,11 @@ fn train_writes_a_run_that_eval_reproduces() {
         "--set",
         "data.workers=1",
     ];
-    let mut args = vec![
-        "train",
-        "-q",
-        "--method",
-        "dgl",
-        "--k",
-        "2",
-        "--devices",
-        "cpu,cpu",
-    ];
+    let mut args = vec!["train", "-q", "--method", "dgl", "--k", "2", "--devices", "cpu,cpu"];
     args.extend(tiny);
     args.extend(["--out", run_s]);
     ok(&args);
-    for f in [
-        "config.toml",
-        "metrics.jsonl",
-        "summary.json",
-        "model.safetensors",
-    ] {
+    for f in ["config.toml", "metrics.jsonl", "summary.json", "model.safetensors"] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -203,28 +168,15 @@ fn train_writes_a_run_that_eval_reproduces() {
     let out = ok(&["eval", "--model", run_s, "--json"]);
     let e: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("eval --json stdout: {e}\n{out}"));
-    assert_eq!(
-        e["test_accuracy"].as_f64().unwrap(),
-        acc,
-        "{e} vs {summary}"
-    );
+    assert_eq!(e["test_accuracy"].as_f64().unwrap(), acc, "{e} vs {summary}");
     assert!(
         (e["test_loss"].as_f64().unwrap() - summary["test_loss"].as_f64().unwrap()).abs() < 1e-4
     );
 
     // The model file with the wrong architecture: the tensors are named.
     let model = run.join("model.safetensors");
-    let err = fails(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--arch",
-        "resnet14",
-    ]);
-    assert!(
-        err.contains("missing") && err.contains("layer1.1."),
-        "{err}"
-    );
+    let err = fails(&["eval", "--model", model.to_str().unwrap(), "--arch", "resnet14"]);
+    assert!(err.contains("missing") && err.contains("layer1.1."), "{err}");
     let err = fails(&["eval", "--model", dir.path().to_str().unwrap()]);
     assert!(err.contains("model.safetensors"), "{err}");
 
@@ -257,14 +209,7 @@ fn data_imagefolder_is_made_and_verified() {
     ]);
     assert!(folder.join("train/class_002/img_00003.jpg").is_file());
     assert!(folder.join("val/class_000/img_00000.jpg").is_file());
-    let out = ok(&[
-        "data",
-        "verify",
-        "--dataset",
-        "imagefolder",
-        "--data-dir",
-        f,
-    ]);
+    let out = ok(&["data", "verify", "--dataset", "imagefolder", "--data-dir", f]);
     assert!(out.contains("OK") && out.contains("samples: 12"), "{out}");
     let out = ok(&[
         "data",

@@ -1,6 +1,6 @@
 //! `mlaan-pipe data ...`: check, download, benchmark and generate datasets.
 
-use crate::cli::{BenchArgs, ConfigArgs, DataCommand, FetchArgs, MakeImageFolderArgs};
+use crate::cli::{ConfigArgs, DataCommand, FetchArgs, LoaderBenchArgs, MakeImageFolderArgs};
 use anyhow::{bail, Context, Result};
 use mlaan_data::registry::DEBIAN_FASHION_MNIST;
 use std::path::{Path, PathBuf};
@@ -16,9 +16,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 
 /// The folder a dataset is read from under `cfg`, for messages.
 fn data_dir(cfg: &mlaan_core::config::DataConfig) -> PathBuf {
-    cfg.dir
-        .clone()
-        .unwrap_or_else(|| mlaan_data::default_dir(&cfg.dataset))
+    cfg.dir.clone().unwrap_or_else(|| mlaan_data::default_dir(&cfg.dataset))
 }
 
 fn verify(args: ConfigArgs) -> Result<()> {
@@ -28,11 +26,7 @@ fn verify(args: ConfigArgs) -> Result<()> {
         .with_context(|| format!("verifying {} in {}", cfg.data.dataset, dir.display()))?;
     print!("{report}");
     if !report.is_ok() {
-        bail!(
-            "dataset {} in {} has problems (listed above)",
-            report.dataset,
-            dir.display()
-        );
+        bail!("dataset {} in {} has problems (listed above)", report.dataset, dir.display());
     }
     Ok(())
 }
@@ -71,7 +65,7 @@ fn fetch(args: FetchArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(args: BenchArgs) -> Result<()> {
+fn bench(args: LoaderBenchArgs) -> Result<()> {
     let cfg = args.config.resolve()?;
     let dir = data_dir(&cfg.data);
     let data = mlaan_data::open(&cfg.data)
@@ -87,10 +81,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let batch = args.batch.unwrap_or(cfg.train.batch_size);
     if batch == 0 || args.batches == 0 {
-        bail!(
-            "--batch and --batches must be at least 1 (got {batch} and {})",
-            args.batches
-        );
+        bail!("--batch and --batches must be at least 1 (got {batch} and {})", args.batches);
     }
     println!("{}", split.describe());
     println!("{name} transform: {transform}");
@@ -99,11 +90,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if report.batches == 0 {
         bail!(
             "no batch could be loaded{}",
-            report
-                .first_error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
+            report.first_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
         );
     }
     Ok(())

@@ -102,10 +102,8 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
             data.info.num_classes
         )
     })?;
-    let classifier = nets
-        .classifier
-        .as_ref()
-        .context("the one-module network has no classifier")?;
+    let classifier =
+        nets.classifier.as_ref().context("the one-module network has no classifier")?;
     let bs = match cfg.train.eval_batch_size {
         0 => cfg.train.batch_size,
         n => n,
@@ -116,12 +114,8 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
         LoaderConfig::eval(&cfg.data, bs),
     );
     let c = data.info.mean.len() as i64;
-    let mean = Tensor::from_slice(&data.info.mean)
-        .view([1, c, 1, 1])
-        .to_device(device);
-    let std = Tensor::from_slice(&data.info.std)
-        .view([1, c, 1, 1])
-        .to_device(device);
+    let mean = Tensor::from_slice(&data.info.mean).view([1, c, 1, 1]).to_device(device);
+    let std = Tensor::from_slice(&data.info.std).view([1, c, 1, 1]).to_device(device);
     let (mut correct, mut seen, mut loss_sum) = (0i64, 0i64, 0f64);
     let _guard = tch::no_grad_guard();
     for batch in loader.epoch(0) {
@@ -167,26 +161,15 @@ fn load_backbone(nets: &LocalNets, path: &Path) -> Result<()> {
     let given: HashMap<&str, &Tensor> = file.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let state = nets.state();
     let wanted: HashMap<&str, &Tensor> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut missing: Vec<&str> = wanted
-        .keys()
-        .filter(|n| !given.contains_key(*n))
-        .copied()
-        .collect();
-    let mut extra: Vec<&str> = given
-        .keys()
-        .filter(|n| !wanted.contains_key(*n))
-        .copied()
-        .collect();
+    let mut missing: Vec<&str> =
+        wanted.keys().filter(|n| !given.contains_key(*n)).copied().collect();
+    let mut extra: Vec<&str> = given.keys().filter(|n| !wanted.contains_key(*n)).copied().collect();
     let mut shapes: Vec<String> = wanted
         .iter()
         .filter_map(|(n, t)| {
             let g = given.get(n)?;
             (g.size() != t.size()).then(|| {
-                format!(
-                    "`{n}` is {:?} in the network but {:?} in the file",
-                    t.size(),
-                    g.size()
-                )
+                format!("`{n}` is {:?} in the network but {:?} in the file", t.size(), g.size())
             })
         })
         .collect();
@@ -199,11 +182,7 @@ fn load_backbone(nets: &LocalNets, path: &Path) -> Result<()> {
         format!(
             "{}{}",
             shown.join(", "),
-            if more > 0 {
-                format!(" (+{more} more)")
-            } else {
-                String::new()
-            }
+            if more > 0 { format!(" (+{more} more)") } else { String::new() }
         )
     };
     let mut problems = Vec::new();
@@ -227,11 +206,7 @@ fn load_backbone(nets: &LocalNets, path: &Path) -> Result<()> {
         problems.push(format!(
             "shape mismatch: {}{}",
             shapes.join("; "),
-            if more > 0 {
-                format!(" (+{more} more)")
-            } else {
-                String::new()
-            }
+            if more > 0 { format!(" (+{more} more)") } else { String::new() }
         ));
     }
     if !problems.is_empty() {
@@ -240,8 +215,7 @@ fn load_backbone(nets: &LocalNets, path: &Path) -> Result<()> {
     let _guard = tch::no_grad_guard();
     for (name, t) in &state {
         let mut t = t.shallow_clone();
-        t.f_copy_(given[name.as_str()])
-            .with_context(|| format!("copying `{name}`"))?;
+        t.f_copy_(given[name.as_str()]).with_context(|| format!("copying `{name}`"))?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod bench;
 mod data;
 mod eval;
 mod plan;
@@ -14,6 +15,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Data(c) => data::run(c),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -230,10 +230,7 @@ fn trained_by(plan: &NetworkPlan, i: usize) -> Vec<TrainedBy> {
             m.terms
                 .iter()
                 .filter(move |t| t.reach >= m.index - i)
-                .map(move |t| TrainedBy {
-                    module: m.index,
-                    term: t.kind,
-                })
+                .map(move |t| TrainedBy { module: m.index, term: t.kind })
         })
         .collect()
 }
@@ -253,11 +250,7 @@ fn lam_rule(cfg: &RunConfig, plan: &NetworkPlan) -> String {
              back from the last block",
             lam.depth,
             lam.pyramid,
-            if depths.is_empty() {
-                "no steps".into()
-            } else {
-                depths.join(",")
-            }
+            if depths.is_empty() { "no steps".into() } else { depths.join(",") }
         )
     }
 }
@@ -303,9 +296,7 @@ fn placement(
             }
         })
         .collect();
-    let cpu_stages = (0..stages.len())
-        .filter(|&s| stage_device(s) == DeviceSpec::Cpu)
-        .count();
+    let cpu_stages = (0..stages.len()).filter(|&s| stage_device(s) == DeviceSpec::Cpu).count();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let intra_op_threads = match cfg.pipeline.intra_op_threads {
         0 => cpu_threads_per_stage(cores, cpu_stages),
@@ -342,14 +333,7 @@ fn objective_text(o: &ObjectiveSpec) -> String {
         ObjectiveSpec::Classify { head, in_channels } => {
             format!("CE({} head, {in_channels} ch)", head_name(*head))
         }
-        ObjectiveSpec::InfoPro {
-            head,
-            in_channels,
-            lambda1,
-            lambda2,
-            mode,
-            temperature,
-        } => {
+        ObjectiveSpec::InfoPro { head, in_channels, lambda1, lambda2, mode, temperature } => {
             let cls = match mode {
                 InfoProMode::Softmax => "CE".to_string(),
                 InfoProMode::Contrast => format!("SupCon(τ={temperature})"),
@@ -470,11 +454,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         "  split         K={} from {}: modules 0..K-2 end at {}",
         r.k,
         r.split_source,
-        if ends.is_empty() {
-            "(one module: the whole network)".into()
-        } else {
-            ends.join(" ")
-        }
+        if ends.is_empty() { "(one module: the whole network)".into() } else { ends.join(" ") }
     );
     let mut method = format!("{}", r.method);
     if r.method.is_local() {
@@ -513,11 +493,8 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
 
     // Modules: blocks, sizes, parameters.
     let _ = writeln!(o);
-    let blocks: Vec<String> = r
-        .modules
-        .iter()
-        .map(|md| blocks_text(md.with_stem, &md.blocks))
-        .collect();
+    let blocks: Vec<String> =
+        r.modules.iter().map(|md| blocks_text(md.with_stem, &md.blocks)).collect();
     let bw = blocks.iter().map(|b| b.len()).max().unwrap_or(0).max(6);
     let _ = writeln!(
         o,
@@ -559,27 +536,16 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
          classifier; the architecture counts {} backbone parameters{}",
         r.batch_size,
         count_text(r.arch_params),
-        if r.arch_params == r.total.backbone {
-            " (equal)"
-        } else {
-            " (MISMATCH)"
-        }
+        if r.arch_params == r.total.backbone { " (equal)" } else { " (MISMATCH)" }
     );
 
     // Losses and gradient routes.
     let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "losses (reach: how many earlier modules the gradient reaches)"
-    );
+    let _ = writeln!(o, "losses (reach: how many earlier modules the gradient reaches)");
     let ow = r
         .modules
         .iter()
-        .flat_map(|m| {
-            m.terms
-                .iter()
-                .map(|t| objective_text(&t.objective).chars().count())
-        })
+        .flat_map(|m| m.terms.iter().map(|t| objective_text(&t.objective).chars().count()))
         .max()
         .unwrap_or(0)
         .max(9);
@@ -609,11 +575,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
                 o,
                 "{:>6}  (no loss of its own; trained by {})",
                 md.index,
-                if by.is_empty() {
-                    "nothing".into()
-                } else {
-                    by.join(", ")
-                }
+                if by.is_empty() { "nothing".into() } else { by.join(", ") }
             );
         }
         for t in &md.terms {
@@ -663,11 +625,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         let _ = writeln!(o, "  note: {note}");
     }
     for s in &p.stages {
-        let share = if total_macs > 0.0 {
-            100.0 * s.macs_per_sample / total_macs
-        } else {
-            0.0
-        };
+        let share = if total_macs > 0.0 { 100.0 * s.macs_per_sample / total_macs } else { 0.0 };
         let _ = writeln!(
             o,
             "  stage {:<2} {:<7} modules {:<6} {:>10} MACs/sample ({share:>5.1}%)  params {} + aux {} + LAM {} + EMA {}",

@@ -1,19 +1,25 @@
 use crate::cli::TrainArgs;
 use anyhow::{Context, Result};
-use mlaan_train::trainer::{default_run_dir, train, RunOptions};
+use mlaan_train::trainer::{default_run_dir, train, Outcome, RunOptions};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Exit code of a run stopped by SIGINT/SIGTERM/SIGUSR1 after writing its checkpoint
+/// (EX_TEMPFAIL: "try again", what a requeued SLURM job expects).
+pub const EXIT_INTERRUPTED: i32 = 75;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = args.config.resolve()?;
     let out = args.out.unwrap_or_else(|| default_run_dir(&cfg));
-    let fault = args
-        .inject_fault
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let fault =
+        args.inject_fault.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let interrupt = install_signal_handlers()?;
     let opts = RunOptions {
         fault,
         save_model: true,
+        resume: args.resume.clone(),
+        interrupt: Some(interrupt),
+        checkpoint_pause: args.checkpoint_pause_ms.map(std::time::Duration::from_millis),
     };
     tracing::info!(
         "training {} {} K={} ({} schedule) on {:?}, run directory {}",
@@ -24,19 +30,42 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cfg.pipeline.devices,
         out.display()
     );
-    let s = train(&cfg, &out, &opts).with_context(|| format!("run {}", out.display()))?;
-    println!(
-        "{} {} K={} on {}: test accuracy {:.4} ({} epochs, {} steps), {:.1} images/s, {:.1} s; results in {}",
-        s.method,
-        s.arch,
-        s.k,
-        s.dataset,
-        s.test_accuracy,
-        s.epochs,
-        s.steps,
-        s.train_images_per_s,
-        s.wall_s,
-        out.display()
-    );
-    Ok(())
+    match train(&cfg, &out, &opts).with_context(|| format!("run {}", out.display()))? {
+        Outcome::Finished(s) => {
+            println!(
+                "{} {} K={} on {}: test accuracy {:.4} ({} epochs, {} steps), {:.1} images/s, {:.1} s; results in {}",
+                s.method,
+                s.arch,
+                s.k,
+                s.dataset,
+                s.test_accuracy,
+                s.epochs,
+                s.steps,
+                s.train_images_per_s,
+                s.wall_s,
+                out.display()
+            );
+            Ok(())
+        }
+        Outcome::Interrupted { checkpoint, step } => {
+            eprintln!(
+                "interrupted at step {step}; checkpoint {} written; continue with --resume auto --out {}",
+                checkpoint.display(),
+                out.display()
+            );
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+    }
+}
+
+/// SIGINT, SIGTERM and SIGUSR1 (SLURM's warning before pre-emption) ask the run to drain,
+/// checkpoint and stop; a second SIGINT exits at once.
+fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())?;
+    for sig in [SIGINT, SIGTERM, SIGUSR1] {
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
 }

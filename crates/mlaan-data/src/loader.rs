@@ -199,13 +199,18 @@ impl Loader {
     /// Starts the worker threads for one epoch. Batches `start_batch..num_batches()` are
     /// produced; an invalid configuration yields one error.
     pub fn epoch(&self, epoch: usize) -> EpochStream {
+        self.epoch_from(epoch, self.cfg.start_batch)
+    }
+
+    /// Like [`Loader::epoch`], starting at batch `first_batch` of the epoch (resuming).
+    pub fn epoch_from(&self, epoch: usize, first_batch: usize) -> EpochStream {
         if let Err(e) = self.cfg.check() {
             return EpochStream::failed(e);
         }
         let samples = self.epoch_samples(epoch);
         let batch_size = self.cfg.batch_size;
         let end = self.num_batches();
-        let first = self.cfg.start_batch.min(end);
+        let first = first_batch.min(end);
         let batches: Arc<Vec<Vec<usize>>> =
             Arc::new(samples.chunks(batch_size).take(end).map(<[usize]>::to_vec).collect());
         let workers = match self.cfg.workers {

@@ -3,6 +3,7 @@
 //! initial state ([`init`]), evaluation, metrics and the top-level [`trainer`].
 
 pub mod bench;
+pub mod checkpoint;
 pub mod devices;
 pub mod init;
 pub mod metrics;

@@ -56,12 +56,31 @@ pub enum Forward {
 }
 
 /// A CPU copy of one module: its stores (EMA twins prefixed `ema.`), its optimizer's momentum
-/// buffers by parameter name, and its step count.
+/// buffers by parameter name, and its step count. Also what a stage starts from.
 pub struct ModuleSnapshot {
     pub module: usize,
     pub state: ModuleState,
     pub momentum: Vec<(String, Tensor)>,
     pub step: u64,
+}
+
+impl ModuleSnapshot {
+    /// A fresh module: initial weights, no optimizer state.
+    pub fn initial(module: usize, state: ModuleState) -> Self {
+        ModuleSnapshot { module, state, momentum: Vec::new(), step: 0 }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        let copy = |v: &[(String, Tensor)]| {
+            v.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        };
+        ModuleSnapshot {
+            module: self.module,
+            state: copy(&self.state),
+            momentum: copy(&self.momentum),
+            step: self.step,
+        }
+    }
 }
 
 /// Evaluation counts of one module.
@@ -245,7 +264,7 @@ struct StageContext {
     device: Device,
     next_device: Option<Device>,
     plan: Arc<NetworkPlan>,
-    states: Vec<ModuleState>,
+    states: Vec<ModuleSnapshot>,
     settings: PipelineSettings,
     input: Receiver<Forward>,
     output: Option<Sender<Forward>>,
@@ -264,7 +283,7 @@ impl Pipeline {
     pub fn start(
         plan: Arc<NetworkPlan>,
         settings: PipelineSettings,
-        states: Vec<ModuleState>,
+        states: Vec<ModuleSnapshot>,
         placement: &Placement,
         devices: &[Device],
     ) -> Result<Pipeline, TrainError> {
@@ -321,10 +340,7 @@ impl Pipeline {
                 device: devices[s],
                 next_device: (s + 1 < d).then(|| devices[s + 1]),
                 plan: plan.clone(),
-                states: states[modules.clone()]
-                    .iter()
-                    .map(|st| st.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
-                    .collect(),
+                states: states[modules.clone()].iter().map(ModuleSnapshot::shallow_clone).collect(),
                 settings: settings.clone(),
                 input: fwd_rx[s].take().expect("one receiver per stage"),
                 output: (s + 1 < d).then(|| fwd[s + 1].0.clone()),
@@ -592,11 +608,11 @@ impl StageWorker {
         let plan = ctx.plan.clone();
         let s = &ctx.settings;
         let mut modules = Vec::with_capacity(ctx.modules.len());
-        for (m, state) in ctx.modules.clone().zip(&ctx.states) {
+        for (m, start) in ctx.modules.clone().zip(&ctx.states) {
             let nets = build_nets(&plan, m, s.image, device);
-            load_state(&nets, state)?;
+            load_state(&nets, &start.state)?;
             let input_grad = m > 0 && plan.incoming_reach_left(m - 1, m).is_some();
-            modules.push(LocalModule::new(
+            let mut module = LocalModule::new(
                 nets,
                 ModuleSettings {
                     lr: s.lr,
@@ -606,7 +622,9 @@ impl StageWorker {
                     ema_momentum: s.ema_momentum,
                     stop: ctx.stop.clone(),
                 },
-            ));
+            );
+            module.restore_optimizer(&start.momentum, start.step)?;
+            modules.push(module);
         }
         let first = ctx.modules.start;
         for TwinWire { module: m, block, rx, lag } in ctx.twins {

@@ -506,4 +506,35 @@ impl LocalModule {
     pub fn set_accumulate(&mut self, n: usize) {
         self.accumulate = n.max(1);
     }
+
+    /// Restore the optimizer from a checkpoint: momentum buffers by parameter name and the
+    /// number of steps taken (which positions the learning-rate schedule).
+    pub fn restore_optimizer(
+        &mut self,
+        momentum: &[(String, Tensor)],
+        step: u64,
+    ) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let device = self.nets.vs.device();
+        for (name, buf) in momentum {
+            let slot = self.slot.get(name).copied().ok_or_else(|| {
+                TrainError::Other(format!(
+                    "module {}: checkpoint has momentum for unknown parameter `{name}`",
+                    self.index
+                ))
+            })?;
+            let shape = self.opt.params[slot].1.size();
+            if buf.size() != shape {
+                return Err(TrainError::Other(format!(
+                    "module {}: momentum of `{name}` has shape {:?}, the parameter {:?}",
+                    self.index,
+                    buf.size(),
+                    shape
+                )));
+            }
+            self.opt.momentum_buffers[slot] = Some(buf.f_to_device(device)?.f_detach_copy()?);
+        }
+        self.step = step;
+        Ok(())
+    }
 }

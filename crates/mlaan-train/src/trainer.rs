@@ -1,6 +1,7 @@
 //! The training loop, top to bottom: open the data, plan the network, place the modules,
 //! start the pipeline, feed it epoch by epoch, evaluate, save, summarise.
 
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
 use crate::init::{initial_state, ImageSpec};
 use crate::metrics::{progress_bar, JsonlWriter};
@@ -21,6 +22,7 @@ use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
@@ -47,6 +49,8 @@ pub struct Summary {
     pub train_images_per_s: f64,
     pub train_s: f64,
     pub wall_s: f64,
+    /// Training samples that could not be read and were skipped (`data.on_bad_sample`).
+    pub skipped_samples: u64,
     pub stages: Vec<StageWindow>,
     pub peak_live_bytes: Vec<u64>,
     pub peak_rss_bytes: Option<u64>,
@@ -60,6 +64,23 @@ pub struct RunOptions {
     pub fault: Option<Fault>,
     /// Write `model.safetensors` (the backbone alone) at the end.
     pub save_model: bool,
+    /// `auto` (newest complete checkpoint of the run directory, if any) or a checkpoint path.
+    pub resume: Option<String>,
+    /// Set by a signal handler: drain, checkpoint and stop at the next batch boundary.
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// Drills: pause before a checkpoint's marker is written (so a test can kill the writer).
+    pub checkpoint_pause: Option<Duration>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Finished(Box<Summary>),
+    /// Stopped by a signal after writing `checkpoint` at `step`.
+    Interrupted {
+        checkpoint: PathBuf,
+        step: u64,
+    },
 }
 
 /// A started pipeline with its data: the pieces a run, a test or a benchmark drives.
@@ -75,12 +96,23 @@ pub struct Session {
     pub next_id: u64,
     /// Whether batches carry the raw image (InfoPro's reconstruction target).
     pub needs_image: bool,
+    /// Training samples dropped because they could not be read (`data.on_bad_sample = skip`).
+    pub skipped_samples: u64,
 }
 
 impl Session {
     /// Open the data, plan the network, place it, and start every stage from the initial
     /// state of `cfg.train.seed`.
     pub fn start(cfg: &RunConfig, opts: &RunOptions) -> Result<Session> {
+        Session::start_from(cfg, opts, None)
+    }
+
+    /// Like [`Session::start`], continuing from a checkpoint when one is given.
+    pub fn start_from(
+        cfg: &RunConfig,
+        opts: &RunOptions,
+        from: Option<Checkpoint>,
+    ) -> Result<Session> {
         let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
         tracing::info!("{}", data.train.describe());
         tracing::info!("{}", data.test.describe());
@@ -105,7 +137,23 @@ impl Session {
         let lr = LrSchedule::new(&cfg.optim, steps_per_epoch, cfg.train.epochs);
         let mut settings = pipeline_settings(cfg, &data, image, lr, opts);
         settings.intra_op_threads = threads;
-        let states = initial_state(&plan, image, cfg.train.seed)?;
+        let (states, next_id) = match from {
+            Some(c) => {
+                check_compatible(&c, cfg, &plan, steps_per_epoch)?;
+                tracing::info!("resuming from {} at step {}", c.dir.display(), c.meta.step);
+                (c.modules, c.meta.step)
+            }
+            None => {
+                let init = initial_state(&plan, image, cfg.train.seed)?;
+                (
+                    init.into_iter()
+                        .enumerate()
+                        .map(|(m, s)| ModuleSnapshot::initial(m, s))
+                        .collect(),
+                    0,
+                )
+            }
+        };
         let pipe = Pipeline::start(
             plan.clone(),
             settings,
@@ -122,27 +170,37 @@ impl Session {
             pipe,
             train_loader,
             steps_per_epoch,
-            next_id: 0,
+            next_id,
+            skipped_samples: 0,
         })
     }
 
-    /// Feed the training batches of `epoch` until the epoch ends or `stop_at` batches have
-    /// been fed in total; `on_batch` sees the events after every batch.
+    /// Feed training batches of `epoch` from the current position until the epoch ends,
+    /// `stop_at` batches have been fed in total, or `on_batch` (which sees the events after
+    /// every batch) returns `true`.
     pub fn feed_epoch(
         &mut self,
         epoch: usize,
         stop_at: u64,
-        on_batch: &mut dyn FnMut(Vec<Event>) -> Result<()>,
+        on_batch: &mut dyn FnMut(Vec<Event>) -> Result<bool>,
     ) -> Result<()> {
-        for batch in self.train_loader.epoch(epoch) {
-            if self.next_id >= stop_at {
-                break;
-            }
+        let epoch_start = epoch as u64 * self.steps_per_epoch;
+        let first = self.next_id.saturating_sub(epoch_start);
+        if first >= self.steps_per_epoch || self.next_id >= stop_at {
+            return Ok(());
+        }
+        for batch in self.train_loader.epoch_from(epoch, first as usize) {
             let batch =
                 batch.with_context(|| format!("loading training batch {}", self.next_id))?;
+            self.skipped_samples += batch.skipped as u64;
+            if batch.is_empty() {
+                continue;
+            }
             let (x, targets) = to_tensors(&batch, self.needs_image);
             self.send_batch(x, targets)?;
-            on_batch(self.pipe.take_events()?)?;
+            if on_batch(self.pipe.take_events()?)? || self.next_id >= stop_at {
+                break;
+            }
         }
         Ok(())
     }
@@ -181,48 +239,140 @@ impl Session {
         Ok(self.pipe.collect()?)
     }
 
+    /// Write a checkpoint of the drained pipeline under `root` (see [`checkpoint`]).
+    pub fn checkpoint(&mut self, root: &Path, pause: Option<Duration>) -> Result<PathBuf> {
+        let modules = self.snapshots()?;
+        let meta = CheckpointMeta {
+            step: self.next_id,
+            steps_per_epoch: self.steps_per_epoch,
+            method: self.cfg.method.name.to_string(),
+            arch: self.cfg.model.arch.clone(),
+            k: self.plan.k(),
+            schedule: self.cfg.pipeline.schedule.to_string(),
+            seed: self.cfg.train.seed,
+            placement: self.placement.groups.iter().map(|g| [g.start, g.end]).collect(),
+            files: BTreeMap::new(),
+        };
+        let keep = self.cfg.checkpoint.keep_last;
+        Ok(checkpoint::write(root, meta, &modules, &self.cfg.to_toml(), keep, pause)?)
+    }
+
     /// Join every stage; returns (final, peak) live bytes per stage.
     pub fn finish(self) -> Result<Vec<(u64, u64)>> {
         Ok(self.pipe.finish()?)
     }
 }
 
+/// A checkpoint must come from the same network and the same data order.
+fn check_compatible(c: &Checkpoint, cfg: &RunConfig, plan: &NetworkPlan, spe: u64) -> Result<()> {
+    let m = &c.meta;
+    let mismatch = |what: &str, had: String, now: String| {
+        anyhow::anyhow!(
+            "checkpoint {} has {what} {had} but the config asks for {now}",
+            c.dir.display()
+        )
+    };
+    if m.method != cfg.method.name.to_string() {
+        return Err(mismatch("method", m.method.clone(), cfg.method.name.to_string()));
+    }
+    if m.arch != cfg.model.arch {
+        return Err(mismatch("arch", m.arch.clone(), cfg.model.arch.clone()));
+    }
+    if m.k != plan.k() {
+        return Err(mismatch("K", m.k.to_string(), plan.k().to_string()));
+    }
+    if m.steps_per_epoch != spe {
+        return Err(mismatch("steps per epoch", m.steps_per_epoch.to_string(), spe.to_string()));
+    }
+    if m.seed != cfg.train.seed {
+        return Err(mismatch("seed", m.seed.to_string(), cfg.train.seed.to_string()));
+    }
+    Ok(())
+}
+
+/// Find what `--resume` names: `auto` is the newest complete checkpoint under `ckpt_root`
+/// (none is fine: a fresh start), anything else a checkpoint directory that must load.
+pub fn find_resume(spec: &str, ckpt_root: &Path) -> Result<Option<Checkpoint>> {
+    if spec == "auto" {
+        return Ok(checkpoint::latest(ckpt_root)?);
+    }
+    let dir = Path::new(spec);
+    Ok(Some(checkpoint::read(dir).with_context(|| format!("--resume {spec}"))?))
+}
+
 /// Train `cfg`, writing the run directory `out`.
-pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Summary> {
+pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let wall = Instant::now();
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run directory {}", out.display()))?;
     std::fs::write(out.join("config.toml"), cfg.to_toml())?;
-    let mut s = Session::start(cfg, opts)?;
-    let mut log = MetricsLog::new(out, s.pipe.num_stages)?;
-    let total_steps = match cfg.train.max_steps {
-        0 => s.steps_per_epoch * cfg.train.epochs as u64,
-        n => (n as u64).min(s.steps_per_epoch * cfg.train.epochs as u64),
+    let ckpt_root = out.join("ckpt");
+    let from = match &opts.resume {
+        Some(spec) => find_resume(spec, &ckpt_root)?,
+        None => None,
     };
+    let resumed = from.as_ref().map(|c| c.meta.step);
+    let mut s = Session::start_from(cfg, opts, from)?;
+    let mut log = MetricsLog::new(out, s.pipe.num_stages, resumed)?;
+    let spe = s.steps_per_epoch;
+    let total_steps = match cfg.train.max_steps {
+        0 => spe * cfg.train.epochs as u64,
+        n => (n as u64).min(spe * cfg.train.epochs as u64),
+    };
+    let every = cfg.checkpoint.every_steps as u64;
+    let interrupted = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
     let bar = progress_bar(total_steps, "train");
+    bar.set_position(s.next_id);
     let mut train_time = Duration::ZERO;
     let mut eval = EvalResult::default();
-    for epoch in 0..cfg.train.epochs {
+    let mut epoch = (s.next_id / spe) as usize;
+    while s.next_id < total_steps {
         let t = Instant::now();
-        s.feed_epoch(epoch, total_steps, &mut |events| {
-            bar.inc(1);
-            log.absorb(events, epoch, &bar)
-        })?;
+        let epoch_end = ((epoch as u64 + 1) * spe).min(total_steps);
+        while s.next_id < epoch_end && !interrupted() {
+            let stop_at =
+                s.next_id.checked_div(every).map_or(epoch_end, |n| epoch_end.min((n + 1) * every));
+            s.feed_epoch(epoch, stop_at, &mut |events| {
+                bar.inc(1);
+                log.absorb(events, epoch, &bar)?;
+                Ok(interrupted())
+            })?;
+            if every > 0 && s.next_id % every == 0 && s.next_id < epoch_end && !interrupted() {
+                log.absorb(s.drain()?, epoch, &bar)?;
+                s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
+            }
+        }
         log.absorb(s.drain()?, epoch, &bar)?;
         train_time += t.elapsed();
-        let last = epoch + 1 == cfg.train.epochs || s.next_id >= total_steps;
+        if interrupted() {
+            let dir = s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
+            let step = s.next_id;
+            bar.abandon_with_message(format!("interrupted at step {step}"));
+            s.finish()?;
+            return Ok(Outcome::Interrupted { checkpoint: dir, step });
+        }
+        let last = s.next_id >= total_steps;
         if cfg.train.eval_every_epoch || last {
             eval = s.evaluate()?;
             log.eval(s.next_id, epoch, &eval)?;
             bar.println(format!("epoch {epoch}: test accuracy {:.4}", eval.accuracy()));
         }
-        if last {
-            break;
+        if cfg.checkpoint.at_epoch_end || last {
+            s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
         }
+        epoch += 1;
     }
     bar.finish_and_clear();
+    if resumed.is_some() && eval.modules.is_empty() {
+        // Resumed at the very end: evaluate what was loaded.
+        eval = s.evaluate()?;
+    }
+    if s.skipped_samples > 0 {
+        tracing::warn!("{} training samples could not be read and were skipped", s.skipped_samples);
+    }
     let snapshots = s.snapshots()?;
     let steps = s.next_id;
+    let skipped_samples = s.skipped_samples;
     let (k, placement, dataset) = (s.plan.k(), s.placement.clone(), s.data.info.name.clone());
     let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
     let final_bytes = s.finish()?;
@@ -247,13 +397,14 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Summary> 
         train_images_per_s: train_images as f64 / train_time.as_secs_f64().max(1e-9),
         train_s: train_time.as_secs_f64(),
         wall_s: wall.elapsed().as_secs_f64(),
+        skipped_samples,
         stages: log.last_windows(),
         peak_live_bytes: final_bytes.iter().map(|b| b.1).collect(),
         peak_rss_bytes: devices::peak_rss_bytes(),
         gpu_memory: gpu_indices(&devices).and_then(|i| devices::gpu_memory(&i)),
     };
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    Ok(summary)
+    Ok(Outcome::Finished(Box::new(summary)))
 }
 
 /// The network plan for a config on an opened dataset.
@@ -451,9 +602,27 @@ struct MetricsLog {
 }
 
 impl MetricsLog {
-    fn new(out: &Path, stages: usize) -> Result<Self> {
+    /// `resume_step`: continue the file, dropping records past the checkpoint that the
+    /// resumed run will write again.
+    fn new(out: &Path, stages: usize, resume_step: Option<u64>) -> Result<Self> {
+        let path = out.join("metrics.jsonl");
+        let append = resume_step.is_some();
+        if let Some(step) = resume_step {
+            let kept: String = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| match r {
+                        MetricRecord::Train { step: s, .. }
+                        | MetricRecord::Eval { step: s, .. } => s <= step,
+                    })
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&path, kept)?;
+        }
         Ok(MetricsLog {
-            jsonl: JsonlWriter::create(&out.join("metrics.jsonl"))?,
+            jsonl: if append { JsonlWriter::append(&path)? } else { JsonlWriter::create(&path)? },
             stages,
             pending: BTreeMap::new(),
             last: vec![None; stages],

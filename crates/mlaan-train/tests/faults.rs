@@ -29,11 +29,11 @@ fn run_with_fault(schedule: Schedule, fault: Fault) -> Result<(), String> {
     let mut cfg = tiny("mlaan-dgl", 4);
     cfg.pipeline.schedule = schedule;
     cfg.pipeline.devices = vec!["cpu".into(); 4];
-    let opts = RunOptions { fault: Some(fault), save_model: false };
+    let opts = RunOptions { fault: Some(fault), ..Default::default() };
     let mut s = Session::start(&cfg, &opts).map_err(|e| format!("{e:#}"))?;
     let r = (|| {
         for epoch in 0..3 {
-            s.feed_epoch(epoch, 60, &mut |_| Ok(()))?;
+            s.feed_epoch(epoch, 60, &mut |_| Ok(false))?;
         }
         s.drain()?;
         Ok::<_, anyhow::Error>(())

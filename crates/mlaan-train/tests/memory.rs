@@ -25,14 +25,14 @@ fn live_bytes_stay_flat_over_a_long_run() {
                     live.insert((stage, step), window.live_bytes);
                 }
             }
-            Ok(())
+            Ok(false)
         };
         let mut epoch = 0;
         while s.next_id < 500 {
             s.feed_epoch(epoch, 500, &mut note).unwrap();
             epoch += 1;
         }
-        note(s.drain().unwrap()).unwrap();
+        let _ = note(s.drain().unwrap()).unwrap();
         s.finish().unwrap();
         for stage in 0..4 {
             let at50 = live[&(stage, 50)];

@@ -13,7 +13,7 @@ fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {
     let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
     let mut epoch = 0;
     while s.next_id < steps {
-        s.feed_epoch(epoch, steps, &mut |_| Ok(())).unwrap();
+        s.feed_epoch(epoch, steps, &mut |_| Ok(false)).unwrap();
         epoch += 1;
     }
     s.drain().unwrap();

@@ -1,0 +1,243 @@
+//! The Markdown summary of a benchmark run.
+
+use std::fmt::Write;
+
+use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
+
+use crate::draw::mib;
+
+/// What a cell shows when a number does not apply.
+pub(crate) const NONE: &str = "—";
+
+fn ratio(x: Option<f64>) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.2}"),
+        _ => NONE.to_string(),
+    }
+}
+
+fn pct(f: f64) -> String {
+    if f.is_finite() {
+        format!("{:.0}", f * 100.0)
+    } else {
+        NONE.to_string()
+    }
+}
+
+fn mib_cell(bytes: u64) -> String {
+    if bytes == 0 {
+        NONE.to_string()
+    } else {
+        format!("{:.1}", mib(bytes))
+    }
+}
+
+/// Text safe inside a table cell.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn throughput(c: &CaseResult) -> String {
+    match c.images_per_s.len() {
+        0 => NONE.to_string(),
+        1 => format!("{:.1}", c.median()),
+        _ => format!("{:.1} ({:.1}–{:.1})", c.median(), c.min(), c.max()),
+    }
+}
+
+/// `0–3, 5, 7–8` for module indices.
+fn ranges(v: &[usize]) -> String {
+    if v.is_empty() {
+        return NONE.to_string();
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s.dedup();
+    let mut out: Vec<String> = vec![];
+    let mut start = s[0];
+    let mut prev = s[0];
+    for &x in &s[1..] {
+        if x == prev + 1 {
+            prev = x;
+            continue;
+        }
+        out.push(span(start, prev));
+        start = x;
+        prev = x;
+    }
+    out.push(span(start, prev));
+    out.join(", ")
+}
+
+fn span(a: usize, b: usize) -> String {
+    if a == b {
+        a.to_string()
+    } else {
+        format!("{a}–{b}")
+    }
+}
+
+fn total_wait(s: &StageShare) -> f64 {
+    s.wait_input + s.wait_output + s.wait_grad
+}
+
+/// Markdown for `r`: a header line with the setup, one row per case with throughput, speed-ups,
+/// scaling efficiency, stage shares and memory, then a per-stage breakdown of each case and
+/// how memory was measured. Ratios that do not apply (no `gpipe` case, no memory figures) are
+/// shown as `—`.
+pub fn bench_markdown(r: &BenchReport) -> String {
+    let mut o = String::new();
+    let [c, h, w] = r.input;
+    let devices = if r.devices.is_empty() { NONE.to_string() } else { r.devices.join(", ") };
+    let _ = writeln!(o, "## Benchmark: {} on {}\n", r.arch, r.dataset);
+    let _ = writeln!(
+        o,
+        "{} · {} · input {c}×{h}×{w} · batch {} · K = {} · devices: {} · {} warm-up + {} timed steps · {} repeat{}\n",
+        r.arch,
+        r.dataset,
+        r.batch_size,
+        r.k,
+        devices,
+        r.warmup_steps,
+        r.timed_steps,
+        r.repeats,
+        if r.repeats == 1 { "" } else { "s" },
+    );
+
+    if r.cases.is_empty() {
+        o.push_str("No cases were run.\n");
+    } else {
+        o.push_str(
+            "| case | devices | images/s median (min–max) | × e2e | × gpipe | scaling eff. \
+             | busy % per stage | wait in/out/grad % (largest stage) | max stage peak MiB \
+             | × e2e memory |\n",
+        );
+        o.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        for case in &r.cases {
+            let busy = if case.stages.is_empty() {
+                NONE.to_string()
+            } else {
+                case.stages.iter().map(|s| pct(s.busy)).collect::<Vec<_>>().join("/")
+            };
+            let wait = case
+                .stages
+                .iter()
+                .max_by(|a, b| total_wait(a).total_cmp(&total_wait(b)))
+                .map(|s| {
+                    format!(
+                        "{}/{}/{} (s{})",
+                        pct(s.wait_input),
+                        pct(s.wait_output),
+                        pct(s.wait_grad),
+                        s.stage
+                    )
+                })
+                .unwrap_or_else(|| NONE.to_string());
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                cell(&case.name),
+                case.devices.len(),
+                throughput(case),
+                ratio(r.speedup(case, "e2e")),
+                ratio(r.speedup(case, "gpipe")),
+                ratio(r.scaling_efficiency(case)),
+                busy,
+                wait,
+                mib_cell(case.max_stage_bytes()),
+                ratio(r.memory_ratio(case).filter(|_| case.max_stage_bytes() > 0)),
+            );
+        }
+        o.push('\n');
+        o.push_str(
+            "× e2e, × gpipe: median throughput relative to that baseline's median; scaling eff.: \
+             × e2e per device used; × e2e memory: largest stage peak relative to e2e's; shares \
+             are fractions of each stage's wall time in the median repetition.\n\n",
+        );
+
+        o.push_str("### Stages\n\n");
+        for case in &r.cases {
+            let _ = write!(o, "**{}**", cell(&case.name));
+            let mut meta = vec![];
+            if !case.method.is_empty() {
+                meta.push(format!("method {}", case.method));
+            }
+            if !case.schedule.is_empty() {
+                meta.push(format!("schedule {}", case.schedule));
+            }
+            if case.k > 0 {
+                meta.push(format!("K = {}", case.k));
+            }
+            if case.micro_batches > 0 {
+                let s = if case.micro_batches == 1 { "" } else { "es" };
+                meta.push(format!("{} micro-batch{s}", case.micro_batches));
+            }
+            if !case.devices.is_empty() {
+                meta.push(case.devices.join(", "));
+            }
+            if !meta.is_empty() {
+                let _ = write!(o, " ({})", cell(&meta.join(", ")));
+            }
+            o.push_str("\n\n");
+            if case.stages.is_empty() {
+                o.push_str("No stage figures.\n\n");
+            } else {
+                o.push_str(
+                    "| stage | device | modules | busy % | wait input % | wait output % \
+                     | wait grad % | peak live MiB |\n",
+                );
+                o.push_str("|--:|---|---|--:|--:|--:|--:|--:|\n");
+                for s in &case.stages {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                        s.stage,
+                        cell(&s.device),
+                        ranges(&s.modules),
+                        pct(s.busy),
+                        pct(s.wait_input),
+                        pct(s.wait_output),
+                        pct(s.wait_grad),
+                        mib_cell(s.peak_live_bytes),
+                    );
+                }
+                o.push('\n');
+            }
+            if !case.gpu_peak_bytes.is_empty() {
+                let peaks: Vec<String> = case
+                    .gpu_peak_bytes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| {
+                        let dev =
+                            case.devices.get(i).map_or_else(|| format!("#{i}"), |d| d.clone());
+                        format!("{dev} {:.1} MiB", mib(b))
+                    })
+                    .collect();
+                let _ = writeln!(o, "GPU peak: {}\n", cell(&peaks.join(", ")));
+            }
+        }
+    }
+
+    let note = if r.memory_note.trim().is_empty() { NONE } else { r.memory_note.trim() };
+    let _ = writeln!(o, "Memory: {note}\n");
+    match r.peak_rss_bytes {
+        Some(b) => {
+            let _ = writeln!(o, "Peak RSS: {:.1} MiB", mib(b));
+        }
+        None => o.push_str("Peak RSS: not measured\n"),
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_ranges() {
+        assert_eq!(ranges(&[]), "—");
+        assert_eq!(ranges(&[3]), "3");
+        assert_eq!(ranges(&[0, 1, 2, 3, 5, 7, 8]), "0–3, 5, 7–8");
+    }
+}

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Installs what mlaan-pipe needs to build, test and run; called by `make setup|build|run|test`.
+#
+#   1. a project-local Python venv, .venv
+#   2. the slim libtorch 2.11.0 from PyPI into it (torch without its CUDA dependencies, plus
+#      the two CUDA runtime wheels that libtorch_cpu.so itself loads)
+#   3. the symlink .libtorch -> .venv/lib/python3.X/site-packages/torch, which
+#      .cargo/config.toml hands to torch-sys as LIBTORCH
+#   4. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
+#
+# Each step checks first and does nothing when already done, so a second run takes well under
+# a second and touches no network. See docs/setup.md.
+#
+# Usage: scripts/setup.sh [--data=required|optional|skip] [--dev]
+#   --data=required  fail when Fashion-MNIST is missing and cannot be installed (make run)
+#   --data=optional  try to install it; only warn when that is impossible (default)
+#   --data=skip      do not look at the data at all (make build)
+#   --dev            also check that cargo fmt and cargo clippy are installed (make test)
+#
+# If LIBTORCH is set in the environment, that torch is used instead of .venv (steps 1-3 are
+# skipped and only its version is checked), e.g. a GPU machine's full CUDA torch install.
+set -euo pipefail
+
+TORCH_VERSION=2.11.0
+# Exact wheels; --no-deps keeps out the ~2 GB of CUDA libraries a CPU build never loads.
+TORCH_PACKAGES=(
+    "torch==${TORCH_VERSION}"
+    "nvidia-cuda-runtime==13.0.96"
+    "nvidia-cuda-cupti==13.0.85"
+)
+DATA_PACKAGE=dataset-fashion-mnist
+DATA_DIR=/usr/share/datasets/fashion-mnist
+DATA_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
+
+data_mode=optional
+dev=0
+for arg in "$@"; do
+    case "$arg" in
+        --data=required | --data=optional | --data=skip) data_mode="${arg#--data=}" ;;
+        --dev) dev=1 ;;
+        -h | --help)
+            sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "setup: unknown argument '$arg' (see --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV=.venv
+STAMP="$VENV/.mlaan-torch"
+
+step() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+die() {
+    printf 'setup: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# The torch version in a torch directory ('2.11.0+cu130' -> '2.11.0'); empty if unknown.
+# PyPI's torch has version.py; a libtorch zip has build-version.
+torch_version_in() {
+    if [[ -f "$1/version.py" ]]; then
+        sed -n "s/^__version__ *= *['\"]\([^'\"+]*\).*/\1/p" "$1/version.py" | head -n 1
+    elif [[ -f "$1/build-version" ]]; then
+        cut -d+ -f1 "$1/build-version" | head -n 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# 1-3. libtorch
+# ---------------------------------------------------------------------------------------------
+if [[ -n "${LIBTORCH:-}" ]]; then
+    step "libtorch: LIBTORCH is set to $LIBTORCH (environment); not using .venv"
+    v="$(torch_version_in "$LIBTORCH")"
+    [[ -n "$v" ]] ||
+        die "LIBTORCH=$LIBTORCH is not a torch directory (no version.py or build-version); unset LIBTORCH to use .venv"
+    [[ "$v" == "${TORCH_VERSION%.*}".* ]] ||
+        die "LIBTORCH=$LIBTORCH is torch $v, need ${TORCH_VERSION%.*}.x; unset LIBTORCH to use .venv"
+    step "libtorch: torch $v"
+else
+    # 1. venv (recreated if a previous attempt left it without a working python)
+    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c '' 2>/dev/null; then
+        step "venv: $VENV exists"
+    else
+        [[ -e "$VENV" ]] && note "$VENV exists but its python does not run (Python moved?): recreating it"
+        step "venv: creating $VENV with $(command -v python3 || echo 'python3 (not found)')"
+        command -v python3 >/dev/null || die "python3 not found; install Python 3 (apt-get install python3 python3-venv)"
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" ||
+            die "'python3 -m venv' failed; on Debian install python3-venv (apt-get install -y python3-venv) and rerun"
+    fi
+
+    # Where this venv's packages live (python3.X differs between machines).
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+    torch_dir="$site/torch"
+    want="${TORCH_PACKAGES[*]}"
+
+    # 2. torch, skipped when the stamp names exactly these wheels and version.py agrees
+    if [[ "$(cat "$STAMP" 2>/dev/null)" == "$want" && "$(torch_version_in "$torch_dir")" == "$TORCH_VERSION" ]]; then
+        step "torch: $TORCH_VERSION already installed"
+    else
+        step "torch: installing ${want} (--no-deps; about 520 MB to download)"
+        rm -f "$STAMP"
+        "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps \
+            "${TORCH_PACKAGES[@]}"
+        got="$(torch_version_in "$torch_dir")"
+        [[ "$got" == "$TORCH_VERSION" ]] ||
+            die "after pip install, $torch_dir/version.py says '${got:-nothing}', expected $TORCH_VERSION"
+        printf '%s\n' "$want" >"$STAMP"
+    fi
+
+    # 3. .libtorch -> the venv's torch directory, as a relative link
+    rel="$("$VENV/bin/python" -c 'import os, sys; print(os.path.relpath(sys.argv[1]))' "$torch_dir")"
+    if [[ -e .libtorch && ! -L .libtorch ]]; then
+        note ".libtorch is a real file or directory, not a link: leaving it alone"
+    elif [[ "$(readlink .libtorch 2>/dev/null)" == "$rel" ]]; then
+        step "libtorch: .libtorch -> $rel"
+    else
+        ln -sfn "$rel" .libtorch
+        step "libtorch: linked .libtorch -> $rel"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4. Fashion-MNIST
+# ---------------------------------------------------------------------------------------------
+have_data() {
+    local f
+    for f in "${DATA_FILES[@]}"; do
+        [[ -f "$DATA_DIR/$f.gz" || -f "$DATA_DIR/$f" ]] || return 1
+    done
+}
+
+if [[ "$data_mode" != skip ]]; then
+    if have_data; then
+        step "data: Fashion-MNIST found in $DATA_DIR"
+    elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        step "data: installing Debian package $DATA_PACKAGE (Fashion-MNIST, about 30 MB)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "$DATA_PACKAGE"
+        have_data || die "$DATA_PACKAGE is installed but $DATA_DIR lacks ${DATA_FILES[*]}"
+    else
+        msg="Fashion-MNIST is not in $DATA_DIR. Install it with:
+        sudo apt-get update && sudo apt-get install -y $DATA_PACKAGE
+    (or pass --dataset/--data-dir to use other data; see docs/data.md)"
+        if [[ "$data_mode" == required ]]; then
+            die "$msg"
+        fi
+        step "data: $msg"
+        note "(not needed by the tests; \`make run\` needs it)"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Contributor tools for `make test`
+# ---------------------------------------------------------------------------------------------
+if [[ "$dev" == 1 ]]; then
+    missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if ((${#missing[@]})); then
+        die "cargo is missing ${missing[*]}; install with: rustup component add ${missing[*]}"
+    fi
+    step "tools: cargo fmt and cargo clippy present"
+fi

@@ -1,0 +1,51 @@
+use crate::cli::BenchArgs;
+use anyhow::{Context, Result};
+use mlaan_train::bench::{run as run_bench, BenchSpec};
+use std::path::PathBuf;
+
+pub fn run(mut args: BenchArgs) -> Result<()> {
+    if args.config.dataset.is_none() && args.config.config.is_none() {
+        // Synthetic CIFAR-shaped data: the benchmark needs no files.
+        args.config.dataset = Some("synthetic".into());
+        args.config.set.splice(
+            0..0,
+            ["data.synthetic_size=32", "data.synthetic_channels=3", "data.synthetic_classes=10"]
+                .map(String::from),
+        );
+    }
+    let base = args.config.resolve()?;
+    let spec = BenchSpec {
+        base,
+        cases: args.cases.clone(),
+        warmup: args.warmup,
+        steps: args.steps,
+        repeats: args.repeats,
+        micro_batches: args.micro_batches,
+    };
+    let out = args.out.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from("runs").join(format!("bench-{secs}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let report = run_bench(&spec, &mut |line| eprintln!("{line}"))?;
+    mlaan_report::write_atomic(
+        &out.join("bench.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    let md = mlaan_report::bench_markdown(&report);
+    mlaan_report::write_atomic(&out.join("bench.md"), md.as_bytes())?;
+    let plots = mlaan_report::bench_plots(&report, &out)?;
+    if args.markdown {
+        println!("{md}");
+    } else {
+        println!("{md}");
+        println!(
+            "plots: {}",
+            plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    eprintln!("results in {}", out.display());
+    Ok(())
+}
