@@ -118,6 +118,8 @@ pub struct PlanReport {
     pub method: Method,
     pub head: HeadKind,
     pub schedule: Schedule,
+    /// `pipeline.placement`: auto, profile or flops.
+    pub placement_rule: String,
     pub in_flight: usize,
     pub batch_size: usize,
     /// How the LAM chains were derived; `None` without MLAAN.
@@ -190,7 +192,7 @@ pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
     for m in &modules {
         total.add(&m.params);
     }
-    let placement = placement(cfg, &plan, &modules)?;
+    let placement = placement(cfg, &plan, &modules, image)?;
     Ok(PlanReport {
         arch: plan.arch.name.clone(),
         family: plan.arch.family,
@@ -206,6 +208,7 @@ pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
         method: plan.method,
         head: cfg.method.head_kind(),
         schedule: cfg.pipeline.schedule,
+        placement_rule: cfg.pipeline.placement.clone(),
         in_flight: cfg.pipeline.in_flight,
         batch_size: cfg.train.batch_size,
         lam_rule: plan.method.is_mlaan().then(|| lam_rule(cfg, &plan)),
@@ -259,6 +262,7 @@ fn placement(
     cfg: &RunConfig,
     plan: &NetworkPlan,
     modules: &[ModuleReport],
+    image: mlaan_train::init::ImageSpec,
 ) -> Result<PlacementReport> {
     let specs = DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?;
     let (devices, note) = match mlaan_train::devices::resolve(&specs) {
@@ -276,7 +280,7 @@ fn placement(
             )),
         ),
     };
-    let p = choose_placement(cfg, plan, &devices)?;
+    let (p, _) = choose_placement(cfg, plan, &devices, image)?;
     let stage_device = |s: usize| specs[s.min(specs.len() - 1)];
     let stages: Vec<StageReport> = p
         .groups
@@ -613,12 +617,16 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "placement on {} (by backbone MACs per sample{})",
+        "placement on {} ({})",
         p.devices.join(","),
         if r.schedule == Schedule::Sequential {
-            "; the sequential schedule runs every module in one stage"
+            "the sequential schedule runs every module in one stage"
+        } else if r.k <= p.devices.len() {
+            "one module per device"
+        } else if r.placement_rule == "flops" {
+            "groups balanced by backbone MACs per sample"
         } else {
-            ""
+            "groups balanced by a measured profile of each module"
         }
     );
     if let Some(note) = &p.note {

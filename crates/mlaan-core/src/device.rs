@@ -71,6 +71,20 @@ pub fn cpu_threads_per_stage(cores: usize, cpu_stages: usize) -> usize {
     (cores / cpu_stages.max(1)).max(1)
 }
 
+/// Intra-op threads of CPU stages in proportion to their measured cost: a stage gets
+/// `ceil(cores · cost / Σcost)` threads, at least one. A light stage idles part of the time, so
+/// giving the heaviest stage one thread more than its exact share uses the cores it leaves.
+pub fn cpu_threads_by_cost(cores: usize, costs: &[f64]) -> Vec<usize> {
+    let total: f64 = costs.iter().sum();
+    if costs.is_empty() || !(total.is_finite() && total > 0.0) {
+        return vec![cpu_threads_per_stage(cores, costs.len()); costs.len()];
+    }
+    costs
+        .iter()
+        .map(|c| ((cores as f64 * c / total).ceil() as usize).clamp(1, cores.max(1)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +111,9 @@ mod tests {
         assert_eq!(cpu_threads_per_stage(2, 1), 2);
         assert_eq!(cpu_threads_per_stage(2, 4), 1);
         assert_eq!(cpu_threads_per_stage(16, 4), 4);
+        assert_eq!(cpu_threads_by_cost(2, &[0.2, 0.44]), vec![1, 2]);
+        assert_eq!(cpu_threads_by_cost(2, &[0.3, 0.3]), vec![1, 1]);
+        assert_eq!(cpu_threads_by_cost(16, &[1.0, 3.0]), vec![4, 12]);
+        assert_eq!(cpu_threads_by_cost(2, &[0.0, 0.0]), vec![1, 1]);
     }
 }

@@ -107,6 +107,11 @@ pub fn write(
                 m.momentum.iter().map(|(n, t)| (format!("{p}.momentum.{n}"), t.shallow_clone())),
             );
             tensors.push((format!("{p}.step"), Tensor::from_slice(&[m.step as i64])));
+            for (block, step, params) in &m.ema_backlog {
+                for (k, t) in params.iter().enumerate() {
+                    tensors.push((format!("{p}.emaq.{block}.{step:08}.{k:03}"), t.shallow_clone()));
+                }
+            }
         }
         let file = format!("stage-{s}.safetensors");
         let path = tmp.join(&file);
@@ -163,16 +168,15 @@ fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
 /// The newest checkpoint under `root` that loads; broken ones are skipped with a warning
 /// naming them.
 pub fn latest(root: &Path) -> Result<Option<Checkpoint>, TrainError> {
+    for d in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if d.file_name().to_string_lossy().starts_with(".tmp-") {
+            tracing::warn!("ignoring half-written checkpoint {}", d.path().display());
+        }
+    }
     for dir in list(root).into_iter().rev() {
         match read(&dir) {
             Ok(c) => return Ok(Some(c)),
             Err(e) => tracing::warn!("skipping checkpoint {}: {e}", dir.display()),
-        }
-    }
-    for d in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let n = d.file_name();
-        if n.to_string_lossy().starts_with(".tmp-") {
-            tracing::warn!("ignoring half-written checkpoint {}", d.path().display());
         }
     }
     Ok(None)
@@ -191,6 +195,8 @@ pub fn read(dir: &Path) -> Result<Checkpoint, TrainError> {
     let meta: CheckpointMeta = serde_json::from_str(&text)
         .map_err(|e| TrainError::Other(format!("{}: {e}", meta_path.display())))?;
     let mut by_module: BTreeMap<usize, ModuleSnapshot> = BTreeMap::new();
+    // (module, real block, step) → parameters by index.
+    let mut backlogs: BTreeMap<(usize, String, u64), BTreeMap<usize, Tensor>> = BTreeMap::new();
     for (file, &(bytes, crc)) in &meta.files {
         let path = dir.join(file);
         let got = crc_of(&path)?;
@@ -208,21 +214,31 @@ pub fn read(dir: &Path) -> Result<Checkpoint, TrainError> {
             let (m, rest) =
                 name.strip_prefix('m').and_then(|r| r.split_once('.')).ok_or_else(bad)?;
             let m: usize = m.parse().map_err(|_| bad())?;
-            let snap = by_module.entry(m).or_insert_with(|| ModuleSnapshot {
-                module: m,
-                state: Vec::new(),
-                momentum: Vec::new(),
-                step: 0,
-            });
+            let snap = by_module.entry(m).or_insert_with(|| ModuleSnapshot::initial(m, Vec::new()));
             if let Some(n) = rest.strip_prefix("state.") {
                 snap.state.push((n.to_string(), t));
             } else if let Some(n) = rest.strip_prefix("momentum.") {
                 snap.momentum.push((n.to_string(), t));
             } else if rest == "step" {
                 snap.step = t.to_kind(Kind::Int64).int64_value(&[0]) as u64;
+            } else if let Some(q) = rest.strip_prefix("emaq.") {
+                // `<block>.<step>.<k>`; the block name itself contains a dot.
+                let mut parts = q.rsplitn(3, '.');
+                let (k, step, block) = (parts.next(), parts.next(), parts.next());
+                let (Some(k), Some(step), Some(block)) = (k, step, block) else {
+                    return Err(bad());
+                };
+                let step: u64 = step.parse().map_err(|_| bad())?;
+                let k: usize = k.parse().map_err(|_| bad())?;
+                backlogs.entry((m, block.to_string(), step)).or_default().insert(k, t);
             } else {
                 return Err(bad());
             }
+        }
+    }
+    for ((m, block, step), params) in backlogs {
+        if let Some(snap) = by_module.get_mut(&m) {
+            snap.ema_backlog.push((block, step, params.into_values().collect()));
         }
     }
     let modules: Vec<ModuleSnapshot> = by_module.into_values().collect();
@@ -247,6 +263,11 @@ mod tests {
             state: vec![("layer1.0.conv1.weight".into(), Tensor::from_slice(&[v, v + 1.0]))],
             momentum: vec![("layer1.0.conv1.weight".into(), Tensor::from_slice(&[0.5f32, v]))],
             step: 7,
+            ema_backlog: vec![(
+                "layer3.0".into(),
+                6,
+                vec![Tensor::from_slice(&[v]), Tensor::from_slice(&[1.0f32])],
+            )],
         }
     }
 
@@ -282,6 +303,9 @@ mod tests {
         assert_eq!(c.modules.len(), 2);
         assert_eq!(c.modules[0].step, 7);
         assert_eq!(Vec::<f32>::try_from(&c.modules[0].state[0].1).unwrap(), vec![9.0, 10.0]);
+        let (block, step, params) = &c.modules[0].ema_backlog[0];
+        assert_eq!((block.as_str(), *step, params.len()), ("layer3.0", 6, 2));
+        assert_eq!(Vec::<f32>::try_from(&params[0]).unwrap(), vec![9.0]);
         // Corrupt the newest: it is skipped, the previous one is used.
         let f = root.path().join("step-00000009/stage-1.safetensors");
         let mut bytes = std::fs::read(&f).unwrap();

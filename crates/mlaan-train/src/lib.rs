@@ -9,6 +9,7 @@ pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod profile;
 pub mod runner;
 pub mod stage;
 pub mod trainer;

@@ -62,12 +62,14 @@ pub struct ModuleSnapshot {
     pub state: ModuleState,
     pub momentum: Vec<(String, Tensor)>,
     pub step: u64,
+    /// EMA snapshots received but not yet folded in: (real block, step, parameters).
+    pub ema_backlog: Vec<(String, u64, Vec<Tensor>)>,
 }
 
 impl ModuleSnapshot {
     /// A fresh module: initial weights, no optimizer state.
     pub fn initial(module: usize, state: ModuleState) -> Self {
-        ModuleSnapshot { module, state, momentum: Vec::new(), step: 0 }
+        ModuleSnapshot { module, state, momentum: Vec::new(), step: 0, ema_backlog: Vec::new() }
     }
 
     fn shallow_clone(&self) -> Self {
@@ -79,6 +81,11 @@ impl ModuleSnapshot {
             state: copy(&self.state),
             momentum: copy(&self.momentum),
             step: self.step,
+            ema_backlog: self
+                .ema_backlog
+                .iter()
+                .map(|(b, s, p)| (b.clone(), *s, p.iter().map(Tensor::shallow_clone).collect()))
+                .collect(),
         }
     }
 }
@@ -200,8 +207,8 @@ pub struct PipelineSettings {
     pub accumulate: usize,
     pub on_nonfinite: OnNonFinite,
     pub fault: Option<Fault>,
-    /// Intra-op threads of each stage thread.
-    pub intra_op_threads: usize,
+    /// Intra-op threads of each stage thread, by stage (1 where missing).
+    pub intra_op_threads: Vec<usize>,
 }
 
 /// Which snapshot an EMA twin folds in after step b.
@@ -603,7 +610,9 @@ struct StageWorker {
 impl StageWorker {
     fn new(ctx: StageContext, current: Arc<AtomicU64>) -> Result<Self, TrainError> {
         // Intra-op parallelism is configured per thread (OpenMP) and grad mode is per thread.
-        tch::set_num_threads(ctx.settings.intra_op_threads as i32);
+        tch::set_num_threads(
+            ctx.settings.intra_op_threads.get(ctx.index).copied().unwrap_or(1) as i32
+        );
         let device = ctx.device;
         let plan = ctx.plan.clone();
         let s = &ctx.settings;
@@ -630,7 +639,16 @@ impl StageWorker {
         for TwinWire { module: m, block, rx, lag } in ctx.twins {
             let module = &mut modules[m - first];
             let params = block_params(&module.nets.ema_vs.variables(), &block);
-            module.twins.push(TwinLink { block, params, rx, lag });
+            let backlog = ctx.states[m - first]
+                .ema_backlog
+                .iter()
+                .filter(|(b, _, _)| *b == block)
+                .map(|(_, step, p)| EmaSnapshot {
+                    step: *step,
+                    params: p.iter().map(|t| t.to_device(device)).collect(),
+                })
+                .collect();
+            module.twins.push(TwinLink { block, params, rx, lag, backlog });
         }
         for SourceWire { module: m, block, tx, to } in ctx.sources {
             let module = &mut modules[m - first];
@@ -1015,7 +1033,7 @@ impl StageWorker {
             }
             Forward::Collect => {
                 let modules =
-                    self.stage.modules.iter().map(snapshot).collect::<Result<Vec<_>, _>>()?;
+                    self.stage.modules.iter_mut().map(snapshot).collect::<Result<Vec<_>, _>>()?;
                 let _ = self.events.send(Event::State { stage: self.index, modules });
                 self.send_forward(Forward::Collect)?;
             }
@@ -1122,7 +1140,7 @@ impl StageWorker {
     }
 }
 
-fn snapshot(m: &LocalModule) -> Result<ModuleSnapshot, TrainError> {
+fn snapshot(m: &mut LocalModule) -> Result<ModuleSnapshot, TrainError> {
     let cpu = |t: &Tensor| t.f_to_device_(Device::Cpu, t.kind(), false, true);
     let state = m
         .nets
@@ -1137,7 +1155,15 @@ fn snapshot(m: &LocalModule) -> Result<ModuleSnapshot, TrainError> {
         .zip(&opt.momentum_buffers)
         .filter_map(|((n, _), b)| b.as_ref().map(|b| Ok((n.clone(), cpu(b)?))))
         .collect::<Result<_, TrainError>>()?;
-    Ok(ModuleSnapshot { module: m.index, state, momentum, step: m.step })
+    let mut ema_backlog = Vec::new();
+    for t in m.twins.iter_mut() {
+        t.absorb();
+        for snap in &t.backlog {
+            let params = snap.params.iter().map(cpu).collect::<Result<Vec<_>, _>>()?;
+            ema_backlog.push((t.block.clone(), snap.step, params));
+        }
+    }
+    Ok(ModuleSnapshot { module: m.index, state, momentum, step: m.step, ema_backlog })
 }
 
 /// Trainable parameters of block `block` (e.g. `layer3.0`) in a store, sorted by name.

@@ -73,6 +73,16 @@ pub struct TwinLink {
     pub params: Vec<Tensor>,
     pub rx: Receiver<EmaSnapshot>,
     pub lag: EmaLag,
+    /// Snapshots received but not yet folded in, oldest first. They are part of the twin's
+    /// state: a checkpoint saves them, so that a lagged twin resumes exactly.
+    pub backlog: std::collections::VecDeque<EmaSnapshot>,
+}
+
+impl TwinLink {
+    /// Move every snapshot that has arrived into the backlog.
+    pub fn absorb(&mut self) {
+        self.backlog.extend(self.rx.try_iter());
+    }
 }
 
 /// The publishing end: the real block's parameters and a subscriber.
@@ -421,30 +431,43 @@ impl LocalModule {
 
     /// The snapshot twin `t` folds in after step `step`, waiting for it when exactness asks.
     fn next_snapshot(&mut self, t: usize, step: u64) -> Result<Option<EmaSnapshot>, TrainError> {
-        let link = &self.twins[t];
+        let index = self.index;
+        let link = &mut self.twins[t];
         match link.lag {
-            EmaLag::Latest => Ok(link.rx.try_iter().last()),
+            EmaLag::Latest => {
+                link.absorb();
+                let last = link.backlog.pop_back();
+                link.backlog.clear();
+                Ok(last)
+            }
             EmaLag::Steps(lag) => {
                 if step < lag {
                     return Ok(None);
                 }
                 let want = step - lag;
                 loop {
-                    match link.rx.recv_timeout(Duration::from_millis(50)) {
-                        Ok(s) if s.step == want => return Ok(Some(s)),
-                        Ok(s) if s.step < want => continue,
-                        Ok(s) => {
+                    let next = match link.backlog.pop_front() {
+                        Some(s) => s,
+                        None => match link.rx.recv_timeout(Duration::from_millis(50)) {
+                            Ok(s) => s,
+                            Err(RecvTimeoutError::Timeout) => {
+                                if self.stop.load(Ordering::Relaxed) {
+                                    return Err(TrainError::Stopped);
+                                }
+                                continue;
+                            }
+                            Err(RecvTimeoutError::Disconnected) => return Err(TrainError::Stopped),
+                        },
+                    };
+                    match next.step.cmp(&want) {
+                        std::cmp::Ordering::Equal => return Ok(Some(next)),
+                        std::cmp::Ordering::Less => continue,
+                        std::cmp::Ordering::Greater => {
                             return Err(TrainError::Protocol(format!(
-                                "module {}: EMA twin of {} wanted step {want}, got {}",
-                                self.index, link.block, s.step
+                                "module {index}: EMA twin of {} wanted step {want}, got {}",
+                                link.block, next.step
                             )))
                         }
-                        Err(RecvTimeoutError::Timeout) => {
-                            if self.stop.load(Ordering::Relaxed) {
-                                return Err(TrainError::Stopped);
-                            }
-                        }
-                        Err(RecvTimeoutError::Disconnected) => return Err(TrainError::Stopped),
                     }
                 }
             }

@@ -14,7 +14,7 @@ use crate::TrainError;
 use anyhow::{bail, Context, Result};
 use mlaan_core::arch::Chw;
 use mlaan_core::config::{Method, RunConfig, Schedule};
-use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
+use mlaan_core::device::{cpu_threads_by_cost, cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_core::placement::{place, Placement};
 use mlaan_core::plan::NetworkPlan;
@@ -118,9 +118,9 @@ impl Session {
         tracing::info!("{}", data.test.describe());
         let plan = Arc::new(plan_for(cfg, &data)?);
         let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
-        let placement = choose_placement(cfg, &plan, &devices)?;
-        let threads = configure_threads(cfg, &placement, &devices);
         let image = image_spec(&data);
+        let (placement, costs) = choose_placement(cfg, &plan, &devices, image)?;
+        let threads = configure_threads(cfg, &placement, &devices, costs.as_deref());
         let train_loader = Loader::new(
             data.train.clone(),
             data.train_transform.clone(),
@@ -455,22 +455,53 @@ pub fn pipeline_settings(
         accumulate: cfg.pipeline.micro_batches,
         on_nonfinite: cfg.pipeline.on_nonfinite,
         fault: opts.fault,
-        intra_op_threads: 1,
+        intra_op_threads: Vec::new(),
     }
 }
 
 /// Which modules run on which device.
+/// Which modules run on which device: everything on one stage for `sequential` and plain
+/// e2e; one module per device when K ≤ D; otherwise contiguous groups balanced by a measured
+/// profile (`auto`, `profile`) or by backbone FLOPs (`flops`).
 pub fn choose_placement(
     cfg: &RunConfig,
     plan: &NetworkPlan,
     devices: &[Device],
-) -> Result<Placement> {
+    image: ImageSpec,
+) -> Result<(Placement, Option<Vec<f64>>)> {
     if cfg.pipeline.schedule == Schedule::Sequential || plan.method == Method::E2e && plan.k() == 1
     {
-        return Ok(Placement { groups: std::iter::once(0..plan.k()).collect() });
+        return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
     }
-    let costs = plan.module_macs();
-    Ok(place(&costs, devices.len())?)
+    let d = devices.len();
+    if plan.k() <= d || cfg.pipeline.placement == "flops" {
+        return Ok((place(&plan.module_macs(), d)?, None));
+    }
+    // Profile on the first device with the threads each stage will have.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_stages = devices.iter().filter(|x| **x == Device::Cpu).count();
+    let threads = match cfg.pipeline.intra_op_threads {
+        0 => cpu_threads_per_stage(cores, cpu_stages),
+        n => n,
+    };
+    tch::set_num_threads(threads as i32);
+    let t = Instant::now();
+    let costs = crate::profile::module_costs(
+        plan,
+        image,
+        devices[0],
+        cfg.train.batch_size,
+        cfg.pipeline.schedule,
+        2,
+    )?;
+    let p = place(&costs, d)?;
+    tracing::info!(
+        "placement from a {:.1} s profile (ms per batch: {}): {}",
+        t.elapsed().as_secs_f64(),
+        costs.iter().map(|c| format!("{:.0}", c * 1e3)).collect::<Vec<_>>().join(" "),
+        p.groups.iter().map(|g| format!("{}..{}", g.start, g.end)).collect::<Vec<_>>().join(" | ")
+    );
+    Ok((p, Some(costs)))
 }
 
 /// The device of each stage.
@@ -478,20 +509,32 @@ fn stage_devices(p: &Placement, devices: &[Device]) -> Vec<Device> {
     (0..p.num_stages()).map(|s| devices[s.min(devices.len() - 1)]).collect()
 }
 
-/// Intra-op threads: CPU stages share the cores, never oversubscribing them.
-fn configure_threads(cfg: &RunConfig, p: &Placement, devices: &[Device]) -> usize {
+/// Intra-op threads of each stage: CPU stages share the cores, in proportion to their
+/// measured cost when there is a profile, evenly otherwise (`pipeline.intra_op_threads`
+/// overrides). Intra-op parallelism is per thread, so each stage thread sets its own.
+fn configure_threads(
+    cfg: &RunConfig,
+    p: &Placement,
+    devices: &[Device],
+    module_costs: Option<&[f64]>,
+) -> Vec<usize> {
     let stage_devs = stage_devices(p, devices);
-    let cpu_stages = stage_devs.iter().filter(|d| **d == Device::Cpu).count();
+    let cpu: Vec<usize> = (0..p.num_stages()).filter(|&s| stage_devs[s] == Device::Cpu).collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = match cfg.pipeline.intra_op_threads {
-        0 => cpu_threads_per_stage(cores, cpu_stages),
-        n => n,
-    };
-    tch::set_num_threads(threads as i32);
-    tracing::info!(
-        "{} stage(s), {cpu_stages} on CPU with {threads} intra-op thread(s) each",
-        p.num_stages()
-    );
+    let even = cpu_threads_per_stage(cores, cpu.len());
+    let mut threads = vec![even; p.num_stages()];
+    if cfg.pipeline.intra_op_threads > 0 {
+        threads = vec![cfg.pipeline.intra_op_threads; p.num_stages()];
+    } else if let Some(costs) = module_costs {
+        let stage_cost = |s: usize| p.groups[s].clone().map(|m| costs[m]).sum::<f64>();
+        let by_cost =
+            cpu_threads_by_cost(cores, &cpu.iter().map(|&s| stage_cost(s)).collect::<Vec<_>>());
+        for (&s, t) in cpu.iter().zip(by_cost) {
+            threads[s] = t;
+        }
+    }
+    tch::set_num_threads(threads.iter().copied().max().unwrap_or(1) as i32);
+    tracing::info!("{} stage(s); intra-op threads per stage: {threads:?}", p.num_stages());
     threads
 }
 

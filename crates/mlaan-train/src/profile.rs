@@ -1,0 +1,98 @@
+//! A short measured profile of each module, for placing K > D modules on D devices: the
+//! pipeline runs at the pace of its slowest stage, and a module's cost is far from its
+//! backbone FLOPs once heads, LAM chains, cascade passes and recomputation are counted.
+
+use crate::init::{build_nets, initial_state, load_state, ImageSpec};
+use crate::optim::LrSchedule;
+use crate::runner::{BatchTargets, GradPart, LocalModule, ModuleSettings};
+use crate::stage::Stage;
+use crate::TrainError;
+use mlaan_core::config::{OptimConfig, Schedule};
+use mlaan_core::plan::NetworkPlan;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Seconds per batch of every module on `device`: forward, local losses, gradient passes and
+/// step, plus (async) the recomputation a late cascade gradient costs. Median of `reps` runs
+/// after one warm-up, on random data of the real shapes.
+pub fn module_costs(
+    plan: &NetworkPlan,
+    image: ImageSpec,
+    device: Device,
+    batch: usize,
+    schedule: Schedule,
+    reps: usize,
+) -> Result<Vec<f64>, TrainError> {
+    let states = initial_state(plan, image, 0)?;
+    let b = batch as i64;
+    let mut costs = Vec::with_capacity(plan.k());
+    for (m, state) in states.iter().enumerate() {
+        let nets = build_nets(plan, m, image, device);
+        load_state(&nets, state)?;
+        let input_grad = m > 0 && plan.incoming_reach_left(m - 1, m).is_some();
+        let module = LocalModule::new(
+            nets,
+            ModuleSettings {
+                lr: LrSchedule {
+                    peak: 0.0,
+                    warmup_start: 0.0,
+                    min: 0.0,
+                    warmup_steps: 0,
+                    total_steps: 1,
+                },
+                optim: OptimConfig::default(),
+                input_grad,
+                accumulate: 1,
+                ema_momentum: 0.0,
+                stop: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        let mut stage = Stage::new(plan, vec![module], device);
+        let x = if m == 0 {
+            Tensor::randn(
+                [b, image.channels as i64, image.size[0] as i64, image.size[1] as i64],
+                (Kind::Float, device),
+            )
+        } else {
+            let o = plan.modules[m - 1].output;
+            Tensor::randn([b, o.c as i64, o.h as i64, o.w as i64], (Kind::Float, device))
+        };
+        let targets = BatchTargets {
+            labels: Tensor::randint(image.classes as i64, [b], (Kind::Int64, device)),
+            image_u8: plan.method.uses_infopro_loss().then(|| {
+                Tensor::randint(
+                    256,
+                    [b, image.channels as i64, image.size[0] as i64, image.size[1] as i64],
+                    (Kind::Uint8, device),
+                )
+            }),
+        };
+        let late = schedule == Schedule::Async && plan.receives_from_later(m);
+        let mut times = Vec::with_capacity(reps);
+        for it in 0..=reps as u64 {
+            let t = Instant::now();
+            let (h, _) = stage.process(it, &x, &targets)?;
+            stage.finish(it, late)?;
+            if late {
+                let g = GradPart { reach_left: 0, grad: h.randn_like() };
+                stage.late(it, vec![g], true)?;
+            } else if plan.receives_from_later(m) {
+                // Sync: the parameter pass of the gradient from later waits in `finish`; its
+                // cost is already in there. Nothing more to add.
+            }
+            if device.is_cuda() {
+                tch::Cuda::synchronize(match device {
+                    Device::Cuda(i) => i as i64,
+                    _ => 0,
+                });
+            }
+            if it > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        costs.push(mlaan_core::bench::median(&times));
+    }
+    Ok(costs)
+}
