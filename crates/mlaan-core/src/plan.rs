@@ -220,6 +220,22 @@ impl NetworkPlan {
             .max()
     }
 
+    /// Whether every gradient on module `i`'s output also travels on to module i−1 (its own
+    /// terms and every incoming part reach further): then one backward pass yields both the
+    /// parameter gradient and the gradient for i−1.
+    pub fn all_gradients_continue(&self, i: usize) -> bool {
+        let own = self.modules[i].terms.iter().map(|t| t.reach);
+        let incoming = self
+            .modules
+            .iter()
+            .skip(i + 1)
+            .flat_map(|m| m.terms.iter().map(move |t| (m.index, t.reach)))
+            .filter(|&(j, r)| r >= j - i)
+            .map(|(j, r)| r - (j - i));
+        let mut reaches = own.chain(incoming).peekable();
+        i > 0 && reaches.peek().is_some() && reaches.all(|r| r >= 1)
+    }
+
     /// The largest reach of any term: how many hops a gradient message may travel.
     pub fn max_reach(&self) -> usize {
         self.modules.iter().flat_map(|m| m.terms.iter().map(|t| t.reach)).max().unwrap_or(0)
@@ -272,6 +288,9 @@ mod tests {
         assert_eq!(p.modules[3].terms.len(), 1);
         assert_eq!((p.modules[3].terms[0].kind, p.modules[3].terms[0].reach), (TermKind::Final, 1));
         assert!(p.receives_from_later(0) && p.receives_from_later(2) && !p.receives_from_later(3));
+        // The last module's only loss reaches back; the others also have local ones.
+        assert!(p.all_gradients_continue(3) && !p.all_gradients_continue(2));
+        assert!(!p.all_gradients_continue(0));
         let p3 = plan("mlaan-infopro", 8, 3);
         assert_eq!(p3.modules[1].terms[1].reach, 1, "reach is capped at module 0");
         assert_eq!(p3.modules[5].terms[1].reach, 2);

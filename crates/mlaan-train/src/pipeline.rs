@@ -627,6 +627,7 @@ impl StageWorker {
                     lr: s.lr,
                     optim: s.optim.clone(),
                     input_grad,
+                    all_continue: plan.all_gradients_continue(m),
                     accumulate: s.accumulate,
                     ema_momentum: s.ema_momentum,
                     stop: ctx.stop.clone(),

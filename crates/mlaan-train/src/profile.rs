@@ -44,6 +44,7 @@ pub fn module_costs(
                 },
                 optim: OptimConfig::default(),
                 input_grad,
+                all_continue: plan.all_gradients_continue(m),
                 accumulate: 1,
                 ema_momentum: 0.0,
                 stop: Arc::new(AtomicBool::new(false)),

@@ -128,6 +128,7 @@ pub struct LocalModule {
     /// Inputs kept for recomputation when a late gradient arrives (async).
     stored: BTreeMap<u64, (Tensor, BatchTargets)>,
     input_grad: bool,
+    all_continue: bool,
     accumulate: usize,
     micro: usize,
     pub step: u64,
@@ -146,6 +147,9 @@ pub struct ModuleSettings {
     pub optim: mlaan_core::config::OptimConfig,
     /// Whether gradients must be propagated to this module's input.
     pub input_grad: bool,
+    /// Every gradient on the output also goes to the input (`NetworkPlan::all_gradients_continue`):
+    /// parameter and input gradients then come from one backward pass.
+    pub all_continue: bool,
     /// Micro-batches per optimizer step.
     pub accumulate: usize,
     pub ema_momentum: f64,
@@ -195,6 +199,7 @@ impl LocalModule {
             pending: BTreeMap::new(),
             stored: BTreeMap::new(),
             input_grad: s.input_grad,
+            all_continue: s.all_continue,
             accumulate: s.accumulate.max(1),
             micro: 0,
             step: 0,
@@ -302,9 +307,23 @@ impl LocalModule {
             .ok_or(TrainError::Protocol(format!("module {index}: propagate unknown batch {id}")))?;
         let unsent = std::mem::take(&mut p.g_unsent);
         let mut out = Vec::with_capacity(unsent.len());
+        let combined = self.all_continue && !self.backbone.is_empty();
         for (reach, g) in unsent {
-            let gx = vjp(&p.h, &g, &[&p.x], true)?;
-            out.push(GradPart { reach_left: reach - 1, grad: gx[0].shallow_clone() });
+            let mut inputs: Vec<&Tensor> = vec![&p.x];
+            if combined {
+                inputs.extend(self.backbone.iter().map(|(_, t)| t));
+            }
+            let grads = vjp(&p.h, &g, &inputs, true)?;
+            out.push(GradPart { reach_left: reach - 1, grad: grads[0].shallow_clone() });
+            for ((slot, _), pg) in self.backbone.iter().zip(grads.into_iter().skip(1)) {
+                if pg.defined() {
+                    add_into(&mut self.grads[*slot], pg)?;
+                }
+            }
+        }
+        if combined {
+            // Every part went back with its parameter gradient: nothing left for `finish`.
+            p.g_params = None;
         }
         Ok(out)
     }
