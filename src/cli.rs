@@ -34,6 +34,32 @@ pub enum Command {
     /// Throughput and memory of e2e, GPipe and the local methods on the same devices, side by
     /// side in one run; writes bench.json, bench.md and plots.
     Bench(BenchArgs),
+    /// Plot a run (metrics.jsonl → curves.png) or a benchmark (bench.json → PNGs) in place.
+    Plot(PlotArgs),
+    /// Compare finished runs (their summary.json): accuracy per method and seed, as Markdown.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Run or benchmark directories.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Run directories (each with a summary.json).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Also write the table to this Markdown file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    #[arg(long, default_value = "Method comparison")]
+    pub title: String,
+    /// The command that reproduces the runs, quoted in the table's header.
+    #[arg(long, default_value = "mlaan-pipe compare")]
+    pub command: String,
 }
 
 #[derive(Args, Debug)]

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 mod bench;
+mod compare;
 mod data;
 mod eval;
 mod plan;
+mod plot;
 mod train;
 
 use crate::cli::{Cli, Command};
@@ -16,6 +18,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Data(c) => data::run(c),
         Command::Bench(a) => bench::run(a),
+        Command::Plot(a) => plot::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 

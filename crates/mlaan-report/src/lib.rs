@@ -15,6 +15,7 @@ mod bench_plots;
 mod draw;
 mod error;
 mod markdown;
+mod results;
 mod training;
 
 use std::io::Write;
@@ -25,6 +26,7 @@ pub use error::ReportError;
 pub use markdown::bench_markdown;
 pub use mlaan_core::bench::BenchReport;
 pub use mlaan_core::metrics::MetricRecord;
+pub use results::{results_markdown, ResultRow};
 pub use training::{read_metrics, training_plots, CURVES_PNG};
 
 /// Reads a `bench.json` written by `mlaan-pipe bench`.

@@ -39,6 +39,7 @@ pub struct Summary {
     /// Module ranges per stage.
     pub placement: Vec<[usize; 2]>,
     pub epochs: usize,
+    pub seed: u64,
     pub steps: u64,
     pub batch_size: usize,
     pub test_accuracy: f64,
@@ -389,6 +390,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         devices: cfg.pipeline.devices.clone(),
         placement: placement.groups.iter().map(|g| [g.start, g.end]).collect(),
         epochs: cfg.train.epochs,
+        seed: cfg.train.seed,
         steps,
         batch_size: cfg.train.batch_size,
         test_accuracy: eval.accuracy(),

@@ -1,0 +1,124 @@
+//! The method comparison table: one row per method, the test accuracy of each seed, its mean
+//! and spread, and how much of the gap between a base method and e2e its MLAAN variant closes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// What one finished run reports (from its `summary.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    pub method: String,
+    pub arch: String,
+    pub k: usize,
+    pub seed: u64,
+    pub epochs: usize,
+    pub test_accuracy: f64,
+    pub module_accuracy: Vec<Option<f64>>,
+    pub images_per_s: f64,
+    pub run: String,
+}
+
+/// Methods in the order the table shows them.
+const ORDER: [&str; 5] = ["e2e", "dgl", "mlaan-dgl", "infopro", "mlaan-infopro"];
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Markdown: a title, the command that made it, the table and the gap analysis.
+pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> String {
+    let mut by: BTreeMap<usize, (&str, Vec<&ResultRow>)> = BTreeMap::new();
+    for r in rows {
+        let rank = ORDER.iter().position(|m| *m == r.method).unwrap_or(ORDER.len());
+        by.entry(rank * 1000 + r.k).or_insert((&r.method, Vec::new())).1.push(r);
+    }
+    let mut o = String::new();
+    let _ = writeln!(o, "# {title}\n");
+    let _ = writeln!(o, "Made by `{command}` from the runs' `summary.json` files.\n");
+    let _ = writeln!(
+        o,
+        "| method | K | epochs | test accuracy per seed | mean | spread | images/s | per-module head accuracy (first seed) |"
+    );
+    let _ = writeln!(o, "|---|--:|--:|---|--:|--:|--:|---|");
+    let mut means: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (method, runs) in by.values() {
+        let mut runs = runs.clone();
+        runs.sort_by_key(|r| r.seed);
+        let acc: Vec<f64> = runs.iter().map(|r| r.test_accuracy).collect();
+        let spread = acc.iter().copied().fold(f64::MIN, f64::max)
+            - acc.iter().copied().fold(f64::MAX, f64::min);
+        let modules = runs[0]
+            .module_accuracy
+            .iter()
+            .map(|a| a.map_or("—".into(), |a| format!("{:.1}", 100.0 * a)))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        let _ = writeln!(
+            o,
+            "| {method} | {} | {} | {} | **{:.2}** | {:.2} | {:.0} | {modules} |",
+            runs[0].k,
+            runs[0].epochs,
+            runs.iter()
+                .map(|r| format!("{:.2} (seed {})", 100.0 * r.test_accuracy, r.seed))
+                .collect::<Vec<_>>()
+                .join(", "),
+            100.0 * mean(&acc),
+            100.0 * spread,
+            mean(&runs.iter().map(|r| r.images_per_s).collect::<Vec<_>>()),
+        );
+        means.insert(method.to_string(), (100.0 * mean(&acc), 100.0 * spread));
+    }
+    let _ = writeln!(o, "\nAccuracies in %; spread = max − min over seeds; a module without a classifying head shows —.\n");
+    if let Some(&(e2e, _)) = means.get("e2e") {
+        for base in ["dgl", "infopro"] {
+            let ml = format!("mlaan-{base}");
+            if let (Some(&(b, bs)), Some(&(m, ms))) = (means.get(base), means.get(&ml)) {
+                let gap = e2e - b;
+                let closed = if gap.abs() > 1e-9 { 100.0 * (m - b) / gap } else { f64::NAN };
+                let _ = writeln!(
+                    o,
+                    "- {ml} vs {base}: {:+.2} points (seed spreads {bs:.2} and {ms:.2}); it closes {closed:.0}% of {base}'s gap of {gap:.2} points to e2e.",
+                    m - b
+                );
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(method: &str, k: usize, seed: u64, acc: f64) -> ResultRow {
+        ResultRow {
+            method: method.into(),
+            arch: "resnet32".into(),
+            k,
+            seed,
+            epochs: 1,
+            test_accuracy: acc,
+            module_accuracy: vec![None, Some(0.5)],
+            images_per_s: 100.0,
+            run: format!("{method}-{seed}"),
+        }
+    }
+
+    #[test]
+    fn table_and_gap() {
+        let rows = [
+            row("mlaan-dgl", 8, 0, 0.88),
+            row("e2e", 1, 0, 0.90),
+            row("dgl", 8, 0, 0.80),
+            row("dgl", 8, 1, 0.82),
+        ];
+        let md = results_markdown("T", "cmd", &rows);
+        let e2e = md.find("| e2e |").unwrap();
+        let dgl = md.find("| dgl |").unwrap();
+        assert!(e2e < dgl, "{md}");
+        assert!(md.contains("**81.00** | 2.00"), "{md}");
+        // (88 − 81) / (90 − 81) = 78%.
+        assert!(md.contains("mlaan-dgl vs dgl: +7.00 points") && md.contains("closes 78%"), "{md}");
+        assert!(md.contains("— / 50.0"), "{md}");
+    }
+}

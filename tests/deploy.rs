@@ -1,0 +1,1 @@
+//! Deployment scripts (placeholder while being written).
