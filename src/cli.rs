@@ -67,8 +67,9 @@ pub struct BenchArgs {
     /// Model, data, batch, K and devices (dataset defaults to CIFAR-shaped synthetic data).
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Cases, `METHOD[:SCHEDULE]`; `e2e` runs on the first device, `gpipe` is pipelined
-    /// backprop with micro-batches, local methods default to `async`.
+    /// Cases, `METHOD[:SCHEDULE][+recompute]`; `e2e` runs on the first device, `gpipe` is
+    /// pipelined backprop with micro-batches, local methods default to `async`; `+recompute`
+    /// rebuilds module graphs for the backward passes to save memory.
     #[arg(
         long,
         value_delimiter = ',',

@@ -19,8 +19,11 @@ fn debug_config_learns() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let losses: Vec<f64> =
-        records.iter().filter(|r| r["kind"] == "train").filter_map(|r| r["loss"].as_f64()).collect();
+    let losses: Vec<f64> = records
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .filter_map(|r| r["loss"].as_f64())
+        .collect();
     assert!(losses.len() >= 8, "{losses:?}");
     let head: f64 = losses[..3].iter().sum::<f64>() / 3.0;
     let tail: f64 = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;

@@ -368,6 +368,10 @@ pub struct PipelineConfig {
     /// GPipe baseline (`e2e` with K > 1, `sync`): micro-batches per mini-batch; the stages
     /// accumulate their gradients over them and step once per mini-batch.
     pub micro_batches: usize,
+    /// Trade compute for memory: forward without keeping the module's graph and rebuild it
+    /// for the backward passes (one more forward per batch), so that the module's graph and
+    /// its auxiliary networks' graphs are never held together.
+    pub recompute: bool,
 }
 
 impl Default for PipelineConfig {
@@ -380,6 +384,7 @@ impl Default for PipelineConfig {
             intra_op_threads: 0,
             on_nonfinite: OnNonFinite::Stop,
             micro_batches: 1,
+            recompute: false,
         }
     }
 }

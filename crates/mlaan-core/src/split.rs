@@ -158,6 +158,10 @@ impl Split {
         if k == 0 {
             return Err(bad("K must be at least 1".into()));
         }
+        if k == 1 && matches!(spec, SplitSpec::Named(_)) {
+            // One module is the whole network, whatever rule would cut it.
+            return Ok(Split::whole(arch));
+        }
         let to_refs = |v: Vec<[usize; 2]>| v.into_iter().map(BlockRef::from).collect::<Vec<_>>();
         let n = arch.num_blocks();
         match spec {

@@ -5,7 +5,8 @@
 //!
 //! Cases are written `METHOD[:SCHEDULE]`; `e2e` is end-to-end backprop on the first device,
 //! `gpipe` is micro-batched pipelined backprop over all devices, a local method defaults to
-//! `async` over all devices, and `:sequential` runs every module on the first device.
+//! `async` over all devices, and `:sequential` runs every module on the first device. A
+//! `+recompute` suffix (`mlaan-dgl:sync+recompute`) trades a second forward for memory.
 
 use crate::devices::{self, GpuPeakSampler};
 use crate::pipeline::Event;
@@ -35,9 +36,11 @@ pub struct BenchSpec {
 /// The run config of one case.
 pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
     let mut c = spec.base.clone();
-    let (method, schedule) = match case.split_once(':') {
+    let (core, recompute) = split_recompute(case);
+    c.pipeline.recompute = recompute || c.pipeline.recompute;
+    let (method, schedule) = match core.split_once(':') {
         Some((m, s)) => (m, Some(s)),
-        None => (case, None),
+        None => (core, None),
     };
     let first = vec![c.pipeline.devices[0].clone()];
     match method {
@@ -148,11 +151,26 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     })
 }
 
+/// A case's `+recompute` suffix: the local modules rebuild their graphs for the backward
+/// passes (`pipeline.recompute`).
+fn split_recompute(case: &str) -> (&str, bool) {
+    match case.strip_suffix("+recompute") {
+        Some(core) => (core, true),
+        None => (case, false),
+    }
+}
+
 fn display_name(case: &str) -> String {
-    match case.split_once(':') {
+    let (core, recompute) = split_recompute(case);
+    let name = match core.split_once(':') {
         Some((m, s)) => format!("{m} {s}"),
-        None if case == "e2e" || case == "gpipe" => case.to_string(),
-        None => format!("{case} async"),
+        None if core == "e2e" || core == "gpipe" => core.to_string(),
+        None => format!("{core} async"),
+    };
+    if recompute {
+        format!("{name} +recompute")
+    } else {
+        name
     }
 }
 

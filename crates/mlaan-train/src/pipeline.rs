@@ -207,6 +207,8 @@ pub struct PipelineSettings {
     pub accumulate: usize,
     pub on_nonfinite: OnNonFinite,
     pub fault: Option<Fault>,
+    /// Rebuild module graphs for the backward passes (`pipeline.recompute`).
+    pub recompute: bool,
     /// Intra-op threads of each stage thread, by stage (1 where missing).
     pub intra_op_threads: Vec<usize>,
 }
@@ -629,6 +631,7 @@ impl StageWorker {
                     input_grad,
                     all_continue: plan.all_gradients_continue(m),
                     accumulate: s.accumulate,
+                    recompute_graph: s.recompute,
                     ema_momentum: s.ema_momentum,
                     stop: ctx.stop.clone(),
                 },
@@ -845,6 +848,7 @@ impl StageWorker {
     fn finish_batch(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
         let t = Instant::now();
         self.stage.finish(id, keep_inputs)?;
+        self.note_live();
         self.clock.busy += t.elapsed();
         self.maybe_report()
     }
@@ -853,6 +857,7 @@ impl StageWorker {
     fn receive_sync(&mut self, msg: BackMsg) -> Result<bool, TrainError> {
         let t = Instant::now();
         let out = self.stage.receive(msg.id, msg.parts)?;
+        self.note_live();
         self.clock.busy += t.elapsed();
         if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
             self.send_back(BackMsg { id: msg.id, parts: out, last: msg.last })?;
@@ -1078,10 +1083,9 @@ impl StageWorker {
     }
 
     fn note_live(&mut self) {
-        let transient = self.stage.modules.iter().map(|m| m.transient_peak).max().unwrap_or(0);
-        let live = self.stage.live_bytes() + self.queued_bytes.load(Ordering::Relaxed);
-        self.clock.peak_live = self.clock.peak_live.max(live + transient);
-        self.peak_live = self.peak_live.max(live + transient);
+        let peak = self.stage.take_peak() + self.queued_bytes.load(Ordering::Relaxed);
+        self.clock.peak_live = self.clock.peak_live.max(peak);
+        self.peak_live = self.peak_live.max(peak);
     }
 
     fn maybe_report(&mut self) -> Result<(), TrainError> {

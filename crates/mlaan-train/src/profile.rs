@@ -46,6 +46,7 @@ pub fn module_costs(
                 input_grad,
                 all_continue: plan.all_gradients_continue(m),
                 accumulate: 1,
+                recompute_graph: false,
                 ema_momentum: 0.0,
                 stop: Arc::new(AtomicBool::new(false)),
             },

@@ -103,6 +103,19 @@ struct Pending {
     /// Parts with reach left ≥ 1 not yet propagated to the input, by reach.
     g_unsent: BTreeMap<usize, Tensor>,
     graph_bytes: u64,
+    /// Whether `h` carries its autograd graph (not yet, in recompute mode).
+    has_graph: bool,
+}
+
+impl Pending {
+    /// Input, output, graph and gradients of the batch.
+    fn bytes(&self) -> u64 {
+        bytes_of(&self.x)
+            + bytes_of(&self.h)
+            + self.graph_bytes
+            + self.g_params.as_ref().map_or(0, bytes_of)
+            + self.g_unsent.values().map(bytes_of).sum::<u64>()
+    }
 }
 
 /// Per-term loss and accuracy sums since the last report.
@@ -129,6 +142,7 @@ pub struct LocalModule {
     stored: BTreeMap<u64, (Tensor, BatchTargets)>,
     input_grad: bool,
     all_continue: bool,
+    recompute_graph: bool,
     accumulate: usize,
     micro: usize,
     pub step: u64,
@@ -137,8 +151,9 @@ pub struct LocalModule {
     ema_momentum: f64,
     stop: Arc<AtomicBool>,
     pub stats: Vec<TermStats>,
-    /// Bytes of gradient graphs of term networks (transient, for the peak).
-    pub transient_peak: u64,
+    /// Bytes the last call allocated and freed again before returning (term-network graphs,
+    /// a rebuilt graph, a finished batch), which `live_bytes` after the call cannot see.
+    call_transient: u64,
 }
 
 /// Static settings of a module's runner.
@@ -152,6 +167,9 @@ pub struct ModuleSettings {
     pub all_continue: bool,
     /// Micro-batches per optimizer step.
     pub accumulate: usize,
+    /// Forward without keeping the graph and rebuild it for the backward passes: one more
+    /// forward per batch for a peak of max(module graph, term graphs) instead of their sum.
+    pub recompute_graph: bool,
     pub ema_momentum: f64,
     pub stop: Arc<AtomicBool>,
 }
@@ -200,6 +218,7 @@ impl LocalModule {
             stored: BTreeMap::new(),
             input_grad: s.input_grad,
             all_continue: s.all_continue,
+            recompute_graph: s.recompute_graph,
             accumulate: s.accumulate.max(1),
             micro: 0,
             step: 0,
@@ -208,7 +227,7 @@ impl LocalModule {
             ema_momentum: s.ema_momentum,
             stop: s.stop,
             stats,
-            transient_peak: 0,
+            call_transient: 0,
             nets,
         }
     }
@@ -220,12 +239,32 @@ impl LocalModule {
         x: &Tensor,
         targets: BatchTargets,
     ) -> Result<Tensor, TrainError> {
+        if self.recompute_graph {
+            // Keep only the input: the graph is rebuilt when the gradients are known, so the
+            // module's graph and its terms' graphs are never alive together.
+            let x = x.detach();
+            let h = tch::no_grad(|| self.nets.forward(&x, Mode::Train));
+            let out = h.shallow_clone();
+            let g_unsent = BTreeMap::new();
+            let pending = Pending {
+                x,
+                h,
+                targets,
+                g_params: None,
+                g_unsent,
+                graph_bytes: 0,
+                has_graph: false,
+            };
+            self.pending.insert(id, pending);
+            return Ok(out);
+        }
         let x = if self.input_grad { x.detach().set_requires_grad(true) } else { x.detach() };
         let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Train));
         let out = h.detach();
+        let g_unsent = BTreeMap::new();
         self.pending.insert(
             id,
-            Pending { x, h, targets, g_params: None, g_unsent: BTreeMap::new(), graph_bytes },
+            Pending { x, h, targets, g_params: None, g_unsent, graph_bytes, has_graph: true },
         );
         Ok(out)
     }
@@ -242,12 +281,13 @@ impl LocalModule {
         let image = p.targets.image_u8.as_ref().map(|t| t.to_kind(Kind::Float) / 255.0);
         let labels = p.targets.labels.shallow_clone();
         let mut parts = Vec::new();
+        self.call_transient = 0;
         for t in 0..self.nets.terms.len() {
             let spec = &self.nets.terms[t].spec;
             let (weight, reach) = (spec.weight, spec.reach);
             let targets = Targets { labels: &labels, image: image.as_ref() };
             let (out, bytes) = count_saved(|| self.nets.term_loss(t, &hd, &targets, Mode::Train));
-            self.transient_peak = self.transient_peak.max(bytes);
+            self.call_transient = self.call_transient.max(bytes);
             let loss = out.loss.f_double_value(&[])?;
             if !loss.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -298,9 +338,29 @@ impl LocalModule {
         Ok(())
     }
 
+    /// Rebuild the graph of a batch forwarded without one (recompute mode): the same values,
+    /// batch statistics untouched.
+    fn ensure_graph(&mut self, id: u64) -> Result<(), TrainError> {
+        let input_grad = self.input_grad;
+        let p = self.pending.get_mut(&id).ok_or(TrainError::Protocol(format!("no batch {id}")))?;
+        if !p.has_graph {
+            let x = if input_grad { p.x.detach().set_requires_grad(true) } else { p.x.detach() };
+            let (h, bytes) = count_saved(|| self.nets.forward(&x, Mode::Recompute));
+            p.x = x;
+            p.h = h;
+            p.graph_bytes = bytes;
+            p.has_graph = true;
+        }
+        Ok(())
+    }
+
     /// ∂L/∂x for every part that reaches further back, as parts for module i−1.
     pub fn propagate(&mut self, id: u64) -> Result<Vec<GradPart>, TrainError> {
         let index = self.index;
+        let unsent_any = self.pending.get(&id).is_some_and(|p| !p.g_unsent.is_empty());
+        if unsent_any {
+            self.ensure_graph(id)?;
+        }
         let p = self
             .pending
             .get_mut(&id)
@@ -332,6 +392,9 @@ impl LocalModule {
     /// With `keep_input`, the input is stored for late gradients (async).
     pub fn finish(&mut self, id: u64, keep_input: bool) -> Result<(), TrainError> {
         let index = self.index;
+        if self.pending.get(&id).is_some_and(|p| p.g_params.is_some()) {
+            self.ensure_graph(id)?;
+        }
         let p = self
             .pending
             .remove(&id)
@@ -339,6 +402,7 @@ impl LocalModule {
         if let Some(g) = &p.g_params {
             self.param_pass(&p.h, g)?;
         }
+        self.call_transient = p.bytes();
         if keep_input {
             self.stored.insert(id, (p.x.detach(), p.targets));
         }
@@ -389,6 +453,7 @@ impl LocalModule {
                 g_params: None,
                 g_unsent: BTreeMap::new(),
                 graph_bytes,
+                has_graph: true,
             },
         );
         self.add_grads(id, parts)?;
@@ -397,6 +462,7 @@ impl LocalModule {
         if let Some(g) = &p.g_params {
             self.param_pass(&p.h, g)?;
         }
+        self.call_transient = p.bytes();
         if let Some(k) = keep {
             self.stored.insert(id, k);
         }
@@ -499,20 +565,15 @@ impl LocalModule {
     pub fn live_bytes(&self) -> u64 {
         let stores: u64 = self.nets.state().iter().map(|(_, t)| bytes_of(t)).sum();
         let grads: u64 = self.grads.iter().flatten().map(bytes_of).sum();
-        let pending: u64 = self
-            .pending
-            .values()
-            .map(|p| {
-                bytes_of(&p.x)
-                    + bytes_of(&p.h)
-                    + p.graph_bytes
-                    + p.g_params.as_ref().map_or(0, bytes_of)
-                    + p.g_unsent.values().map(bytes_of).sum::<u64>()
-            })
-            .sum();
+        let pending: u64 = self.pending.values().map(Pending::bytes).sum();
         let stored: u64 =
             self.stored.values().map(|(x, t)| bytes_of(x) + bytes_of(&t.labels)).sum();
         stores + self.opt.state_bytes() + grads + pending + stored
+    }
+
+    /// Bytes the last call held at its peak beyond what `live_bytes` shows after it; reset.
+    pub fn take_call_transient(&mut self) -> u64 {
+        std::mem::take(&mut self.call_transient)
     }
 
     /// Whether the module has a term of this kind.

@@ -53,6 +53,8 @@ pub struct Stage {
     /// Per module: whether late parts can reach it (async keeps its inputs).
     keeps_input: Vec<bool>,
     pub device: Device,
+    /// Highest live bytes seen since the last `take_peak`, probed after every module call.
+    peak: u64,
 }
 
 impl Stage {
@@ -60,7 +62,7 @@ impl Stage {
         let a = modules[0].index;
         let b = a + modules.len();
         let keeps_input = (a..b).map(|m| plan.incoming_reach_left(m, b).is_some()).collect();
-        Stage { routes: StageRoutes::new(plan, a..b), modules, keeps_input, device }
+        Stage { routes: StageRoutes::new(plan, a..b), modules, keeps_input, device, peak: 0 }
     }
 
     pub fn first_module(&self) -> usize {
@@ -76,13 +78,14 @@ impl Stage {
         targets: &BatchTargets,
     ) -> Result<(Tensor, Option<BackMsg>), TrainError> {
         let mut h = x.shallow_clone();
-        for m in &mut self.modules {
+        for i in 0..self.modules.len() {
             let t = BatchTargets {
                 labels: targets.labels.shallow_clone(),
                 image_u8: targets.image_u8.as_ref().map(|t| t.shallow_clone()),
             };
-            h = m.forward(id, &h, t)?;
-            m.local_losses(id)?;
+            h = self.modules[i].forward(id, &h, t)?;
+            self.modules[i].local_losses(id)?;
+            self.probe(i);
         }
         let front = self.sweep(id, Vec::new())?;
         let early = (!front.is_empty()).then(|| BackMsg {
@@ -97,9 +100,10 @@ impl Stage {
     /// stage; returns the parts leaving its front.
     fn sweep(&mut self, id: u64, incoming: Vec<GradPart>) -> Result<Vec<GradPart>, TrainError> {
         let mut parts = incoming;
-        for m in self.modules.iter_mut().rev() {
-            m.add_grads(id, std::mem::take(&mut parts))?;
-            parts = m.propagate(id)?;
+        for i in (0..self.modules.len()).rev() {
+            self.modules[i].add_grads(id, std::mem::take(&mut parts))?;
+            parts = self.modules[i].propagate(id)?;
+            self.probe(i);
         }
         Ok(parts)
     }
@@ -113,8 +117,9 @@ impl Stage {
     /// inputs that late gradients will need. Later modules step first: they publish the
     /// weights that earlier modules' EMA twins fold in after the same step.
     pub fn finish(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
-        for (m, keep) in self.modules.iter_mut().zip(&self.keeps_input).rev() {
-            m.finish(id, keep_inputs && *keep)?;
+        for i in (0..self.modules.len()).rev() {
+            self.modules[i].finish(id, keep_inputs && self.keeps_input[i])?;
+            self.probe(i);
         }
         Ok(())
     }
@@ -128,17 +133,18 @@ impl Stage {
         last: bool,
     ) -> Result<Vec<GradPart>, TrainError> {
         let mut parts = parts;
-        for (m, keep) in self.modules.iter_mut().zip(&self.keeps_input).rev() {
-            if !*keep {
+        for i in (0..self.modules.len()).rev() {
+            if !self.keeps_input[i] {
                 break;
             }
             if parts.is_empty() {
                 if last {
-                    m.release(id);
+                    self.modules[i].release(id);
                 }
                 continue;
             }
-            parts = m.apply_late(id, std::mem::take(&mut parts), last)?;
+            parts = self.modules[i].apply_late(id, std::mem::take(&mut parts), last)?;
+            self.probe(i);
         }
         Ok(parts)
     }
@@ -150,5 +156,18 @@ impl Stage {
 
     pub fn live_bytes(&self) -> u64 {
         self.modules.iter().map(|m| m.live_bytes()).sum()
+    }
+
+    /// After a call on module `i`: what the stage holds now plus what the call held and
+    /// freed, so the peak counts graphs that live only inside one call.
+    fn probe(&mut self, i: usize) {
+        let transient = self.modules[i].take_call_transient();
+        self.peak = self.peak.max(self.live_bytes() + transient);
+    }
+
+    /// Highest live bytes since the last call (at least what is live now); resets.
+    pub fn take_peak(&mut self) -> u64 {
+        let now = self.live_bytes();
+        std::mem::replace(&mut self.peak, 0).max(now)
     }
 }

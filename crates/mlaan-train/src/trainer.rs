@@ -338,7 +338,9 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
                 log.absorb(events, epoch, &bar)?;
                 Ok(interrupted())
             })?;
-            if every > 0 && s.next_id % every == 0 && s.next_id < epoch_end && !interrupted() {
+            let at_epoch_end =
+                s.next_id == epoch_end && (cfg.checkpoint.at_epoch_end || s.next_id >= total_steps);
+            if every > 0 && s.next_id % every == 0 && !at_epoch_end && !interrupted() {
                 log.absorb(s.drain()?, epoch, &bar)?;
                 s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
             }
@@ -458,10 +460,13 @@ pub fn pipeline_settings(
         on_nonfinite: cfg.pipeline.on_nonfinite,
         fault: opts.fault,
         intra_op_threads: Vec::new(),
+        recompute: cfg.pipeline.recompute,
     }
 }
 
-/// Which modules run on which device.
+/// Largest batch the placement profile runs.
+const PROFILE_BATCH: usize = 32;
+
 /// Which modules run on which device: everything on one stage for `sequential` and plain
 /// e2e; one module per device when K ≤ D; otherwise contiguous groups balanced by a measured
 /// profile (`auto`, `profile`) or by backbone FLOPs (`flops`).
@@ -476,6 +481,9 @@ pub fn choose_placement(
         return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
     }
     let d = devices.len();
+    if d == 1 {
+        return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
+    }
     if plan.k() <= d || cfg.pipeline.placement == "flops" {
         return Ok((place(&plan.module_macs(), d)?, None));
     }
@@ -488,14 +496,10 @@ pub fn choose_placement(
     };
     tch::set_num_threads(threads as i32);
     let t = Instant::now();
-    let costs = crate::profile::module_costs(
-        plan,
-        image,
-        devices[0],
-        cfg.train.batch_size,
-        cfg.pipeline.schedule,
-        2,
-    )?;
+    // Relative costs are what matters: a small batch keeps the profile short on a CPU.
+    let batch = cfg.train.batch_size.min(PROFILE_BATCH);
+    let costs =
+        crate::profile::module_costs(plan, image, devices[0], batch, cfg.pipeline.schedule, 2)?;
     let p = place(&costs, d)?;
     tracing::info!(
         "placement from a {:.1} s profile (ms per batch: {}): {}",

@@ -55,6 +55,7 @@ fn product_stage(plan: &NetworkPlan, states: &[ModuleState]) -> Stage {
                     input_grad: m > 0 && plan.incoming_reach_left(m - 1, m).is_some(),
                     all_continue: plan.all_gradients_continue(m),
                     accumulate: 1_000_000,
+                    recompute_graph: false,
                     ema_momentum: 0.995,
                     stop: Arc::new(AtomicBool::new(false)),
                 },

@@ -138,3 +138,19 @@ fn gpipe_is_backprop() {
     gpipe.pipeline.micro_batches = 2;
     assert_same("gpipe M=2", &run(&seq, 8), &run(&gpipe, 8));
 }
+
+#[test]
+fn recomputing_graphs_changes_no_arithmetic() {
+    // `pipeline.recompute` forwards without a graph and rebuilds it (batch statistics
+    // untouched) for the backward passes: the same numbers, less memory held.
+    for (method, schedule, devices) in [
+        ("mlaan-dgl", Schedule::Sequential, 1),
+        ("mlaan-infopro", Schedule::Sync, 4),
+        ("dgl", Schedule::Sync, 2),
+    ] {
+        let keep = with(method, 4, schedule, devices, "distance");
+        let mut rebuild = keep.clone();
+        rebuild.pipeline.recompute = true;
+        assert_same(&format!("{method} {schedule} recompute"), &run(&keep, 12), &run(&rebuild, 12));
+    }
+}
