@@ -28,6 +28,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Evaluate a saved backbone (model.safetensors) on the test set.
     Eval(EvalArgs),
+    /// Write the trained backbone alone as a torchvision-style state dict (safetensors).
+    Export(ExportArgs),
     /// Datasets: verify, fetch, benchmark the loader, generate an image folder.
     #[command(subcommand)]
     Data(DataCommand),
@@ -240,6 +242,16 @@ pub struct EvalArgs {
     /// Also write the result as JSON: on stdout, or into FILE when one is given.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A run directory (its model.safetensors, else its newest complete checkpoint), a
+    /// checkpoint directory (`ckpt/step-NNNNNNNN`), or a model.safetensors file.
+    pub source: PathBuf,
+    /// The file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]

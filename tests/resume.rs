@@ -223,3 +223,76 @@ fn sigterm_drains_checkpoints_and_exits() {
         .collect();
     assert_eq!(complete.len(), 1, "one complete checkpoint");
 }
+
+fn eval_accuracy(extra: &[&str]) -> f64 {
+    let mut a = vec!["eval", "--json"];
+    a.extend(extra);
+    let o = command(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "eval {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["test_accuracy"].as_f64().unwrap()
+}
+
+#[test]
+fn export_writes_the_backbone_that_eval_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    run_ok(&args("mlaan-dgl", "sequential", "cpu", &run, &["--max-steps", "6"]));
+    let ckpt = run.join("ckpt/step-00000006");
+    assert!(ckpt.join("COMPLETE").is_file(), "no final checkpoint in {}", run.display());
+    let (from_run, from_ckpt) =
+        (tmp.path().join("a.safetensors"), tmp.path().join("b.safetensors"));
+    for (source, out) in [(&run, &from_run), (&ckpt, &from_ckpt)] {
+        let o = command(&[
+            "export".into(),
+            source.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("wrote") && stdout.contains("CIFAR ResNet"), "{stdout}");
+    }
+    let sorted = |p: &Path| {
+        let mut v = Tensor::read_safetensors(p).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (a, b) = (sorted(&from_run), sorted(&from_ckpt));
+    // The final model and the final checkpoint hold the same backbone, and nothing else.
+    assert_eq!(a.len(), b.len());
+    for ((n1, t1), (n2, t2)) in a.iter().zip(&b) {
+        assert_eq!(n1, n2);
+        assert!(t1.equal(t2), "`{n1}` differs between the model and the checkpoint");
+        assert!(!n1.starts_with("aux.") && !n1.starts_with("ema."), "`{n1}` exported");
+    }
+    let bns = a.iter().filter(|(n, _)| n.ends_with(".running_var")).count();
+    let counters: Vec<i64> = a
+        .iter()
+        .filter(|(n, _)| n.ends_with(".num_batches_tracked"))
+        .map(|(_, t)| t.int64_value(&[]))
+        .collect();
+    assert!(bns > 5 && counters.len() == bns, "{bns} batch norms, {} counters", counters.len());
+    assert!(counters.iter().all(|&c| c == 6), "{counters:?}");
+    // eval reads the export and scores it exactly as the run's own model.
+    let config = run.join("config.toml");
+    let own = eval_accuracy(&["--model", run.to_str().unwrap()]);
+    let exported = eval_accuracy(&[
+        "--model",
+        from_run.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(own, exported);
+    // A directory without weights is an error that says what it looked for.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = command(&["export".into(), empty.display().to_string(), "--out".into(), "x".into()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("model.safetensors"), "{err}");
+}

@@ -1,6 +1,6 @@
 //! `mlaan-pipe eval`: the saved backbone alone (stem, blocks, classifier; no auxiliary
 //! networks) on the test set, built as one module whatever split it was trained with — the
-//! parameter names do not depend on the split.
+//! parameter names do not depend on the split. Files written by `export` load too.
 
 use crate::cli::EvalArgs;
 use anyhow::{bail, Context, Result};
@@ -163,7 +163,13 @@ fn load_backbone(nets: &LocalNets, path: &Path) -> Result<()> {
     let wanted: HashMap<&str, &Tensor> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut missing: Vec<&str> =
         wanted.keys().filter(|n| !given.contains_key(*n)).copied().collect();
-    let mut extra: Vec<&str> = given.keys().filter(|n| !wanted.contains_key(*n)).copied().collect();
+    // `num_batches_tracked` counters come with exported (torchvision-style) files; the
+    // network keeps none.
+    let mut extra: Vec<&str> = given
+        .keys()
+        .filter(|n| !wanted.contains_key(*n) && !n.ends_with(".num_batches_tracked"))
+        .copied()
+        .collect();
     let mut shapes: Vec<String> = wanted
         .iter()
         .filter_map(|(n, t)| {

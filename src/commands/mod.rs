@@ -4,6 +4,7 @@ mod bench;
 mod compare;
 mod data;
 mod eval;
+mod export;
 mod plan;
 mod plot;
 mod train;
@@ -16,6 +17,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Export(a) => export::run(a),
         Command::Data(c) => data::run(c),
         Command::Bench(a) => bench::run(a),
         Command::Plot(a) => plot::run(a),

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod devices;
+pub mod export;
 pub mod init;
 pub mod metrics;
 pub mod optim;

@@ -10,7 +10,6 @@ use crate::pipeline::{
     EmaLagRule, Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
 };
 use crate::runner::BatchTargets;
-use crate::TrainError;
 use anyhow::{bail, Context, Result};
 use mlaan_core::arch::Chw;
 use mlaan_core::config::{Method, RunConfig, Schedule};
@@ -626,16 +625,7 @@ pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result
 
 /// Write the backbone alone (stem, blocks, classifier; no auxiliary networks) to safetensors.
 pub fn save_backbone(snapshots: &[ModuleSnapshot], path: &Path) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = snapshots
-        .iter()
-        .flat_map(|s| s.state.iter())
-        .filter(|(n, _)| !n.starts_with("aux.") && !n.starts_with("ema."))
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
-    let tmp = path.with_extension("safetensors.tmp");
-    Tensor::write_safetensors(&tensors, &tmp).map_err(TrainError::from)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::export::write(&crate::export::backbone_of(snapshots), path)
 }
 
 /// A stage's window, its learning rate and its modules' term losses.
