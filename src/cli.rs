@@ -75,7 +75,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "e2e,gpipe,dgl,infopro,mlaan-dgl,mlaan-dgl:sync,mlaan-infopro"
+        default_value = "e2e,gpipe,dgl,infopro,mlaan-dgl,mlaan-dgl:sync,mlaan-dgl:sync+recompute,mlaan-infopro"
     )]
     pub cases: Vec<String>,
     /// Untimed batches before each measurement.

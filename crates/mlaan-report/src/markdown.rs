@@ -204,13 +204,19 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                 o.push('\n');
             }
             if !case.gpu_peak_bytes.is_empty() {
+                // One peak per distinct GPU, in first-use order.
+                let mut gpus: Vec<&String> = Vec::new();
+                for d in case.devices.iter().filter(|d| *d != "cpu") {
+                    if !gpus.contains(&d) {
+                        gpus.push(d);
+                    }
+                }
                 let peaks: Vec<String> = case
                     .gpu_peak_bytes
                     .iter()
                     .enumerate()
                     .map(|(i, &b)| {
-                        let dev =
-                            case.devices.get(i).map_or_else(|| format!("#{i}"), |d| d.clone());
+                        let dev = gpus.get(i).map_or_else(|| format!("#{i}"), |d| d.to_string());
                         format!("{dev} {:.1} MiB", mib(b))
                     })
                     .collect();

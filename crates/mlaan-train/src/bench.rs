@@ -139,7 +139,9 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         repeats: spec.repeats,
         memory_note: if uses_gpu {
             "GPU: NVML per-process used memory (CUDA context and the caching allocator's \
-             reserved memory included), sampled every 10 ms; stages: exact live tensor bytes"
+             reserved memory included), sampled every 10 ms; the allocator keeps what earlier \
+             cases reserved, so NVML peaks only grow along the run: compare cases by the exact \
+             live tensor bytes per stage"
                 .into()
         } else {
             "CPU devices: exact live tensor bytes per stage (parameters, aux, LAM, EMA, optimizer \
@@ -218,11 +220,15 @@ fn measure(
         feed(&mut s, i)?;
     }
     s.drain()?;
-    let gpus: Vec<usize> =
-        crate::devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?
-            .iter()
-            .filter_map(|d| if let Device::Cuda(i) = d { Some(*i) } else { None })
-            .collect();
+    // One peak per physical GPU, in first-use order (stages may share one).
+    let mut gpus: Vec<usize> = Vec::new();
+    for d in crate::devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)? {
+        if let Device::Cuda(i) = d {
+            if !gpus.contains(&i) {
+                gpus.push(i);
+            }
+        }
+    }
     let sampler = GpuPeakSampler::start(&gpus, Duration::from_millis(10));
     let t = Instant::now();
     let mut events = Vec::new();

@@ -12,16 +12,25 @@ fn every_case_is_measured() {
     base.pipeline.devices = vec!["cpu".into(), "cpu".into()];
     let spec = BenchSpec {
         base,
-        cases: ["e2e", "gpipe", "dgl", "mlaan-dgl", "mlaan-dgl:sync", "mlaan-dgl:sequential"]
-            .map(String::from)
-            .to_vec(),
+        cases: [
+            "e2e",
+            "gpipe",
+            "dgl",
+            "mlaan-dgl",
+            "mlaan-dgl:sync",
+            "mlaan-dgl:sequential",
+            "mlaan-dgl:sync+recompute",
+        ]
+        .map(String::from)
+        .to_vec(),
         warmup: 1,
         steps: 4,
         repeats: 2,
         micro_batches: 2,
     };
     let r = run(&spec, &mut |_| {}).unwrap();
-    assert_eq!(r.cases.len(), 6);
+    assert_eq!(r.cases.len(), 7);
+    assert_eq!(r.cases[6].name, "mlaan-dgl sync +recompute");
     for c in &r.cases {
         assert_eq!(c.images_per_s.len(), 2, "{}", c.name);
         assert!(c.median() > 0.0, "{}", c.name);
@@ -54,4 +63,6 @@ fn bad_cases_are_named() {
     assert!(e.contains("backprop"), "{e}");
     let e = format!("{:#}", case_config(&spec, "gpipe").unwrap_err());
     assert!(e.contains("micro_batches"), "{e}");
+    assert!(case_config(&spec, "dgl:sync+recompute").unwrap().pipeline.recompute);
+    assert!(!case_config(&spec, "dgl:sync").unwrap().pipeline.recompute);
 }
