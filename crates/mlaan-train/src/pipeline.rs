@@ -781,7 +781,10 @@ impl StageWorker {
     /// Normalise raw images on stage 0.
     fn stage_input(&self, x: Tensor) -> Tensor {
         if self.stage.first_module() == 0 {
-            (x.to_device(self.device).to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+            // Non-blocking: asynchronous from pinned memory, ordered before the ops that use
+            // it on the device's stream (and a plain copy from pageable memory).
+            let x = x.to_device_(self.device, x.kind(), true, false);
+            (x.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
         } else {
             x.to_device(self.device)
         }

@@ -98,6 +98,10 @@ pub struct Session {
     pub needs_image: bool,
     /// Training samples dropped because they could not be read (`data.on_bad_sample = skip`).
     pub skipped_samples: u64,
+    /// The first stage's GPU: batches are staged in pinned host memory on this (feeding)
+    /// thread so that the stage's host-to-device copy is asynchronous. `None` on CPUs, or once
+    /// pinning has failed.
+    pin_for: Option<Device>,
 }
 
 impl Session {
@@ -161,8 +165,10 @@ impl Session {
             &placement,
             &stage_devices(&placement, &devices),
         )?;
+        let first_device = stage_devices(&placement, &devices)[0];
         Ok(Session {
             cfg: cfg.clone(),
+            pin_for: first_device.is_cuda().then_some(first_device),
             needs_image: plan.method.uses_infopro_loss(),
             data,
             plan,
@@ -197,12 +203,31 @@ impl Session {
                 continue;
             }
             let (x, targets) = to_tensors(&batch, self.needs_image);
+            let (x, targets) = self.pinned(x, targets);
             self.send_batch(x, targets)?;
             if on_batch(self.pipe.take_events()?)? || self.next_id >= stop_at {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// The batch in pinned (page-locked) host memory when the first stage is a GPU; the
+    /// image target shares the pinned storage. Falls back to pageable memory, once, with a
+    /// warning, if libtorch cannot pin.
+    fn pinned(&mut self, x: Tensor, targets: BatchTargets) -> (Tensor, BatchTargets) {
+        let Some(device) = self.pin_for else { return (x, targets) };
+        match x.f_pin_memory(device) {
+            Ok(p) => {
+                let image_u8 = targets.image_u8.as_ref().map(|_| p.shallow_clone());
+                (p, BatchTargets { labels: targets.labels, image_u8 })
+            }
+            Err(e) => {
+                tracing::warn!("cannot pin host memory for {device:?}, copying from pageable: {e}");
+                self.pin_for = None;
+                (x, targets)
+            }
+        }
     }
 
     /// Send one training mini-batch, as its micro-batches under GPipe (ids `next_id · M + j`).
