@@ -15,13 +15,10 @@ use crossbeam_channel::bounded;
 use mlaan_core::arch::Chw;
 use mlaan_core::config::RunConfig;
 use mlaan_core::plan::NetworkPlan;
-use mlaan_models::Mode;
 use mlaan_train::init::{build_nets, ImageSpec};
 use mlaan_train::optim::LrSchedule;
 use mlaan_train::runner::{BatchTargets, LocalModule, ModuleSettings};
 use mlaan_train::stage::Stage;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 32;
@@ -36,25 +33,11 @@ fn plan() -> NetworkPlan {
 }
 
 fn module(plan: &NetworkPlan, m: usize) -> LocalModule {
-    LocalModule::new(
-        build_nets(plan, m, IMAGE, Device::Cpu),
-        ModuleSettings {
-            lr: LrSchedule {
-                peak: 0.1,
-                warmup_start: 0.1,
-                min: 0.0,
-                warmup_steps: 0,
-                total_steps: 1_000_000,
-            },
-            optim: Default::default(),
-            input_grad: m > 0 && plan.incoming_reach_left(m - 1, m).is_some(),
-            all_continue: plan.all_gradients_continue(m),
-            accumulate: 1,
-            recompute_graph: false,
-            ema_momentum: 0.995,
-            stop: Arc::new(AtomicBool::new(false)),
-        },
-    )
+    let settings = ModuleSettings {
+        ema_momentum: 0.995,
+        ..ModuleSettings::for_module(plan, m, LrSchedule::constant(0.1), Default::default())
+    };
+    LocalModule::new(build_nets(plan, m, IMAGE, Device::Cpu), settings)
 }
 
 fn targets() -> BatchTargets {
@@ -67,13 +50,19 @@ fn targets() -> BatchTargets {
 fn stage_step(c: &mut Criterion) {
     tch::set_num_threads(1);
     let plan = plan();
-    // Each module's real input: the batch through the modules before it.
-    let mut inputs = vec![Tensor::randn([BATCH, 3, 32, 32], (Kind::Float, Device::Cpu))];
-    for m in 0..plan.k() - 1 {
-        let nets = build_nets(&plan, m, IMAGE, Device::Cpu);
-        let h = tch::no_grad(|| nets.forward(&inputs[m], Mode::Eval));
-        inputs.push(h);
-    }
+    // Each module's input, in the shape the module before it outputs.
+    let inputs: Vec<Tensor> = (0..plan.k())
+        .map(|m| {
+            let [c, h, w] = match m {
+                0 => [3, 32, 32],
+                _ => {
+                    let o = plan.modules[m - 1].output;
+                    [o.c as i64, o.h as i64, o.w as i64]
+                }
+            };
+            Tensor::randn([BATCH, c, h, w], (Kind::Float, Device::Cpu))
+        })
+        .collect();
     let mut g = c.benchmark_group("stage_step");
     g.sample_size(20).throughput(Throughput::Elements(BATCH as u64));
     for (m, x) in inputs.iter().enumerate() {

@@ -475,6 +475,11 @@ fn start_single(sb: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Child {
     child
 }
 
+/// `single_node.sbatch` run to the end with `env`.
+fn run_single(sb: &Sandbox, env: &[(&str, &str)]) -> ExitStatus {
+    sb.command("deploy/slurm/single_node.sbatch", &[], env).status().unwrap()
+}
+
 fn code(s: ExitStatus) -> i32 {
     s.code().unwrap_or_else(|| panic!("killed by a signal: {s:?}"))
 }
@@ -536,14 +541,10 @@ fn a_second_signal_while_draining_is_forwarded_and_waited_out() {
 #[test]
 fn a_normal_finish_or_a_failure_is_not_requeued() {
     let sb = Sandbox::new();
-    let status = sb
-        .command(
-            "deploy/slurm/single_node.sbatch",
-            &[],
-            &[("SLURM_JOB_ID", "7"), ("GPUS", "0,0,0,0"), ("FAKE_TICKS", "2"), ("RUN_DIR", "r")],
-        )
-        .status()
-        .unwrap();
+    let status = run_single(
+        &sb,
+        &[("SLURM_JOB_ID", "7"), ("GPUS", "0,0,0,0"), ("FAKE_TICKS", "2"), ("RUN_DIR", "r")],
+    );
     assert_eq!(code(status), 0, "{}", sb.stderr());
     assert!(sb.scontrol_calls().is_empty(), "{:?}", sb.scontrol_calls());
     assert!(sb.trainer_args().windows(2).any(|w| w == ["--gpus", "0,0,0,0"]));
@@ -551,14 +552,10 @@ fn a_normal_finish_or_a_failure_is_not_requeued() {
     assert!(sb.trainer_args().windows(2).any(|w| w[0] == "--out" && Path::new(&w[1]) == out));
 
     let sb = Sandbox::new();
-    let status = sb
-        .command(
-            "deploy/slurm/single_node.sbatch",
-            &[],
-            &[("SLURM_JOB_ID", "7"), ("DEVICES", "cpu"), ("FAKE_TICKS", "2"), ("FAKE_RC", "3")],
-        )
-        .status()
-        .unwrap();
+    let status = run_single(
+        &sb,
+        &[("SLURM_JOB_ID", "7"), ("DEVICES", "cpu"), ("FAKE_TICKS", "2"), ("FAKE_RC", "3")],
+    );
     assert_eq!(code(status), 3, "the trainer's code is the job's: {}", sb.stderr());
     assert!(sb.scontrol_calls().is_empty());
 }
@@ -610,24 +607,16 @@ fn missing_binary_or_gpus_fail_with_a_hint() {
     let sb = Sandbox::new();
     let config = root().join("configs/cifar10-resnet32-mlaan-dgl.toml");
     let cfg = config.to_str().unwrap();
-    let st = sb
-        .command(
-            "deploy/slurm/single_node.sbatch",
-            &[],
-            &[("CONFIG", cfg), ("MLAAN_PIPE", "no/such/mlaan-pipe"), ("DEVICES", "cpu")],
-        )
-        .status()
-        .unwrap();
+    let st = run_single(
+        &sb,
+        &[("CONFIG", cfg), ("MLAAN_PIPE", "no/such/mlaan-pipe"), ("DEVICES", "cpu")],
+    );
     assert_eq!(code(st), 2);
     assert!(sb.stderr().contains("make build"), "{}", sb.stderr());
-    let st = sb
-        .command(
-            "deploy/slurm/single_node.sbatch",
-            &[],
-            &[("CONFIG", cfg), ("CUDA_VISIBLE_DEVICES", ""), ("SLURM_GPUS_ON_NODE", "4")],
-        )
-        .status()
-        .unwrap();
+    let st = run_single(
+        &sb,
+        &[("CONFIG", cfg), ("CUDA_VISIBLE_DEVICES", ""), ("SLURM_GPUS_ON_NODE", "4")],
+    );
     assert_eq!(code(st), 2);
     assert!(sb.stderr().contains("no GPU visible"), "{}", sb.stderr());
 }

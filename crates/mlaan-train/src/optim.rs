@@ -93,6 +93,11 @@ impl LrSchedule {
         }
     }
 
+    /// The same rate at every step (profiles, benchmarks, tests).
+    pub fn constant(lr: f64) -> Self {
+        LrSchedule { peak: lr, warmup_start: lr, min: lr, warmup_steps: 0, total_steps: 1 }
+    }
+
     /// Learning rate of optimizer step `step` (0-based).
     pub fn at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {

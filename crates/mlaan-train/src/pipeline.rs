@@ -622,18 +622,14 @@ impl StageWorker {
         for (m, start) in ctx.modules.clone().zip(&ctx.states) {
             let nets = build_nets(&plan, m, s.image, device);
             load_state(&nets, &start.state)?;
-            let input_grad = m > 0 && plan.incoming_reach_left(m - 1, m).is_some();
             let mut module = LocalModule::new(
                 nets,
                 ModuleSettings {
-                    lr: s.lr,
-                    optim: s.optim.clone(),
-                    input_grad,
-                    all_continue: plan.all_gradients_continue(m),
                     accumulate: s.accumulate,
                     recompute_graph: s.recompute,
                     ema_momentum: s.ema_momentum,
                     stop: ctx.stop.clone(),
+                    ..ModuleSettings::for_module(&plan, m, s.lr, s.optim.clone())
                 },
             );
             module.restore_optimizer(&start.momentum, start.step)?;

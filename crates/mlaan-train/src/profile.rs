@@ -9,8 +9,6 @@ use crate::stage::Stage;
 use crate::TrainError;
 use mlaan_core::config::{OptimConfig, Schedule};
 use mlaan_core::plan::NetworkPlan;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -31,26 +29,9 @@ pub fn module_costs(
     for (m, state) in states.iter().enumerate() {
         let nets = build_nets(plan, m, image, device);
         load_state(&nets, state)?;
-        let input_grad = m > 0 && plan.incoming_reach_left(m - 1, m).is_some();
-        let module = LocalModule::new(
-            nets,
-            ModuleSettings {
-                lr: LrSchedule {
-                    peak: 0.0,
-                    warmup_start: 0.0,
-                    min: 0.0,
-                    warmup_steps: 0,
-                    total_steps: 1,
-                },
-                optim: OptimConfig::default(),
-                input_grad,
-                all_continue: plan.all_gradients_continue(m),
-                accumulate: 1,
-                recompute_graph: false,
-                ema_momentum: 0.0,
-                stop: Arc::new(AtomicBool::new(false)),
-            },
-        );
+        let settings =
+            ModuleSettings::for_module(plan, m, LrSchedule::constant(0.0), OptimConfig::default());
+        let module = LocalModule::new(nets, settings);
         let mut stage = Stage::new(plan, vec![module], device);
         let x = if m == 0 {
             Tensor::randn(

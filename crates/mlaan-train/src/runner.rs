@@ -154,6 +154,9 @@ pub struct LocalModule {
     /// Bytes the last call allocated and freed again before returning (term-network graphs,
     /// a rebuilt graph, a finished batch), which `live_bytes` after the call cannot see.
     call_transient: u64,
+    /// Bytes of the networks' parameters, buffers and EMA twins: fixed shapes, counted once
+    /// (`live_bytes` runs after every call).
+    store_bytes: u64,
 }
 
 /// Static settings of a module's runner.
@@ -172,6 +175,29 @@ pub struct ModuleSettings {
     pub recompute_graph: bool,
     pub ema_momentum: f64,
     pub stop: Arc<AtomicBool>,
+}
+
+impl ModuleSettings {
+    /// Settings of module `m` of `plan`: its gradient routes come from the plan; one
+    /// micro-batch per step, graphs kept, EMA twins equal to their source (momentum 0), and a
+    /// stop flag of its own. Callers override the rest with struct-update syntax.
+    pub fn for_module(
+        plan: &mlaan_core::plan::NetworkPlan,
+        m: usize,
+        lr: LrSchedule,
+        optim: mlaan_core::config::OptimConfig,
+    ) -> Self {
+        ModuleSettings {
+            lr,
+            optim,
+            input_grad: m > 0 && plan.incoming_reach_left(m - 1, m).is_some(),
+            all_continue: plan.all_gradients_continue(m),
+            accumulate: 1,
+            recompute_graph: false,
+            ema_momentum: 0.0,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 fn vjp(
@@ -206,7 +232,9 @@ impl LocalModule {
         let term_params = (0..nets.terms.len()).map(|t| with_slots(nets.term_params(t))).collect();
         let n = params.len();
         let stats = vec![TermStats::default(); nets.terms.len()];
+        let store_bytes = nets.state().iter().map(|(_, t)| bytes_of(t)).sum();
         LocalModule {
+            store_bytes,
             index: nets.index,
             opt: Sgd::new(params, &s.optim),
             lr: s.lr,
@@ -239,32 +267,27 @@ impl LocalModule {
         x: &Tensor,
         targets: BatchTargets,
     ) -> Result<Tensor, TrainError> {
-        if self.recompute_graph {
+        let x = self.graph_input(x);
+        let (h, graph_bytes) = if self.recompute_graph {
             // Keep only the input: the graph is rebuilt when the gradients are known, so the
             // module's graph and its terms' graphs are never alive together.
-            let x = x.detach();
-            let h = tch::no_grad(|| self.nets.forward(&x, Mode::Train));
-            let out = h.shallow_clone();
-            let g_unsent = BTreeMap::new();
-            let pending = Pending {
+            (tch::no_grad(|| self.nets.forward(&x, Mode::Train)), 0)
+        } else {
+            count_saved(|| self.nets.forward(&x, Mode::Train))
+        };
+        let out = h.detach();
+        let has_graph = !self.recompute_graph;
+        self.pending.insert(
+            id,
+            Pending {
                 x,
                 h,
                 targets,
                 g_params: None,
-                g_unsent,
-                graph_bytes: 0,
-                has_graph: false,
-            };
-            self.pending.insert(id, pending);
-            return Ok(out);
-        }
-        let x = if self.input_grad { x.detach().set_requires_grad(true) } else { x.detach() };
-        let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Train));
-        let out = h.detach();
-        let g_unsent = BTreeMap::new();
-        self.pending.insert(
-            id,
-            Pending { x, h, targets, g_params: None, g_unsent, graph_bytes, has_graph: true },
+                g_unsent: BTreeMap::new(),
+                graph_bytes,
+                has_graph,
+            },
         );
         Ok(out)
     }
@@ -341,17 +364,25 @@ impl LocalModule {
     /// Rebuild the graph of a batch forwarded without one (recompute mode): the same values,
     /// batch statistics untouched.
     fn ensure_graph(&mut self, id: u64) -> Result<(), TrainError> {
-        let input_grad = self.input_grad;
-        let p = self.pending.get_mut(&id).ok_or(TrainError::Protocol(format!("no batch {id}")))?;
+        let p = self.pending.get(&id).ok_or(TrainError::Protocol(format!("no batch {id}")))?;
         if !p.has_graph {
-            let x = if input_grad { p.x.detach().set_requires_grad(true) } else { p.x.detach() };
-            let (h, bytes) = count_saved(|| self.nets.forward(&x, Mode::Recompute));
-            p.x = x;
+            let (h, bytes) = count_saved(|| self.nets.forward(&p.x, Mode::Recompute));
+            let p = self.pending.get_mut(&id).expect("looked up above");
             p.h = h;
             p.graph_bytes = bytes;
             p.has_graph = true;
         }
         Ok(())
+    }
+
+    /// A detached copy of `x` that the graph starts from: requiring a gradient when one
+    /// must go back to module i−1.
+    fn graph_input(&self, x: &Tensor) -> Tensor {
+        if self.input_grad {
+            x.detach().set_requires_grad(true)
+        } else {
+            x.detach()
+        }
     }
 
     /// ∂L/∂x for every part that reaches further back, as parts for module i−1.
@@ -441,7 +472,7 @@ impl LocalModule {
         let (x0, targets) = self.stored.remove(&id).ok_or(TrainError::Protocol(format!(
             "module {index}: late gradient for unknown batch {id}"
         )))?;
-        let x = if self.input_grad { x0.detach().set_requires_grad(true) } else { x0.detach() };
+        let x = self.graph_input(&x0);
         let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Recompute));
         let keep = if last { None } else { Some((x0, targets)) };
         self.pending.insert(
@@ -563,7 +594,7 @@ impl LocalModule {
     /// accumulated gradients, batches in progress (inputs, outputs and graphs) and stored
     /// inputs.
     pub fn live_bytes(&self) -> u64 {
-        let stores: u64 = self.nets.state().iter().map(|(_, t)| bytes_of(t)).sum();
+        let stores = self.store_bytes;
         let grads: u64 = self.grads.iter().flatten().map(bytes_of).sum();
         let pending: u64 = self.pending.values().map(Pending::bytes).sum();
         let stored: u64 =

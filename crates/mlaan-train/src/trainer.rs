@@ -404,7 +404,11 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
     let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
     let final_bytes = s.finish()?;
     if opts.save_model {
-        save_backbone(&snapshots, &out.join("model.safetensors"))?;
+        // The backbone alone (stem, blocks, classifier; no auxiliary networks).
+        crate::export::write(
+            &crate::export::backbone_of(&snapshots),
+            &out.join("model.safetensors"),
+        )?;
     }
     let train_images = steps * cfg.train.batch_size as u64;
     let summary = Summary {
@@ -646,11 +650,6 @@ pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result
     // Windows that arrived meanwhile are not lost: they belong to training already logged.
     drop(other);
     Ok(result)
-}
-
-/// Write the backbone alone (stem, blocks, classifier; no auxiliary networks) to safetensors.
-pub fn save_backbone(snapshots: &[ModuleSnapshot], path: &Path) -> Result<()> {
-    crate::export::write(&crate::export::backbone_of(snapshots), path)
 }
 
 /// A stage's window, its learning rate and its modules' term losses.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::tiny;
+use common::{feed_steps, mlaan_on_four_stages};
 use mlaan_core::config::Schedule;
 use mlaan_train::pipeline::Event;
 use mlaan_train::trainer::{RunOptions, Session};
@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 #[test]
 fn live_bytes_stay_flat_over_a_long_run() {
     for schedule in [Schedule::Async, Schedule::Sync] {
-        let mut cfg = tiny("mlaan-dgl", 4);
-        cfg.pipeline.schedule = schedule;
-        cfg.pipeline.devices = vec!["cpu".into(); 4];
+        let mut cfg = mlaan_on_four_stages(schedule);
         cfg.train.log_every = 50;
         cfg.train.epochs = 20;
         let mut s = Session::start(&cfg, &RunOptions::default()).unwrap();
@@ -27,11 +25,7 @@ fn live_bytes_stay_flat_over_a_long_run() {
             }
             Ok(false)
         };
-        let mut epoch = 0;
-        while s.next_id < 500 {
-            s.feed_epoch(epoch, 500, &mut note).unwrap();
-            epoch += 1;
-        }
+        feed_steps(&mut s, 500, &mut note);
         let _ = note(s.drain().unwrap()).unwrap();
         s.finish().unwrap();
         for stage in 0..4 {
@@ -54,11 +48,7 @@ fn live_bytes_stay_flat_over_a_long_run() {
 /// Peak live bytes of every stage after `steps` batches.
 fn stage_peaks(cfg: &mlaan_core::config::RunConfig, steps: u64) -> Vec<u64> {
     let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
-    let mut epoch = 0;
-    while s.next_id < steps {
-        s.feed_epoch(epoch, steps, &mut |_| Ok(false)).unwrap();
-        epoch += 1;
-    }
+    feed_steps(&mut s, steps, &mut |_| Ok(false));
     s.drain().unwrap();
     s.finish().unwrap().iter().map(|(_, peak)| *peak).collect()
 }
@@ -66,9 +56,7 @@ fn stage_peaks(cfg: &mlaan_core::config::RunConfig, steps: u64) -> Vec<u64> {
 #[test]
 fn recomputation_lowers_the_peak_of_stages_with_lam_chains() {
     for schedule in [Schedule::Sync, Schedule::Async] {
-        let mut cfg = tiny("mlaan-dgl", 4);
-        cfg.pipeline.schedule = schedule;
-        cfg.pipeline.devices = vec!["cpu".into(); 4];
+        let mut cfg = mlaan_on_four_stages(schedule);
         cfg.train.batch_size = 32;
         let keep = stage_peaks(&cfg, 12);
         cfg.pipeline.recompute = true;

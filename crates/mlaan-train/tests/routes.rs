@@ -13,8 +13,6 @@ use mlaan_train::init::{build_nets, initial_state, load_state, ImageSpec, Module
 use mlaan_train::optim::LrSchedule;
 use mlaan_train::runner::{BatchTargets, LocalModule, ModuleSettings};
 use mlaan_train::stage::Stage;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 const IMAGE: ImageSpec = ImageSpec { channels: 3, size: [8, 8], classes: 4 };
@@ -44,20 +42,14 @@ fn product_stage(plan: &NetworkPlan, states: &[ModuleState]) -> Stage {
             LocalModule::new(
                 nets,
                 ModuleSettings {
-                    lr: LrSchedule {
-                        peak: 0.1,
-                        warmup_start: 0.1,
-                        min: 0.0,
-                        warmup_steps: 0,
-                        total_steps: 10,
-                    },
-                    optim: Default::default(),
-                    input_grad: m > 0 && plan.incoming_reach_left(m - 1, m).is_some(),
-                    all_continue: plan.all_gradients_continue(m),
                     accumulate: 1_000_000,
-                    recompute_graph: false,
                     ema_momentum: 0.995,
-                    stop: Arc::new(AtomicBool::new(false)),
+                    ..ModuleSettings::for_module(
+                        plan,
+                        m,
+                        LrSchedule::constant(0.1),
+                        Default::default(),
+                    )
                 },
             )
         })

@@ -4,18 +4,14 @@
 
 mod common;
 
-use common::{max_rel_diff, tiny};
+use common::{feed_steps, max_rel_diff, tiny};
 use mlaan_core::config::{RunConfig, Schedule};
 use mlaan_train::pipeline::ModuleSnapshot;
 use mlaan_train::trainer::{RunOptions, Session};
 
 fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {
     let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
-    let mut epoch = 0;
-    while s.next_id < steps {
-        s.feed_epoch(epoch, steps, &mut |_| Ok(false)).unwrap();
-        epoch += 1;
-    }
+    feed_steps(&mut s, steps, &mut |_| Ok(false));
     s.drain().unwrap();
     let snaps = s.snapshots().unwrap();
     s.finish().unwrap();

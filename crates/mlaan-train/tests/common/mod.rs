@@ -1,7 +1,9 @@
 //! Shared helpers of the training tests: tiny configs and tensor comparisons.
 #![allow(dead_code)]
 
-use mlaan_core::config::RunConfig;
+use mlaan_core::config::{RunConfig, Schedule};
+use mlaan_train::pipeline::Event;
+use mlaan_train::trainer::Session;
 use tch::Tensor;
 
 /// A ResNet-14 (six blocks) on 8x8 synthetic images: every method and split in milliseconds.
@@ -24,6 +26,28 @@ pub fn tiny(method: &str, k: usize) -> RunConfig {
     c.pipeline.schedule = mlaan_core::config::Schedule::Sequential;
     c.pipeline.intra_op_threads = 1;
     c
+}
+
+/// MLAAN (DGL heads) with its four modules on four CPU stages.
+pub fn mlaan_on_four_stages(schedule: Schedule) -> RunConfig {
+    let mut c = tiny("mlaan-dgl", 4);
+    c.pipeline.schedule = schedule;
+    c.pipeline.devices = vec!["cpu".into(); 4];
+    c
+}
+
+/// Feed training batches, epoch after epoch, until `steps` have been sent; `on_batch` sees the
+/// events after every batch.
+pub fn feed_steps(
+    s: &mut Session,
+    steps: u64,
+    on_batch: &mut dyn FnMut(Vec<Event>) -> anyhow::Result<bool>,
+) {
+    let mut epoch = 0;
+    while s.next_id < steps {
+        s.feed_epoch(epoch, steps, on_batch).unwrap();
+        epoch += 1;
+    }
 }
 
 /// Largest |a − b| relative to max(1, |b|).
