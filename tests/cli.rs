@@ -260,3 +260,61 @@ fn data_verify_names_a_corrupt_file() {
     let err = fails(&["data", "verify", "--dataset", "cifar10", "--data-dir", ds]);
     assert!(err.contains("data_batch_3.bin"), "{err}");
 }
+
+/// A finished run as `compare` reads it: summary.json, and config.toml when `config` is given.
+fn fake_run(dir: &Path, method: &str, k: usize, seed: u64, acc: f64, config: Option<&str>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let summary = serde_json::json!({
+        "method": method, "arch": "resnet32", "k": k, "seed": seed, "epochs": 1,
+        "test_accuracy": acc, "module_accuracy": vec![serde_json::Value::Null; k],
+        "train_images_per_s": 10.0,
+    });
+    std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
+    if let Some(c) = config {
+        std::fs::write(dir.join("config.toml"), c).unwrap();
+    }
+}
+
+#[test]
+fn compare_tables_seeds_and_cascade_depth_variants() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fake_run(&d.join("e2e"), "e2e", 1, 0, 0.90, None);
+    fake_run(&d.join("infopro-0"), "infopro", 8, 0, 0.84, None);
+    fake_run(&d.join("infopro-1"), "infopro", 8, 1, 0.83, None);
+    let depth = |n: usize| {
+        format!("[model]\nk = 8\n[method]\nname = \"mlaan-infopro\"\ncascade_depth = {n}\n")
+    };
+    fake_run(&d.join("ml-0"), "mlaan-infopro", 8, 0, 0.87, Some(&depth(2)));
+    fake_run(&d.join("ml-d3-0"), "mlaan-infopro", 8, 0, 0.88, Some(&depth(3)));
+    let md = d.join("results.md");
+    let runs: Vec<String> = ["e2e", "infopro-0", "infopro-1", "ml-0", "ml-d3-0"]
+        .iter()
+        .map(|r| d.join(r).to_str().unwrap().to_string())
+        .collect();
+    let mut args = vec!["compare", "-q", "--markdown", md.to_str().unwrap()];
+    args.extend(runs.iter().map(String::as_str));
+    ok(&args);
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        text.contains("| infopro | 8 | 1 | 84.00 (seed 0), 83.00 (seed 1) | **83.50** | 1.00 |"),
+        "{text}"
+    );
+    assert!(text.contains("| mlaan-infopro | 8 |"), "{text}");
+    assert!(text.contains("| mlaan-infopro (d=3) | 8 |"), "{text}");
+    // (87 − 83.5) / (90 − 83.5) = 54%; (88 − 83.5) / 6.5 = 69%.
+    assert!(
+        text.contains("- mlaan-infopro vs infopro: +3.50") && text.contains("closes 54%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- mlaan-infopro (d=3) vs infopro: +4.50") && text.contains("closes 69%"),
+        "{text}"
+    );
+
+    // A run without its summary is named.
+    let missing = d.join("nothing");
+    std::fs::create_dir_all(&missing).unwrap();
+    let err = fails(&["compare", missing.to_str().unwrap()]);
+    assert!(err.contains("summary.json"), "{err}");
+}

@@ -1,6 +1,22 @@
 use crate::cli::CompareArgs;
 use anyhow::{Context, Result};
+use mlaan_core::config::{MethodConfig, RunConfig};
 use mlaan_report::ResultRow;
+use std::path::Path;
+
+/// What sets a run apart from its method's defaults, read from the run's `config.toml`:
+/// today the MLAAN cascade depth, the one setting the method comparison varies.
+fn variant(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("config.toml");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let cfg =
+        RunConfig::load(Some(&path), &[]).with_context(|| format!("reading {}", path.display()))?;
+    let depth = cfg.method.cascade_depth;
+    Ok((cfg.method.name.is_mlaan() && depth != MethodConfig::default().cascade_depth)
+        .then(|| format!("d={depth}")))
+}
 
 pub fn run(args: CompareArgs) -> Result<()> {
     let rows = args
@@ -15,6 +31,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
             let field = |k: &str| v.get(k).with_context(|| format!("{}: no `{k}`", path.display()));
             Ok(ResultRow {
                 method: field("method")?.as_str().unwrap_or("?").to_string(),
+                variant: variant(dir)?,
                 arch: field("arch")?.as_str().unwrap_or("?").to_string(),
                 k: field("k")?.as_u64().unwrap_or(0) as usize,
                 seed: v.get("seed").and_then(|s| s.as_u64()).unwrap_or(0),

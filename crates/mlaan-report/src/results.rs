@@ -8,6 +8,9 @@ use std::fmt::Write;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultRow {
     pub method: String,
+    /// What sets the run apart from its method's defaults (e.g. `d=3`), shown after the name;
+    /// runs with different variants are separate rows.
+    pub variant: Option<String>,
     pub arch: String,
     pub k: usize,
     pub seed: u64,
@@ -25,12 +28,20 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// Runs grouped into table rows: keyed by (method rank, K, variant), holding the row's label
+/// and its runs (one per seed).
+type Groups<'a> = BTreeMap<(usize, usize, Option<&'a str>), (String, Vec<&'a ResultRow>)>;
+
 /// Markdown: a title, the command that made it, the table and the gap analysis.
 pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> String {
-    let mut by: BTreeMap<usize, (&str, Vec<&ResultRow>)> = BTreeMap::new();
+    let mut by: Groups = BTreeMap::new();
     for r in rows {
         let rank = ORDER.iter().position(|m| *m == r.method).unwrap_or(ORDER.len());
-        by.entry(rank * 1000 + r.k).or_insert((&r.method, Vec::new())).1.push(r);
+        let label = match &r.variant {
+            Some(v) => format!("{} ({v})", r.method),
+            None => r.method.clone(),
+        };
+        by.entry((rank, r.k, r.variant.as_deref())).or_insert((label, Vec::new())).1.push(r);
     }
     let mut o = String::new();
     let _ = writeln!(o, "# {title}\n");
@@ -41,7 +52,7 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
     );
     let _ = writeln!(o, "|---|--:|--:|---|--:|--:|--:|---|");
     // Mean and, with two seeds or more, spread.
-    let mut means: BTreeMap<String, (f64, Option<f64>)> = BTreeMap::new();
+    let mut means: Vec<(String, &str, f64, Option<f64>)> = Vec::new();
     for (method, runs) in by.values() {
         let mut runs = runs.clone();
         runs.sort_by_key(|r| r.seed);
@@ -70,10 +81,15 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
             100.0 * mean(&acc),
             mean(&runs.iter().map(|r| r.images_per_s).collect::<Vec<_>>()),
         );
-        means.insert(method.to_string(), (100.0 * mean(&acc), spread));
+        means.push((method.clone(), &runs[0].method, 100.0 * mean(&acc), spread));
     }
     let _ = writeln!(o, "\nAccuracies in %; spread = max − min over seeds; a module without a classifying head shows —.");
-    if means.keys().any(|m| m.starts_with("mlaan-")) {
+    let _ = writeln!(
+        o,
+        "images/s is each run's own training throughput, measured while it may have shared the \
+         cores with other runs: read it as a record of the run, not as a speed comparison."
+    );
+    if means.iter().any(|m| m.1.starts_with("mlaan-")) {
         let _ = writeln!(
             o,
             "A MLAAN module's head accuracy is that of its independent head, whose loss weight \
@@ -81,14 +97,22 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
         );
     }
     let _ = writeln!(o);
-    if let Some(&(e2e, _)) = means.get("e2e") {
+    // Gap analysis against the default-variant rows of e2e and the base method.
+    let plain = |name: &str| means.iter().find(|m| m.0 == name).map(|m| (m.2, m.3));
+    if let Some((e2e, _)) = plain("e2e") {
         for base in ["dgl", "infopro"] {
-            let ml = format!("mlaan-{base}");
-            if let (Some(&(b, bs)), Some(&(m, ms))) = (means.get(base), means.get(&ml)) {
+            let Some((b, bs)) = plain(base) else { continue };
+            let mlaan = format!("mlaan-{base}");
+            for (ml, _, m, ms) in means.iter().filter(|m| m.1 == mlaan) {
+                let (m, ms) = (*m, *ms);
                 let gap = e2e - b;
                 let closed = if gap.abs() > 1e-9 { 100.0 * (m - b) / gap } else { f64::NAN };
+                // "Clearly better" = the difference of the means exceeds the larger spread.
                 let spreads = match (bs, ms) {
-                    (Some(bs), Some(ms)) => format!("seed spreads {bs:.2} and {ms:.2}"),
+                    (Some(bs), Some(ms)) => {
+                        let verdict = if m - b > bs.max(ms) { "more" } else { "not more" };
+                        format!("seed spreads {bs:.2} and {ms:.2}: {verdict} than the spread")
+                    }
                     _ => "one seed: no spread measured".to_string(),
                 };
                 let _ = writeln!(
@@ -109,6 +133,7 @@ mod tests {
     fn row(method: &str, k: usize, seed: u64, acc: f64) -> ResultRow {
         ResultRow {
             method: method.into(),
+            variant: None,
             arch: "resnet32".into(),
             k,
             seed,
@@ -139,5 +164,30 @@ mod tests {
         // One seed has no spread to show.
         assert!(md.contains("**88.00** | — (1 seed)"), "{md}");
         assert!(md.contains("one seed: no spread measured"), "{md}");
+    }
+
+    #[test]
+    fn gap_verdict_compares_difference_with_spread() {
+        let base = [row("e2e", 1, 0, 0.90), row("dgl", 8, 0, 0.80), row("dgl", 8, 1, 0.82)];
+        let clear = [row("mlaan-dgl", 8, 0, 0.86), row("mlaan-dgl", 8, 1, 0.87)];
+        let md = results_markdown("T", "cmd", &[&base[..], &clear[..]].concat());
+        assert!(md.contains("seed spreads 2.00 and 1.00: more than the spread"), "{md}");
+        let overlap = [row("mlaan-dgl", 8, 0, 0.81), row("mlaan-dgl", 8, 1, 0.84)];
+        let md = results_markdown("T", "cmd", &[&base[..], &overlap[..]].concat());
+        assert!(md.contains("seed spreads 2.00 and 3.00: not more than the spread"), "{md}");
+    }
+
+    #[test]
+    fn variants_are_rows_of_their_own_after_the_default() {
+        let mut d3 = row("mlaan-dgl", 8, 0, 0.89);
+        d3.variant = Some("d=3".into());
+        let rows =
+            [d3, row("mlaan-dgl", 8, 0, 0.88), row("e2e", 1, 0, 0.90), row("dgl", 8, 0, 0.80)];
+        let md = results_markdown("T", "cmd", &rows);
+        let plain = md.find("| mlaan-dgl | 8").unwrap();
+        let variant = md.find("| mlaan-dgl (d=3) | 8").unwrap();
+        assert!(plain < variant, "{md}");
+        assert!(md.contains("- mlaan-dgl vs dgl: +8.00"), "{md}");
+        assert!(md.contains("- mlaan-dgl (d=3) vs dgl: +9.00"), "{md}");
     }
 }
