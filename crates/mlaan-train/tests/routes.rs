@@ -7,7 +7,7 @@ mod common;
 use common::{max_rel_diff, nonzero, tiny};
 use mlaan_core::arch::Chw;
 use mlaan_core::plan::{NetworkPlan, TermKind};
-use mlaan_models::module::{LocalNets, Targets};
+use mlaan_models::module::{LocalNets, Objective, Targets};
 use mlaan_models::Mode;
 use mlaan_train::init::{build_nets, initial_state, load_state, ImageSpec, ModuleState};
 use mlaan_train::optim::LrSchedule;
@@ -259,4 +259,67 @@ fn ema_twins_never_take_gradient() {
         }
     }
     assert!(twins > 0);
+}
+
+/// InfoPro's local loss written out here from METHOD.md §3 — λ1·BCE(dec(z), x_raw) +
+/// λ2·CE(head(z), y), with λ interpolated linearly from module 0 to module K-2 and x_raw the
+/// image in [0,1] — against every term the product builds: InfoPro's, and both paths (the
+/// independent one on h_i, the cascade one after its LAM chain) of MLAAN on InfoPro.
+#[test]
+fn infopro_terms_compute_the_method_md_loss() {
+    let k = 5;
+    for method in ["infopro", "mlaan-infopro"] {
+        let plan = plan_of(method, k, 2);
+        let states = initial_state(&plan, IMAGE, 5).unwrap();
+        let nets: Vec<LocalNets> = (0..k)
+            .map(|m| {
+                let n = build_nets(&plan, m, IMAGE, Device::Cpu);
+                load_state(&n, &states[m]).unwrap();
+                n
+            })
+            .collect();
+        let (x, t) = batch();
+        let raw = t.image_u8.as_ref().unwrap().to_kind(Kind::Float) / 255.0;
+        let targets = Targets { labels: &t.labels, image: Some(&raw) };
+        let mut checked = 0;
+        tch::no_grad(|| {
+            let mut h = x.shallow_clone();
+            for (i, n) in nets.iter().enumerate() {
+                h = n.forward(&h, Mode::Recompute);
+                for (ti, term) in n.terms.iter().enumerate() {
+                    let Objective::InfoPro { decoder, head, lambda1, lambda2, contrast } =
+                        &term.objective
+                    else {
+                        continue;
+                    };
+                    assert!(contrast.is_none());
+                    let s = i as f64 / (k - 2) as f64;
+                    let (l1, l2) = (5.0 + (0.2 - 5.0) * s, 0.05 + (0.5 - 0.05) * s);
+                    assert!(
+                        (lambda1 - l1).abs() < 1e-12 && (lambda2 - l2).abs() < 1e-12,
+                        "{method} module {i} {:?}: λ = ({lambda1}, {lambda2}), want ({l1}, {l2})",
+                        term.spec.kind
+                    );
+                    let z = match &term.lam {
+                        Some(lam) => lam.forward(&h, Mode::Recompute),
+                        None => h.shallow_clone(),
+                    };
+                    let r = decoder.forward(&z, Mode::Recompute);
+                    assert_eq!(r.size(), raw.size(), "the decoder reconstructs the whole image");
+                    let (one_minus_x, one_minus_r) = (raw.ones_like() - &raw, r.ones_like() - &r);
+                    let bce = -(&raw * r.log() + one_minus_x * one_minus_r.log()).mean(Kind::Float);
+                    let logp = head.forward(&z, Mode::Recompute).log_softmax(1, Kind::Float);
+                    let ce = -logp.gather(1, &t.labels.view([-1, 1]), false).mean(Kind::Float);
+                    let want = bce * l1 + ce * l2;
+                    let got = n.term_loss(ti, &h, &targets, Mode::Recompute).loss;
+                    let diff = max_rel_diff(&got, &want);
+                    assert!(diff < 1e-5, "{method} module {i} {:?}: {diff:e}", term.spec.kind);
+                    checked += 1;
+                }
+            }
+        });
+        // InfoPro: modules 0..K-2. MLAAN: modules 1..K-2, two paths each.
+        let terms = if method == "infopro" { k - 1 } else { 2 * (k - 2) };
+        assert_eq!(checked, terms, "{method}");
+    }
 }
