@@ -28,6 +28,16 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// One table row's accuracy over its seeds, for the gap analysis.
+struct RowMean<'a> {
+    /// The row's label (method and variant).
+    label: String,
+    method: &'a str,
+    mean: f64,
+    /// max − min over seeds; `None` with one seed.
+    spread: Option<f64>,
+}
+
 /// Runs grouped into table rows: keyed by (method rank, K, variant), holding the row's label
 /// and its runs (one per seed).
 type Groups<'a> = BTreeMap<(usize, usize, Option<&'a str>), (String, Vec<&'a ResultRow>)>;
@@ -52,7 +62,7 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
     );
     let _ = writeln!(o, "|---|--:|--:|---|--:|--:|--:|---|");
     // Mean and, with two seeds or more, spread.
-    let mut means: Vec<(String, &str, f64, Option<f64>)> = Vec::new();
+    let mut means: Vec<RowMean> = Vec::new();
     for (method, runs) in by.values() {
         let mut runs = runs.clone();
         runs.sort_by_key(|r| r.seed);
@@ -81,7 +91,12 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
             100.0 * mean(&acc),
             mean(&runs.iter().map(|r| r.images_per_s).collect::<Vec<_>>()),
         );
-        means.push((method.clone(), &runs[0].method, 100.0 * mean(&acc), spread));
+        means.push(RowMean {
+            label: method.clone(),
+            method: &runs[0].method,
+            mean: 100.0 * mean(&acc),
+            spread,
+        });
     }
     let _ = writeln!(o, "\nAccuracies in %; spread = max − min over seeds; a module without a classifying head shows —.");
     let _ = writeln!(
@@ -89,7 +104,7 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
         "images/s is each run's own training throughput, measured while it may have shared the \
          cores with other runs: read it as a record of the run, not as a speed comparison."
     );
-    if means.iter().any(|m| m.1.starts_with("mlaan-")) {
+    if means.iter().any(|m| m.method.starts_with("mlaan-")) {
         let _ = writeln!(
             o,
             "A MLAAN module's head accuracy is that of its independent head, whose loss weight \
@@ -98,12 +113,14 @@ pub fn results_markdown(title: &str, command: &str, rows: &[ResultRow]) -> Strin
     }
     let _ = writeln!(o);
     // Gap analysis against the default-variant rows of e2e and the base method.
-    let plain = |name: &str| means.iter().find(|m| m.0 == name).map(|m| (m.2, m.3));
+    let plain = |name: &str| means.iter().find(|m| m.label == name).map(|m| (m.mean, m.spread));
     if let Some((e2e, _)) = plain("e2e") {
         for base in ["dgl", "infopro"] {
             let Some((b, bs)) = plain(base) else { continue };
             let mlaan = format!("mlaan-{base}");
-            for (ml, _, m, ms) in means.iter().filter(|m| m.1 == mlaan) {
+            for RowMean { label: ml, mean: m, spread: ms, .. } in
+                means.iter().filter(|r| r.method == mlaan)
+            {
                 let (m, ms) = (*m, *ms);
                 let gap = e2e - b;
                 let closed = if gap.abs() > 1e-9 { 100.0 * (m - b) / gap } else { f64::NAN };

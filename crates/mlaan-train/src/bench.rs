@@ -18,7 +18,7 @@ use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_data::{Loader, LoaderConfig};
 use std::time::{Duration, Instant};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -220,15 +220,10 @@ fn measure(
         feed(&mut s, i)?;
     }
     s.drain()?;
-    // One peak per physical GPU, in first-use order (stages may share one).
-    let mut gpus: Vec<usize> = Vec::new();
-    for d in crate::devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)? {
-        if let Device::Cuda(i) = d {
-            if !gpus.contains(&i) {
-                gpus.push(i);
-            }
-        }
-    }
+    // One peak per physical GPU.
+    let gpus = crate::devices::distinct_gpus(&crate::devices::resolve(&DeviceSpec::parse_list(
+        &cfg.pipeline.devices.join(","),
+    )?)?);
     let sampler = GpuPeakSampler::start(&gpus, Duration::from_millis(10));
     let t = Instant::now();
     let mut events = Vec::new();

@@ -58,6 +58,19 @@ pub fn resolve(specs: &[DeviceSpec]) -> Result<Vec<Device>, TrainError> {
         .collect()
 }
 
+/// The distinct CUDA indices among `devices`, in first-use order (stages may share a GPU).
+pub fn distinct_gpus(devices: &[Device]) -> Vec<usize> {
+    let mut gpus = Vec::new();
+    for d in devices {
+        if let Device::Cuda(i) = *d {
+            if !gpus.contains(&i) {
+                gpus.push(i);
+            }
+        }
+    }
+    gpus
+}
+
 /// Memory in use on one GPU, as NVML reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GpuMemory {
@@ -139,5 +152,17 @@ impl GpuPeakSampler {
     pub fn finish(self) -> Vec<u64> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.handle.join().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_gpus_keep_first_use_order_and_skip_cpus() {
+        let d = [Device::Cuda(1), Device::Cpu, Device::Cuda(0), Device::Cuda(1), Device::Cuda(0)];
+        assert_eq!(distinct_gpus(&d), vec![1, 0]);
+        assert!(distinct_gpus(&[Device::Cpu]).is_empty());
     }
 }

@@ -364,10 +364,10 @@ impl LocalModule {
     /// Rebuild the graph of a batch forwarded without one (recompute mode): the same values,
     /// batch statistics untouched.
     fn ensure_graph(&mut self, id: u64) -> Result<(), TrainError> {
-        let p = self.pending.get(&id).ok_or(TrainError::Protocol(format!("no batch {id}")))?;
+        let p = self.pending.get_mut(&id).ok_or(TrainError::Protocol(format!("no batch {id}")))?;
         if !p.has_graph {
-            let (h, bytes) = count_saved(|| self.nets.forward(&p.x, Mode::Recompute));
-            let p = self.pending.get_mut(&id).expect("looked up above");
+            let nets = &self.nets;
+            let (h, bytes) = count_saved(|| nets.forward(&p.x, Mode::Recompute));
             p.h = h;
             p.graph_bytes = bytes;
             p.has_graph = true;

@@ -158,14 +158,9 @@ impl Session {
                 )
             }
         };
-        let pipe = Pipeline::start(
-            plan.clone(),
-            settings,
-            states,
-            &placement,
-            &stage_devices(&placement, &devices),
-        )?;
-        let first_device = stage_devices(&placement, &devices)[0];
+        let stage_devs = stage_devices(&placement, &devices);
+        let pipe = Pipeline::start(plan.clone(), settings, states, &placement, &stage_devs)?;
+        let first_device = stage_devs[0];
         Ok(Session {
             cfg: cfg.clone(),
             pin_for: first_device.is_cuda().then_some(first_device),
@@ -573,10 +568,7 @@ fn configure_threads(
 }
 
 fn gpu_indices(devices: &[Device]) -> Option<Vec<usize>> {
-    let v: Vec<usize> = devices
-        .iter()
-        .filter_map(|d| if let Device::Cuda(i) = d { Some(*i) } else { None })
-        .collect();
+    let v = devices::distinct_gpus(devices);
     (!v.is_empty()).then_some(v)
 }
 

@@ -66,16 +66,21 @@ fn product_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<Vec<(String,
     stage.modules.iter().map(|m| m.accumulated_grads()).collect()
 }
 
-/// METHOD.md literally: every loss gets its own forward from the detached output where its
-/// gradient must stop, and its own backward.
-fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets> {
-    let nets: Vec<LocalNets> = (0..plan.k())
+/// Every module's networks, holding `states`.
+fn loaded_nets(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets> {
+    (0..plan.k())
         .map(|m| {
             let n = build_nets(plan, m, IMAGE, Device::Cpu);
             load_state(&n, &states[m]).unwrap();
             n
         })
-        .collect();
+        .collect()
+}
+
+/// METHOD.md literally: every loss gets its own forward from the detached output where its
+/// gradient must stop, and its own backward.
+fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets> {
+    let nets = loaded_nets(plan, states);
     let (x, t) = batch();
     let image = t.image_u8.as_ref().unwrap().to_kind(Kind::Float) / 255.0;
     let targets = Targets { labels: &t.labels, image: Some(&image) };
@@ -271,13 +276,7 @@ fn infopro_terms_compute_the_method_md_loss() {
     for method in ["infopro", "mlaan-infopro"] {
         let plan = plan_of(method, k, 2);
         let states = initial_state(&plan, IMAGE, 5).unwrap();
-        let nets: Vec<LocalNets> = (0..k)
-            .map(|m| {
-                let n = build_nets(&plan, m, IMAGE, Device::Cpu);
-                load_state(&n, &states[m]).unwrap();
-                n
-            })
-            .collect();
+        let nets = loaded_nets(&plan, &states);
         let (x, t) = batch();
         let raw = t.image_u8.as_ref().unwrap().to_kind(Kind::Float) / 255.0;
         let targets = Targets { labels: &t.labels, image: Some(&raw) };
