@@ -126,6 +126,26 @@ fn plan_errors_name_the_numbers() {
 }
 
 #[test]
+fn config_errors_say_which_input_and_what_is_wrong() {
+    // An unknown key from the command line: named as such, not as a TOML syntax error.
+    let err = fails(&["train", "--dataset", "synthetic", "--set", "optim.lrr=0.1"]);
+    assert!(err.contains("command-line setting `optim.lrr=0.1`"), "{err}");
+    assert!(err.contains("unknown key `lrr`") && err.contains("`lr`"), "{err}");
+    assert!(!err.contains("not valid TOML"), "{err}");
+    // The same in a file: the file and the line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[optim]\nlr = 0.1\nlrr = 0.1\n").unwrap();
+    let err = fails(&["train", "--config", file.to_str().unwrap()]);
+    assert!(err.contains(&format!("config file {}, line 3", file.display())), "{err}");
+    assert!(err.contains("unknown key `lrr`") && !err.contains("not valid TOML"), "{err}");
+    // An impossible K without --method: the K is the problem, not e2e's schedule.
+    let err = fails(&["train", "--dataset", "synthetic", "--arch", "resnet32", "--k", "99"]);
+    assert!(err.contains("model.k") && err.contains("99"), "{err}");
+    assert!(!err.contains("async"), "{err}");
+}
+
+#[test]
 fn train_writes_a_run_that_eval_reproduces() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");

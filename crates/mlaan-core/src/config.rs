@@ -309,6 +309,8 @@ pub struct TrainConfig {
     pub max_steps: usize,
     /// Evaluate on the test set after every epoch (otherwise only at the end).
     pub eval_every_epoch: bool,
+    /// Write TensorBoard event files (`events.out.tfevents.*`) into the run directory.
+    pub tensorboard: bool,
 }
 
 impl Default for TrainConfig {
@@ -321,6 +323,7 @@ impl Default for TrainConfig {
             log_every: 20,
             max_steps: 0,
             eval_every_epoch: false,
+            tensorboard: true,
         }
     }
 }
@@ -436,6 +439,17 @@ pub fn set_dotted(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
     Ok(())
 }
 
+/// The typed config of a TOML table.
+fn typed(table: &toml::Table) -> Result<RunConfig, toml::de::Error> {
+    toml::Value::Table(table.clone()).try_into()
+}
+
+/// A key or type error of `origin`, in the words of a config rather than of serde.
+fn schema_error(origin: String, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().replace("unknown field", "unknown key");
+    ConfigError::Schema { origin, message }
+}
+
 fn parse_value(raw: &str) -> toml::Value {
     // Parse as a TOML value by wrapping it in a one-key document; bare words become strings.
     format!("v = {raw}")
@@ -447,6 +461,8 @@ fn parse_value(raw: &str) -> toml::Value {
 
 impl RunConfig {
     /// Build the config: defaults, then `file`, then each `key=value` of `overrides` in order.
+    /// An unknown key or a value of the wrong type is blamed on the input that brought it:
+    /// the file (with its line) or the one override.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig, ConfigError> {
         let mut table = match file {
             Some(path) => {
@@ -454,21 +470,24 @@ impl RunConfig {
                     path: path.display().to_string(),
                     source,
                 })?;
-                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                let table = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
                     path: path.display().to_string(),
                     message: e.to_string(),
-                })?
+                })?;
+                toml::from_str::<RunConfig>(&text).map_err(|e| {
+                    let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+                    let at = line.map_or(String::new(), |l| format!(", line {l}"));
+                    schema_error(format!("config file {}{at}", path.display()), &e)
+                })?;
+                table
             }
             None => toml::Table::new(),
         };
         for o in overrides {
             set_dotted(&mut table, o)?;
+            typed(&table).map_err(|e| schema_error(format!("command-line setting `{o}`"), &e))?;
         }
-        let origin = file.map_or("command line".to_string(), |p| p.display().to_string());
-        let cfg: RunConfig =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-                ConfigError::Parse { path: origin, message: e.to_string() }
-            })?;
+        let cfg = typed(&table).map_err(|e| schema_error("config".into(), &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -486,6 +505,15 @@ impl RunConfig {
         if self.model.k == 0 {
             return Err(bad("model.k", self.model.k, "must be at least 1"));
         }
+        // Whether the network can be cut as asked comes before what the method does with it.
+        let arch = crate::arch::ArchSpec::from_name(&self.model.arch)
+            .map_err(|e| bad("model.arch", &self.model.arch, &e.to_string()))?;
+        crate::split::Split::resolve(&arch, self.model.k, &self.model.split).map_err(|e| {
+            match &self.model.split {
+                SplitSpec::Named(n) if n == "auto" => bad("model.k", self.model.k, &e.to_string()),
+                split => bad("model.split", split, &e.to_string()),
+            }
+        })?;
         if m.name.is_local() && self.model.k < 2 {
             return Err(bad(
                 "model.k",
@@ -642,6 +670,23 @@ mod tests {
         assert!(e.contains("optimizer"), "{e}");
         let e = load("", &["train.epoch=3"]).unwrap_err().to_string();
         assert!(e.contains("epoch"), "{e}");
+        // Each error names the input that brought the key, and calls it unknown.
+        let e = load("[train]\nepochs = 2\n", &["model.k=2", "optim.lrr=0.1"]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.starts_with("command-line setting `optim.lrr=0.1`: unknown key `lrr`"), "{e}");
+        let e = load("[train]\nepochs = 2\n\n[optim]\nlrr = 0.1\n", &[]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains(", line 5: unknown key `lrr`") && !e.contains("TOML"), "{e}");
+    }
+
+    #[test]
+    fn an_impossible_split_is_reported_before_method_rules() {
+        // e2e (the default method) with K > 1 under async would be refused too, but the K
+        // that the architecture cannot give is the first thing to fix.
+        let e = load("", &["model.k=99"]).unwrap_err().to_string();
+        assert!(e.contains("model.k") && e.contains("99") && e.contains("15 blocks"), "{e}");
+        let e = load("", &["model.arch=\"resnet7\""]).unwrap_err().to_string();
+        assert!(e.contains("model.arch") && e.contains("resnet7"), "{e}");
     }
 
     #[test]

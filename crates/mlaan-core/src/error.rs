@@ -13,6 +13,10 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid TOML: {message}")]
     Parse { path: String, message: String },
+    /// An unknown key or a value of the wrong type; `origin` names the file (and line) or
+    /// the command-line setting that brought it.
+    #[error("{origin}: {message}")]
+    Schema { origin: String, message: String },
     #[error("invalid config: {0}")]
     Invalid(String),
     #[error("bad override `{arg}`: {reason}")]
