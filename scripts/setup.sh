@@ -7,6 +7,8 @@
 #   3. the symlink .libtorch -> .venv/lib/python3.X/site-packages/torch, which
 #      .cargo/config.toml hands to torch-sys as LIBTORCH
 #   4. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
+#   5. with --dev: TensorBoard into the venv, whose own reader the tests use on the event
+#      files a run writes (and which serves them: .venv/bin/tensorboard --logdir runs)
 #
 # Each step checks first and does nothing when already done, so a second run takes well under
 # a second and touches no network. See docs/setup.md.
@@ -15,7 +17,8 @@
 #   --data=required  fail when Fashion-MNIST is missing and cannot be installed (make run)
 #   --data=optional  try to install it; only warn when that is impossible (default)
 #   --data=skip      do not look at the data at all (make build)
-#   --dev            also check that cargo fmt and cargo clippy are installed (make test)
+#   --dev            also install TensorBoard and check that cargo fmt and cargo clippy are
+#                    installed (make test)
 #
 # If LIBTORCH is set in the environment, that torch is used instead of .venv (steps 1-3 are
 # skipped and only its version is checked), e.g. a GPU machine's full CUDA torch install.
@@ -28,6 +31,22 @@ TORCH_PACKAGES=(
     "nvidia-cuda-runtime==13.0.96"
     "nvidia-cuda-cupti==13.0.85"
 )
+# TensorBoard and exactly its dependencies, installed with --no-deps like torch: pip then
+# neither resolves anything at install time nor complains about torch's absent CUDA wheels.
+TENSORBOARD_PACKAGES=(
+    "tensorboard==2.21.0"
+    "tensorboard-data-server==0.7.2"
+    "absl-py==2.5.1"
+    "grpcio==1.85.3"
+    "markdown==3.11.3"
+    "markupsafe==3.0.4"
+    "numpy==2.4.6"
+    "packaging==26.4"
+    "pillow==13.0.0"
+    "protobuf==7.36.2"
+    "typing-extensions==4.16.0"
+    "werkzeug==3.1.9"
+)
 DATA_PACKAGE=dataset-fashion-mnist
 DATA_DIR=/usr/share/datasets/fashion-mnist
 DATA_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
@@ -39,7 +58,7 @@ for arg in "$@"; do
         --data=required | --data=optional | --data=skip) data_mode="${arg#--data=}" ;;
         --dev) dev=1 ;;
         -h | --help)
-            sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -53,6 +72,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV=.venv
 STAMP="$VENV/.mlaan-torch"
+TB_STAMP="$VENV/.mlaan-tensorboard"
 
 step() { printf '==> %s\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
@@ -71,6 +91,22 @@ torch_version_in() {
     fi
 }
 
+# 1. The venv (recreated if a previous attempt left it without a working python); sets $site,
+# where its packages live (python3.X differs between machines).
+ensure_venv() {
+    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c '' 2>/dev/null; then
+        step "venv: $VENV exists"
+    else
+        [[ -e "$VENV" ]] && note "$VENV exists but its python does not run (Python moved?): recreating it"
+        step "venv: creating $VENV with $(command -v python3 || echo 'python3 (not found)')"
+        command -v python3 >/dev/null || die "python3 not found; install Python 3 (apt-get install python3 python3-venv)"
+        rm -rf "$VENV" "$STAMP" "$TB_STAMP"
+        python3 -m venv "$VENV" ||
+            die "'python3 -m venv' failed; on Debian install python3-venv (apt-get install -y python3-venv) and rerun"
+    fi
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+}
+
 # ---------------------------------------------------------------------------------------------
 # 1-3. libtorch
 # ---------------------------------------------------------------------------------------------
@@ -83,20 +119,8 @@ if [[ -n "${LIBTORCH:-}" ]]; then
         die "LIBTORCH=$LIBTORCH is torch $v, need ${TORCH_VERSION%.*}.x; unset LIBTORCH to use .venv"
     step "libtorch: torch $v"
 else
-    # 1. venv (recreated if a previous attempt left it without a working python)
-    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c '' 2>/dev/null; then
-        step "venv: $VENV exists"
-    else
-        [[ -e "$VENV" ]] && note "$VENV exists but its python does not run (Python moved?): recreating it"
-        step "venv: creating $VENV with $(command -v python3 || echo 'python3 (not found)')"
-        command -v python3 >/dev/null || die "python3 not found; install Python 3 (apt-get install python3 python3-venv)"
-        rm -rf "$VENV"
-        python3 -m venv "$VENV" ||
-            die "'python3 -m venv' failed; on Debian install python3-venv (apt-get install -y python3-venv) and rerun"
-    fi
-
-    # Where this venv's packages live (python3.X differs between machines).
-    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
+    # 1. venv
+    ensure_venv
     torch_dir="$site/torch"
     want="${TORCH_PACKAGES[*]}"
 
@@ -158,9 +182,22 @@ if [[ "$data_mode" != skip ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# Contributor tools for `make test`
+# 5. Contributor tools for `make test`: TensorBoard (for the event-file tests), fmt, clippy
 # ---------------------------------------------------------------------------------------------
 if [[ "$dev" == 1 ]]; then
+    [[ -n "${site:-}" ]] || ensure_venv
+    want_tb="${TENSORBOARD_PACKAGES[*]}"
+    if [[ "$(cat "$TB_STAMP" 2>/dev/null)" == "$want_tb" && -d "$site/tensorboard" ]]; then
+        step "tensorboard: ${TENSORBOARD_PACKAGES[0]#*==} already installed"
+    else
+        step "tensorboard: installing ${TENSORBOARD_PACKAGES[0]} and its dependencies (about 45 MB)"
+        rm -f "$TB_STAMP"
+        "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps \
+            "${TENSORBOARD_PACKAGES[@]}"
+        "$VENV/bin/python" -c 'from tensorboard.backend.event_processing import event_accumulator' ||
+            die "tensorboard is installed in $VENV but its event reader does not import"
+        printf '%s\n' "$want_tb" >"$TB_STAMP"
+    fi
     missing=()
     cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
     cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)

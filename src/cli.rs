@@ -90,7 +90,7 @@ pub struct BenchArgs {
     /// Micro-batches of the GPipe case.
     #[arg(long, default_value_t = 4)]
     pub micro_batches: usize,
-    /// Output directory (default: runs/bench-<time>).
+    /// Output directory (default: runs/bench-YYYYMMDD-HHMMSS).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Print the Markdown summary (for pasting into an issue) instead of the table.
@@ -207,7 +207,7 @@ impl ConfigArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Run directory (default: runs/<method>-<arch>-<time>).
+    /// Run directory (default: runs/<method>-<arch>-YYYYMMDD-HHMMSS, in local time).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Inject a fault for drills: KIND@STAGE:BATCH, KIND = error|panic|nan|close.

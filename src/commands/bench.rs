@@ -1,7 +1,7 @@
 use crate::cli::BenchArgs;
 use anyhow::{Context, Result};
 use mlaan_train::bench::{run as run_bench, BenchSpec};
-use std::path::PathBuf;
+use std::path::Path;
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
     if args.config.dataset.is_none() && args.config.config.is_none() {
@@ -26,12 +26,11 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         repeats: args.repeats,
         micro_batches: args.micro_batches,
     };
-    let out = args.out.clone().unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from("runs").join(format!("bench-{secs}"))
-    });
+    let out = match &args.out {
+        Some(dir) => dir.clone(),
+        None => mlaan_train::run_dir::create_run_dir(Path::new("runs"), "bench")
+            .context("creating a bench directory under runs/")?,
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let report = run_bench(&spec, &mut |line| eprintln!("{line}"))?;
     mlaan_report::write_atomic(

@@ -324,14 +324,6 @@ fn head_name(h: HeadKind) -> &'static str {
     }
 }
 
-fn term_name(k: TermKind) -> &'static str {
-    match k {
-        TermKind::Independent => "independent",
-        TermKind::Cascade => "cascade",
-        TermKind::Final => "final",
-    }
-}
-
 fn objective_text(o: &ObjectiveSpec) -> String {
     match o {
         ObjectiveSpec::Classify { head, in_channels } => {
@@ -573,7 +565,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             let by: Vec<String> = md
                 .trained_by
                 .iter()
-                .map(|t| format!("{} of module {}", term_name(t.term), t.module))
+                .map(|t| format!("{} of module {}", t.term.name(), t.module))
                 .collect();
             let _ = writeln!(
                 o,
@@ -594,7 +586,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             let line = format!(
                 "{:>6}  {:<11}  {:>6}  {:>5}  {:<8}  {:<ow$}  {lam}",
                 md.index,
-                term_name(t.kind),
+                t.kind.name(),
                 format!("{}", t.weight),
                 t.reach,
                 reaches,
@@ -606,7 +598,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             let by: Vec<String> = md
                 .trained_by
                 .iter()
-                .map(|t| format!("{} of {}", term_name(t.term), t.module))
+                .map(|t| format!("{} of {}", t.term.name(), t.module))
                 .collect();
             let _ = writeln!(o, "{:>6}  gradients from: {}", "", by.join(", "));
         }

@@ -1,6 +1,7 @@
 use crate::cli::TrainArgs;
 use anyhow::{Context, Result};
-use mlaan_train::trainer::{default_run_dir, train, Outcome, RunOptions};
+use mlaan_core::config::Method;
+use mlaan_train::trainer::{new_run_dir, train, Outcome, RunOptions};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -10,9 +11,12 @@ pub const EXIT_INTERRUPTED: i32 = 75;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = args.config.resolve()?;
-    let out = args.out.unwrap_or_else(|| default_run_dir(&cfg));
     let fault =
         args.inject_fault.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let out = match args.out {
+        Some(dir) => dir,
+        None => new_run_dir(&cfg)?,
+    };
     let interrupt = install_signal_handlers()?;
     let opts = RunOptions {
         fault,
@@ -21,12 +25,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         interrupt: Some(interrupt),
         checkpoint_pause: args.checkpoint_pause_ms.map(std::time::Duration::from_millis),
     };
+    // One e2e module is plain back-propagation on one stage: no schedule applies.
+    let how = if cfg.method.name == Method::E2e && cfg.model.k == 1 {
+        "end-to-end back-propagation, one stage".to_string()
+    } else {
+        format!("{} schedule", cfg.pipeline.schedule)
+    };
     tracing::info!(
-        "training {} {} K={} ({} schedule) on {:?}, run directory {}",
+        "training {} {} K={} ({how}) on {:?}, run directory {}",
         cfg.method.name,
         cfg.model.arch,
         cfg.model.k,
-        cfg.pipeline.schedule,
         cfg.pipeline.devices,
         out.display()
     );

@@ -69,3 +69,12 @@ pub enum MetricRecord {
         module_accuracy: Vec<Option<f64>>,
     },
 }
+
+impl MetricRecord {
+    /// The global step the record was taken at.
+    pub fn step(&self) -> u64 {
+        match self {
+            MetricRecord::Train { step, .. } | MetricRecord::Eval { step, .. } => *step,
+        }
+    }
+}

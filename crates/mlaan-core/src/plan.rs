@@ -28,6 +28,17 @@ pub enum TermKind {
     Final,
 }
 
+impl TermKind {
+    /// The name `plan` prints and TensorBoard tags use (`loss/module3/cascade`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TermKind::Independent => "independent",
+            TermKind::Cascade => "cascade",
+            TermKind::Final => "final",
+        }
+    }
+}
+
 /// What a loss term computes from its input feature map.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -1,5 +1,6 @@
 //! Reports for `mlaan-pipe`: turns benchmark results (`bench.json`, [`BenchReport`]) and
-//! training logs (`metrics.jsonl`, [`MetricRecord`]) into Markdown tables and PNG plots.
+//! training logs (`metrics.jsonl`, [`MetricRecord`]) into Markdown tables, PNG plots and
+//! TensorBoard event files.
 //!
 //! No libtorch here. Plots are drawn with `plotters` on a bitmap, with a font embedded in
 //! this crate (DejaVu Sans, see `assets/DejaVuSans-LICENSE.txt`), so text renders the same on
@@ -9,6 +10,8 @@
 //! - [`bench_markdown`]: a Markdown summary of a benchmark run.
 //! - [`bench_plots`]: `throughput.png`, `stages.png`, `memory.png`.
 //! - [`training_plots`]: `curves.png` (loss, test accuracy, images/s against step).
+//! - [`EventWriter`]: TensorBoard event files; [`tensorboard_scalars`] names the tags a
+//!   metrics record becomes.
 //! - [`read_metrics`], [`read_bench`]: readers whose errors name the file (and line).
 
 mod bench_plots;
@@ -16,6 +19,7 @@ mod draw;
 mod error;
 mod markdown;
 mod results;
+mod tensorboard;
 mod training;
 
 use std::io::Write;
@@ -27,6 +31,7 @@ pub use markdown::bench_markdown;
 pub use mlaan_core::bench::BenchReport;
 pub use mlaan_core::metrics::MetricRecord;
 pub use results::{results_markdown, ResultRow};
+pub use tensorboard::{scalars as tensorboard_scalars, EventWriter};
 pub use training::{read_metrics, training_plots, CURVES_PNG};
 
 /// Reads a `bench.json` written by `mlaan-pipe bench`.

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod optim;
 pub mod pipeline;
 pub mod profile;
+pub mod run_dir;
 pub mod runner;
 pub mod stage;
 pub mod trainer;

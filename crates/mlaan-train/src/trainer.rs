@@ -4,7 +4,7 @@
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
 use crate::init::{initial_state, ImageSpec};
-use crate::metrics::{progress_bar, JsonlWriter};
+use crate::metrics::{bar_message, progress_bar, JsonlWriter};
 use crate::optim::LrSchedule;
 use crate::pipeline::{
     EmaLagRule, Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
@@ -18,6 +18,7 @@ use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_core::placement::{place, Placement};
 use mlaan_core::plan::NetworkPlan;
 use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
+use mlaan_report::EventWriter;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -333,7 +334,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
     };
     let resumed = from.as_ref().map(|c| c.meta.step);
     let mut s = Session::start_from(cfg, opts, from)?;
-    let mut log = MetricsLog::new(out, s.pipe.num_stages, resumed)?;
+    let mut log = MetricsLog::new(out, cfg, &s.plan, s.pipe.num_stages, resumed)?;
     let spe = s.steps_per_epoch;
     let total_steps = match cfg.train.max_steps {
         0 => spe * cfg.train.epochs as u64,
@@ -370,6 +371,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
             let dir = s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
             let step = s.next_id;
             bar.abandon_with_message(format!("interrupted at step {step}"));
+            log.plot();
             s.finish()?;
             return Ok(Outcome::Interrupted { checkpoint: dir, step });
         }
@@ -377,7 +379,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         if cfg.train.eval_every_epoch || last {
             eval = s.evaluate()?;
             log.eval(s.next_id, epoch, &eval)?;
-            bar.println(format!("epoch {epoch}: test accuracy {:.4}", eval.accuracy()));
+            tracing::info!("epoch {epoch}: test accuracy {:.4}", eval.accuracy());
         }
         if cfg.checkpoint.at_epoch_end || last {
             s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
@@ -647,9 +649,15 @@ pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result
 /// A stage's window, its learning rate and its modules' term losses.
 type StageReport = (StageWindow, f64, Vec<(usize, Vec<f64>)>);
 
-/// Collects per-stage metric windows, writes `metrics.jsonl`, drives the progress bar.
+/// Collects per-stage metric windows into records and writes them to every sink:
+/// `metrics.jsonl`, the TensorBoard event file (`train.tensorboard`), the progress bar, and
+/// `curves.png` at every evaluation.
 struct MetricsLog {
+    dir: PathBuf,
     jsonl: JsonlWriter,
+    events: Option<EventWriter>,
+    /// Names of each module's loss terms, in the order its stage reports them.
+    term_names: Vec<Vec<String>>,
     stages: usize,
     pending: BTreeMap<u64, Vec<Option<StageReport>>>,
     last: Vec<Option<StageWindow>>,
@@ -658,26 +666,42 @@ struct MetricsLog {
 
 impl MetricsLog {
     /// `resume_step`: continue the file, dropping records past the checkpoint that the
-    /// resumed run will write again.
-    fn new(out: &Path, stages: usize, resume_step: Option<u64>) -> Result<Self> {
+    /// resumed run will write again. A resumed run starts a new event file, which TensorBoard
+    /// reads together with the earlier ones.
+    fn new(
+        out: &Path,
+        cfg: &RunConfig,
+        plan: &NetworkPlan,
+        stages: usize,
+        resume_step: Option<u64>,
+    ) -> Result<Self> {
         let path = out.join("metrics.jsonl");
         let append = resume_step.is_some();
         if let Some(step) = resume_step {
             let kept: String = std::fs::read_to_string(&path)
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| {
-                    serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| match r {
-                        MetricRecord::Train { step: s, .. }
-                        | MetricRecord::Eval { step: s, .. } => s <= step,
-                    })
-                })
+                .filter(|l| serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| r.step() <= step))
                 .map(|l| format!("{l}\n"))
                 .collect();
             std::fs::write(&path, kept)?;
         }
+        let events = if cfg.train.tensorboard {
+            let mut w = EventWriter::create(out)?;
+            w.text(resume_step.unwrap_or(0), "config", &indented(&cfg.to_toml()))?;
+            Some(w)
+        } else {
+            None
+        };
         Ok(MetricsLog {
+            dir: out.to_path_buf(),
             jsonl: if append { JsonlWriter::append(&path)? } else { JsonlWriter::create(&path)? },
+            events,
+            term_names: plan
+                .modules
+                .iter()
+                .map(|m| m.terms.iter().map(|t| t.kind.name().to_string()).collect())
+                .collect(),
             stages,
             pending: BTreeMap::new(),
             last: vec![None; stages],
@@ -715,8 +739,8 @@ impl MetricsLog {
                     stages.push(w);
                 }
                 let ips = stages.last().map_or(0.0, |w| w.images_per_s);
-                bar.set_message(format!("loss {loss:.3} lr {lr_out:.4}"));
-                self.jsonl.write(&MetricRecord::Train {
+                bar.set_message(bar_message(ips, &stages, loss, lr_out));
+                self.write(MetricRecord::Train {
                     step,
                     epoch,
                     loss,
@@ -730,16 +754,34 @@ impl MetricsLog {
         Ok(())
     }
 
+    /// Log an evaluation and redraw the curves with it.
     fn eval(&mut self, step: u64, epoch: usize, e: &EvalResult) -> Result<()> {
         let k = e.modules.iter().map(|m| m.module + 1).max().unwrap_or(0);
-        self.jsonl.write(&MetricRecord::Eval {
+        self.write(MetricRecord::Eval {
             step,
             epoch,
             test_accuracy: e.accuracy(),
             test_loss: e.loss(),
             module_accuracy: e.module_accuracy(k),
         })?;
+        self.plot();
         Ok(())
+    }
+
+    fn write(&mut self, record: MetricRecord) -> Result<()> {
+        self.jsonl.write(&record)?;
+        if let Some(events) = &mut self.events {
+            let scalars = mlaan_report::tensorboard_scalars(&record, &self.term_names);
+            events.scalars(record.step(), &scalars)?;
+        }
+        Ok(())
+    }
+
+    /// Redraw `curves.png`. A picture that cannot be drawn is a warning, never a failed run.
+    fn plot(&self) {
+        if let Err(e) = mlaan_report::training_plots(&self.dir.join("metrics.jsonl"), &self.dir) {
+            tracing::warn!("curves.png not drawn: {e}");
+        }
     }
 
     fn last_windows(&self) -> Vec<StageWindow> {
@@ -747,10 +789,16 @@ impl MetricsLog {
     }
 }
 
-/// Default run directory: `runs/<method>-<arch>-<unix seconds>`.
-pub fn default_run_dir(cfg: &RunConfig) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    PathBuf::from("runs").join(format!("{}-{}-{secs}", cfg.method.name, cfg.model.arch))
+/// Text indented by four spaces: a Markdown code block, as TensorBoard's Text tab renders it.
+fn indented(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// A new run directory for `cfg`: `runs/<method>-<arch>-YYYYMMDD-HHMMSS` (see [`run_dir`]).
+///
+/// [`run_dir`]: crate::run_dir
+pub fn new_run_dir(cfg: &RunConfig) -> Result<PathBuf> {
+    let name = format!("{}-{}", cfg.method.name, cfg.model.arch);
+    crate::run_dir::create_run_dir(Path::new("runs"), &name)
+        .with_context(|| format!("cannot create a run directory under runs/ for {name}"))
 }
