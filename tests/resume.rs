@@ -124,6 +124,17 @@ fn resumed_runs_continue_exactly() {
             &["--max-steps", "12", "--resume", "auto"],
         ));
         assert!(log.contains("resuming from") && log.contains("step-00000006"), "{log}");
+        // Throughput counts the 6 steps this process trained, not the 12 since step 0.
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(halves.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            (summary["steps"].as_u64(), summary["steps_this_run"].as_u64()),
+            (Some(12), Some(6))
+        );
+        let images =
+            summary["train_images_per_s"].as_f64().unwrap() * summary["train_s"].as_f64().unwrap();
+        assert!((images - 6.0 * 16.0).abs() < 1e-6 * 96.0, "{images} images in {summary}");
         let (a, b) = (losses(&straight), losses(&halves));
         assert_eq!(a.iter().filter(|(s, _)| *s > 6).count(), 6);
         if method == "mlaan-dgl" && schedule == "async" {

@@ -7,12 +7,12 @@ use crate::init::{initial_state, ImageSpec};
 use crate::metrics::{bar_message, progress_bar, JsonlWriter};
 use crate::optim::LrSchedule;
 use crate::pipeline::{
-    EmaLagRule, Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
+    Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
 };
 use crate::runner::BatchTargets;
 use anyhow::{bail, Context, Result};
 use mlaan_core::arch::Chw;
-use mlaan_core::config::{Method, RunConfig, Schedule};
+use mlaan_core::config::{Method, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::{cpu_threads_by_cost, cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_core::placement::{place, Placement};
@@ -40,7 +40,11 @@ pub struct Summary {
     pub placement: Vec<[usize; 2]>,
     pub epochs: usize,
     pub seed: u64,
+    /// Optimizer steps since step 0, including those of runs this one resumed.
     pub steps: u64,
+    /// Steps this process trained (after `--resume`, those since the checkpoint); the
+    /// images/s figure counts these only.
+    pub steps_this_run: u64,
     pub batch_size: usize,
     pub test_accuracy: f64,
     pub test_loss: f64,
@@ -407,7 +411,8 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
             &out.join("model.safetensors"),
         )?;
     }
-    let train_images = steps * cfg.train.batch_size as u64;
+    let steps_this_run = steps - resumed.unwrap_or(0);
+    let train_images = steps_this_run * cfg.train.batch_size as u64;
     let summary = Summary {
         method: cfg.method.name.to_string(),
         arch: cfg.model.arch.clone(),
@@ -419,6 +424,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         epochs: cfg.train.epochs,
         seed: cfg.train.seed,
         steps,
+        steps_this_run,
         batch_size: cfg.train.batch_size,
         test_accuracy: eval.accuracy(),
         test_loss: eval.loss(),
@@ -462,21 +468,13 @@ pub fn pipeline_settings(
     lr: LrSchedule,
     opts: &RunOptions,
 ) -> PipelineSettings {
-    let schedule = cfg.pipeline.schedule;
-    let ema_lag = match (cfg.method.ema_lag.as_str(), schedule) {
-        ("exact", _) => EmaLagRule::Exact,
-        ("distance", _) => EmaLagRule::Distance,
-        ("latest", _) | ("auto", Schedule::Async) => EmaLagRule::Latest,
-        ("auto", Schedule::Sequential) => EmaLagRule::Exact,
-        _ => EmaLagRule::Distance,
-    };
     PipelineSettings {
-        schedule,
+        schedule: cfg.pipeline.schedule,
         in_flight: cfg.pipeline.in_flight,
         optim: cfg.optim.clone(),
         lr,
         ema_momentum: cfg.method.ema_momentum,
-        ema_lag,
+        ema_lag: cfg.method.ema_lag,
         image,
         mean: data.info.mean.clone(),
         std: data.info.std.clone(),
@@ -509,7 +507,7 @@ pub fn choose_placement(
     if d == 1 {
         return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
     }
-    if plan.k() <= d || cfg.pipeline.placement == "flops" {
+    if plan.k() <= d || cfg.pipeline.placement == PlacementRule::Flops {
         return Ok((place(&plan.module_macs(), d)?, None));
     }
     // Profile on the first device with the threads each stage will have.
