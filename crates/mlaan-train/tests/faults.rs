@@ -1,6 +1,7 @@
 //! A failing stage brings the whole pipeline down within seconds, naming the stage, batch and
-//! cause; every thread is joined; nothing hangs. One test in its own binary, so that the stage
-//! threads it counts are its own.
+//! cause; every thread is joined; nothing hangs. Each schedule × fault × stage is a test of
+//! its own, so that one failure cannot hide the others; they take turns (in a binary of their
+//! own), so that the stage threads each counts are its own.
 
 mod common;
 
@@ -8,7 +9,7 @@ use common::tiny;
 use mlaan_core::config::Schedule;
 use mlaan_train::pipeline::{Fault, FaultKind};
 use mlaan_train::trainer::{RunOptions, Session};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Threads of this process whose name starts with `stage-`.
@@ -42,54 +43,95 @@ fn run_with_fault(schedule: Schedule, fault: Fault) -> Result<(), String> {
     r.and(fin.map(|_| ())).map_err(|e| format!("{e:#}"))
 }
 
-#[test]
-fn any_failing_stage_stops_the_pipeline_cleanly() {
-    let kinds = [FaultKind::Error, FaultKind::Panic, FaultKind::NaN, FaultKind::CloseChannel];
-    for schedule in [Schedule::Async, Schedule::Sync] {
-        for stage in 0..4 {
-            for kind in kinds {
-                let fault = Fault { stage, batch: 5, kind };
-                let (tx, rx) = mpsc::channel();
-                let t0 = Instant::now();
-                std::thread::spawn(move || {
-                    let _ = tx.send(run_with_fault(schedule, fault));
-                });
-                let result = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-                    panic!("{schedule} {kind:?} at stage {stage}: the pipeline hung")
-                });
-                let took = t0.elapsed();
-                let err =
-                    result.expect_err(&format!("{schedule} {kind:?} at stage {stage}: no error"));
-                match kind {
-                    FaultKind::Error | FaultKind::Panic => {
-                        assert!(err.contains(&format!("stage {stage}")), "{err}");
-                        assert!(err.contains("batch Some(5)") || err.contains("batch 5"), "{err}");
-                        assert!(
-                            err.contains(if kind == FaultKind::Panic {
-                                "panicked"
-                            } else {
-                                "injected error"
-                            }),
-                            "{err}"
-                        );
-                    }
-                    // The first stage with a loss of its own sees the NaN (stage 0 holds only
-                    // module 0, which has none under MLAAN).
-                    FaultKind::NaN => {
-                        assert!(err.contains("non-finite") && err.contains("batch 5"), "{err}")
-                    }
-                    FaultKind::CloseChannel => assert!(err.contains("stopped"), "{err}"),
-                }
-                assert!(
-                    took < Duration::from_secs(30),
-                    "{schedule} {kind:?} at stage {stage}: took {took:?}"
-                );
-                assert_eq!(
-                    stage_threads(),
-                    0,
-                    "{schedule} {kind:?} at stage {stage}: stage threads left running"
-                );
-            }
+/// Drills run one at a time, so that the stage threads a drill counts are its own.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// `kind` injected at batch 5 of `stage`: the run fails within seconds with an error naming
+/// the stage, batch and cause, and leaves no stage thread behind.
+fn drill(schedule: Schedule, stage: usize, kind: FaultKind) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let before = stage_threads();
+    let fault = Fault { stage, batch: 5, kind };
+    let (tx, rx) = mpsc::channel();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_with_fault(schedule, fault));
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{schedule} {kind:?} at stage {stage}: the pipeline hung"));
+    let took = t0.elapsed();
+    let err = result.expect_err(&format!("{schedule} {kind:?} at stage {stage}: no error"));
+    match kind {
+        FaultKind::Error | FaultKind::Panic => {
+            assert!(err.contains(&format!("stage {stage}")), "{err}");
+            assert!(err.contains("batch Some(5)") || err.contains("batch 5"), "{err}");
+            let cause = if kind == FaultKind::Panic { "panicked" } else { "injected error" };
+            assert!(err.contains(cause), "{err}");
         }
+        // The first stage with a loss of its own sees the NaN (stage 0 holds only module 0,
+        // which has none under MLAAN).
+        FaultKind::NaN => assert!(err.contains("non-finite") && err.contains("batch 5"), "{err}"),
+        FaultKind::CloseChannel => assert!(err.contains("stopped"), "{err}"),
     }
+    assert!(took < Duration::from_secs(30), "{schedule} {kind:?} at stage {stage}: took {took:?}");
+    // Threads a failed drill before this one may have left are not this drill's.
+    assert!(
+        stage_threads() <= before,
+        "{schedule} {kind:?} at stage {stage}: stage threads left running"
+    );
+}
+
+/// One test per stage, for one schedule and fault kind.
+macro_rules! every_stage {
+    ($schedule:ident, $kind:ident) => {
+        #[test]
+        fn stage_0() {
+            crate::drill(Schedule::$schedule, 0, FaultKind::$kind);
+        }
+        #[test]
+        fn stage_1() {
+            crate::drill(Schedule::$schedule, 1, FaultKind::$kind);
+        }
+        #[test]
+        fn stage_2() {
+            crate::drill(Schedule::$schedule, 2, FaultKind::$kind);
+        }
+        #[test]
+        fn stage_3() {
+            crate::drill(Schedule::$schedule, 3, FaultKind::$kind);
+        }
+    };
+}
+
+/// Every fault kind at every stage of one schedule: `<schedule>_schedule::<kind>::stage_N`.
+macro_rules! every_fault {
+    ($schedule:ident) => {
+        mod error {
+            use super::*;
+            every_stage!($schedule, Error);
+        }
+        mod panic {
+            use super::*;
+            every_stage!($schedule, Panic);
+        }
+        mod nan {
+            use super::*;
+            every_stage!($schedule, NaN);
+        }
+        mod close_channel {
+            use super::*;
+            every_stage!($schedule, CloseChannel);
+        }
+    };
+}
+
+mod sync_schedule {
+    use super::*;
+    every_fault!(Sync);
+}
+
+mod async_schedule {
+    use super::*;
+    every_fault!(Async);
 }
