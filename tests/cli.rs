@@ -71,7 +71,7 @@ fn plan_shows_split_chains_and_placement() {
         "MLAAN table (resnet32)",
         "stem [1,0]..[1,2]",
         "cascade",
-        // Step 1 ends in stage 2, step 2 at [3,0] (METHOD.md §4).
+        // Step 1 ends in stage 2, step 2 at [3,0] (docs/method.md §4).
         "[3,0] [3,2] [3,3] [3,4] (twin of [3,0] from module 2)",
         "[3,1] [3,2] [3,4] (twin of [3,1] from module 3)",
         "trained by cascade of module 1",

@@ -6,7 +6,7 @@
 use crate::cli::PlanArgs;
 use anyhow::{Context, Result};
 use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
-use mlaan_core::config::{HeadKind, InfoProMode, Method, RunConfig, Schedule};
+use mlaan_core::config::{HeadKind, InfoProMode, Method, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::lam::pyramid_depth;
 use mlaan_core::plan::{NetworkPlan, ObjectiveSpec, TermKind};
@@ -118,8 +118,8 @@ pub struct PlanReport {
     pub method: Method,
     pub head: HeadKind,
     pub schedule: Schedule,
-    /// `pipeline.placement`: auto, profile or flops.
-    pub placement_rule: String,
+    /// `pipeline.placement`.
+    pub placement_rule: PlacementRule,
     pub in_flight: usize,
     pub batch_size: usize,
     /// How the LAM chains were derived; `None` without MLAAN.
@@ -208,7 +208,7 @@ pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
         method: plan.method,
         head: cfg.method.head_kind(),
         schedule: cfg.pipeline.schedule,
-        placement_rule: cfg.pipeline.placement.clone(),
+        placement_rule: cfg.pipeline.placement,
         in_flight: cfg.pipeline.in_flight,
         batch_size: cfg.train.batch_size,
         lam_rule: plan.method.is_mlaan().then(|| lam_rule(cfg, &plan)),
@@ -615,7 +615,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             "the sequential schedule runs every module in one stage"
         } else if r.k <= p.devices.len() {
             "one module per device"
-        } else if r.placement_rule == "flops" {
+        } else if r.placement_rule == PlacementRule::Flops {
             "groups balanced by backbone MACs per sample"
         } else {
             "groups balanced by a measured profile of each module"

@@ -40,7 +40,7 @@ impl Default for ModelConfig {
     }
 }
 
-/// The training method (METHOD.md §3–4).
+/// The training method (docs/method.md §3–4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -91,6 +91,58 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// Which snapshot of its real block an EMA twin folds in after step b (docs/design.md,
+/// "Stages and schedules").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EmaLagRule {
+    /// [`EmaLagRule::Exact`] for sequential, [`EmaLagRule::Distance`] for sync,
+    /// [`EmaLagRule::Latest`] for async.
+    Auto,
+    /// The real block after step b (docs/method.md §4 to the letter; the twin's stage waits
+    /// for the source's step).
+    Exact,
+    /// The real block after step b − (j − i), j the source module, i the twin's: what a
+    /// pipeline has at hand without waiting.
+    Distance,
+    /// Whatever snapshot has arrived.
+    Latest,
+}
+
+impl EmaLagRule {
+    /// The rule `schedule` uses: `auto` resolved, any other rule as it is.
+    pub fn resolve(self, schedule: Schedule) -> EmaLagRule {
+        match (self, schedule) {
+            (EmaLagRule::Auto, Schedule::Sequential) => EmaLagRule::Exact,
+            (EmaLagRule::Auto, Schedule::Sync) => EmaLagRule::Distance,
+            (EmaLagRule::Auto, Schedule::Async) => EmaLagRule::Latest,
+            (rule, _) => rule,
+        }
+    }
+}
+
+/// How modules are grouped onto stages when there are more modules than devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementRule {
+    /// A measured profile of each module (the default).
+    Auto,
+    /// Backbone multiply-accumulates per sample; no profile run.
+    Flops,
+    /// A measured profile, as `auto`.
+    Profile,
+}
+
+impl std::fmt::Display for PlacementRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlacementRule::Auto => "auto",
+            PlacementRule::Flops => "flops",
+            PlacementRule::Profile => "profile",
+        })
+    }
+}
+
 /// Classifier head of a local module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -132,11 +184,8 @@ pub struct MethodConfig {
     pub cascade_depth: usize,
     /// MLAAN: EMA momentum m of the twins (`p_ema ← m·p_ema + (1−m)·p_real`).
     pub ema_momentum: f64,
-    /// Which real-block weights a twin folds in after step b: `exact` (after step b, as
-    /// METHOD.md), `distance` (after step b − (j − i), j the source module, i the twin's: what
-    /// a pipeline has at hand without waiting), `latest` (whatever arrived), or `auto`
-    /// (exact for sequential, distance for sync, latest for async).
-    pub ema_lag: String,
+    /// Which real-block weights a twin folds in after step b.
+    pub ema_lag: EmaLagRule,
     pub lam: LamConfig,
 }
 
@@ -153,7 +202,7 @@ impl Default for MethodConfig {
             w_casc: 0.999,
             cascade_depth: 2,
             ema_momentum: 0.995,
-            ema_lag: "auto".into(),
+            ema_lag: EmaLagRule::Auto,
             lam: LamConfig::default(),
         }
     }
@@ -195,7 +244,7 @@ pub enum PadMode {
     Reflect,
 }
 
-/// Training-time augmentation; `None` fields take the dataset's default (METHOD.md §5).
+/// Training-time augmentation; `None` fields take the dataset's default (docs/method.md §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
@@ -328,7 +377,7 @@ impl Default for TrainConfig {
     }
 }
 
-/// How the modules are scheduled (ARCHITECTURE.md "Schedules").
+/// How the modules are scheduled (docs/design.md, "Stages and schedules").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Schedule {
@@ -363,8 +412,7 @@ pub struct PipelineConfig {
     pub devices: Vec<String>,
     /// Batches a stage may hold in flight (channel capacity, stored inputs, gradient lag).
     pub in_flight: usize,
-    /// `auto` (measured profile), `flops`, or `profile`.
-    pub placement: String,
+    pub placement: PlacementRule,
     /// Intra-op threads for CPU devices; 0 = cores divided among the CPU stages.
     pub intra_op_threads: usize,
     pub on_nonfinite: OnNonFinite,
@@ -383,7 +431,7 @@ impl Default for PipelineConfig {
             schedule: Schedule::Async,
             devices: vec!["cpu".into()],
             in_flight: 2,
-            placement: "auto".into(),
+            placement: PlacementRule::Auto,
             intra_op_threads: 0,
             on_nonfinite: OnNonFinite::Stop,
             micro_batches: 1,
@@ -529,13 +577,6 @@ impl RunConfig {
                 return Err(bad(key, v, "must be a finite number ≥ 0"));
             }
         }
-        if !["auto", "exact", "distance", "latest"].contains(&m.ema_lag.as_str()) {
-            return Err(bad(
-                "method.ema_lag",
-                &m.ema_lag,
-                "must be auto, exact, distance or latest",
-            ));
-        }
         if !(0.0..1.0).contains(&m.ema_momentum) {
             return Err(bad("method.ema_momentum", m.ema_momentum, "must be in [0, 1)"));
         }
@@ -580,9 +621,6 @@ impl RunConfig {
         }
         crate::device::DeviceSpec::parse_list(&p.devices.join(","))
             .map_err(|e| bad("pipeline.devices", &p.devices, &e.to_string()))?;
-        if !["auto", "flops", "profile"].contains(&p.placement.as_str()) {
-            return Err(bad("pipeline.placement", &p.placement, "must be auto, flops or profile"));
-        }
         if p.micro_batches == 0 || self.train.batch_size % p.micro_batches != 0 {
             return Err(bad(
                 "pipeline.micro_batches",
@@ -677,6 +715,24 @@ mod tests {
         let e = load("[train]\nepochs = 2\n\n[optim]\nlrr = 0.1\n", &[]).unwrap_err();
         let e = e.to_string();
         assert!(e.contains(", line 5: unknown key `lrr`") && !e.contains("TOML"), "{e}");
+    }
+
+    #[test]
+    fn ema_lag_and_placement_are_typed() {
+        let c = load("[method]\nema_lag = \"distance\"\n", &["pipeline.placement=flops"]).unwrap();
+        assert_eq!(
+            (c.method.ema_lag, c.pipeline.placement),
+            (EmaLagRule::Distance, PlacementRule::Flops)
+        );
+        let e = load("", &["method.ema_lag=soon"]).unwrap_err().to_string();
+        assert!(e.contains("`method.ema_lag=soon`") && e.contains("`latest`"), "{e}");
+        let e = load("[pipeline]\nplacement = \"random\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("random") && e.contains("`flops`"), "{e}");
+        let resolved: Vec<EmaLagRule> = [Schedule::Sequential, Schedule::Sync, Schedule::Async]
+            .map(|s| EmaLagRule::Auto.resolve(s))
+            .into();
+        assert_eq!(resolved, [EmaLagRule::Exact, EmaLagRule::Distance, EmaLagRule::Latest]);
+        assert_eq!(EmaLagRule::Latest.resolve(Schedule::Sync), EmaLagRule::Latest);
     }
 
     #[test]

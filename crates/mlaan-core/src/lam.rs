@@ -3,7 +3,7 @@
 //! head. The first chain block is also summed with an EMA twin of the real block.
 //!
 //! Two sources, printed by `plan`:
-//! - the MLAAN table for ResNet-32 (METHOD.md §4), keyed by the block that ends the module;
+//! - the MLAAN table for ResNet-32 (docs/method.md §4), keyed by the block that ends the module;
 //! - a rule for everything else: the chain has depth
 //!   `round(d·(1 − i·c/(K−2)) + i·c/(K−2))` (AugLocal's pyramid), clamped to what is
 //!   available; it always contains the first block of every later stage (so shapes line up)

@@ -1,5 +1,5 @@
 //! The network plan: what every local module owns and which losses train it, derived from the
-//! config. This is the single place where METHOD.md's gradient routes are written down:
+//! config. This is the single place where docs/method.md's gradient routes are written down:
 //! every loss term carries a `reach`, the number of earlier modules its gradient reaches.
 //!
 //! | method | module 0 | module i (0 < i < K-1) | module K-1 |

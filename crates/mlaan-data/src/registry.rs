@@ -1,5 +1,5 @@
 //! The dataset table: names, default locations, augmentation and normalisation defaults
-//! (METHOD.md §5), and [`open`], which turns a `[data]` config section into [`Datasets`].
+//! (docs/method.md §5), and [`open`], which turns a `[data]` config section into [`Datasets`].
 
 use crate::readers::folder::ImageFolder;
 use crate::readers::synthetic::Synthetic;
@@ -79,7 +79,7 @@ const fn resized(name: &'static str, title: &'static str) -> DatasetSpec {
 
 use PadMode::{Reflect, Zero};
 
-/// Every dataset `open` knows, with its METHOD.md §5 defaults.
+/// Every dataset `open` knows, with its docs/method.md §5 defaults.
 pub const DATASETS: &[DatasetSpec] = &[
     padded("fashion-mnist", "Fashion-MNIST", 2, Zero, true, &[0.2860], &[0.3530]),
     padded("mnist", "MNIST", 2, Zero, false, &[0.1307], &[0.3081]),

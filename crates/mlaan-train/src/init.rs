@@ -2,7 +2,7 @@
 //! schedule and every placement starts from the same weights — and loaded into the modules
 //! that each stage builds on its own device.
 //!
-//! LAM copies start as copies of the real blocks they copy, EMA twins as well (METHOD.md §4).
+//! LAM copies start as copies of the real blocks they copy, EMA twins as well (docs/method.md §4).
 
 use crate::TrainError;
 use mlaan_core::plan::NetworkPlan;

@@ -1,6 +1,7 @@
 //! Training: modules at work ([`runner`]), groups of modules on one device ([`stage`]), the
-//! schedules that drive them ([`sequential`], [`pipeline`]), the optimizer ([`optim`]),
-//! initial state ([`init`]), evaluation, metrics and the top-level [`trainer`].
+//! threads and schedules that drive them ([`pipeline`]: `sequential` is `sync` on one stage
+//! holding every module), the optimizer ([`optim`]), initial state ([`init`]), evaluation,
+//! metrics ([`metrics`]), run directories ([`run_dir`]) and the top-level [`trainer`].
 
 pub mod bench;
 pub mod checkpoint;

@@ -29,7 +29,7 @@ use crate::{bytes_of, TrainError};
 use crossbeam_channel::{
     bounded, select, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender,
 };
-use mlaan_core::config::{OnNonFinite, OptimConfig, Schedule};
+use mlaan_core::config::{EmaLagRule, OnNonFinite, OptimConfig, Schedule};
 use mlaan_core::metrics::StageWindow;
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
@@ -198,7 +198,7 @@ pub struct PipelineSettings {
     pub optim: OptimConfig,
     pub lr: LrSchedule,
     pub ema_momentum: f64,
-    /// How twins pick snapshots; `None` = by schedule (sync: exact, async: latest).
+    /// How twins pick snapshots (`auto` resolves by `schedule`).
     pub ema_lag: EmaLagRule,
     pub image: ImageSpec,
     pub mean: Vec<f32>,
@@ -213,25 +213,13 @@ pub struct PipelineSettings {
     pub intra_op_threads: Vec<usize>,
 }
 
-/// Which snapshot an EMA twin folds in after step b.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EmaLagRule {
-    /// The real block after step b (METHOD.md to the letter; later stages gate earlier ones).
-    Exact,
-    /// The real block after step b − (j − i), j the source module, i the twin's module: what
-    /// a pipeline naturally has at hand.
-    Distance,
-    /// The most recent snapshot (async).
-    Latest,
-}
-
-impl EmaLagRule {
-    fn lag(self, twin_module: usize, source_module: usize) -> EmaLag {
-        match self {
-            EmaLagRule::Exact => EmaLag::Steps(0),
-            EmaLagRule::Distance => EmaLag::Steps((source_module - twin_module) as u64),
-            EmaLagRule::Latest => EmaLag::Latest,
-        }
+/// The lag of the twin in `twin_module` of a block of `source_module` under `rule`.
+fn twin_lag(rule: EmaLagRule, twin_module: usize, source_module: usize) -> EmaLag {
+    match rule {
+        EmaLagRule::Exact => EmaLag::Steps(0),
+        EmaLagRule::Distance => EmaLag::Steps((source_module - twin_module) as u64),
+        // `Auto` never gets here: `Pipeline::start` resolves it for the schedule.
+        EmaLagRule::Latest | EmaLagRule::Auto => EmaLag::Latest,
     }
 }
 
@@ -315,7 +303,7 @@ impl Pipeline {
         // EMA wiring: one channel per twin, from the stage owning the real block.
         let mut twins: Vec<Vec<TwinWire>> = (0..d).map(|_| Vec::new()).collect();
         let mut sources: Vec<Vec<SourceWire>> = (0..d).map(|_| Vec::new()).collect();
-        let rule = settings.ema_lag;
+        let rule = settings.ema_lag.resolve(settings.schedule);
         for c in &plan.chains {
             let (tx, rx) = unbounded();
             let block = format!("layer{}.{}", c.blocks[0].stage, c.blocks[0].index);
@@ -325,7 +313,7 @@ impl Pipeline {
                 module: c.step,
                 block: block.clone(),
                 rx,
-                lag: rule.lag(c.step, c.ema_source_module),
+                lag: twin_lag(rule, c.step, c.ema_source_module),
             });
             sources[ss].push(SourceWire {
                 module: c.ema_source_module,

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! A gradient part carries its remaining reach, so a cascade loss reaches exactly
-//! modules i−d+1..i (METHOD.md §4) and nothing earlier.
+//! modules i−d+1..i (docs/method.md §4) and nothing earlier.
 
 use crate::optim::{LrSchedule, Sgd};
 use crate::{bytes_of, TrainError};
@@ -612,7 +612,7 @@ impl LocalModule {
         self.nets.terms.iter().any(|t| t.spec.kind == kind)
     }
 
-    /// Names of the optimizer's parameters (checkpoints).
+    /// The module's optimizer; its momentum buffers go into checkpoints.
     pub fn optimizer(&self) -> &Sgd {
         &self.opt
     }

@@ -1,4 +1,4 @@
-//! Gradient routes of every method (METHOD.md §3–4), checked on the product's own module
+//! Gradient routes of every method (docs/method.md §3–4), checked on the product's own module
 //! machinery: which parameters each loss reaches and which it must not; and the summed
 //! gradients of one step against an independent, literal implementation written here.
 
@@ -77,7 +77,7 @@ fn loaded_nets(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets> {
         .collect()
 }
 
-/// METHOD.md literally: every loss gets its own forward from the detached output where its
+/// docs/method.md literally: every loss gets its own forward from the detached output where its
 /// gradient must stop, and its own backward.
 fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets> {
     let nets = loaded_nets(plan, states);
@@ -266,7 +266,7 @@ fn ema_twins_never_take_gradient() {
     assert!(twins > 0);
 }
 
-/// InfoPro's local loss written out here from METHOD.md §3 — λ1·BCE(dec(z), x_raw) +
+/// InfoPro's local loss written out here from docs/method.md §3 — λ1·BCE(dec(z), x_raw) +
 /// λ2·CE(head(z), y), with λ interpolated linearly from module 0 to module K-2 and x_raw the
 /// image in [0,1] — against every term the product builds: InfoPro's, and both paths (the
 /// independent one on h_i, the cascade one after its LAM chain) of MLAAN on InfoPro.

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{feed_steps, max_rel_diff, tiny};
-use mlaan_core::config::{RunConfig, Schedule};
+use mlaan_core::config::{EmaLagRule, RunConfig, Schedule};
 use mlaan_train::pipeline::ModuleSnapshot;
 use mlaan_train::trainer::{RunOptions, Session};
 
@@ -39,11 +39,17 @@ fn assert_same(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot]) {
     assert!(compared > 50, "{what}: only {compared} tensors compared");
 }
 
-fn with(method: &str, k: usize, schedule: Schedule, devices: usize, ema_lag: &str) -> RunConfig {
+fn with(
+    method: &str,
+    k: usize,
+    schedule: Schedule,
+    devices: usize,
+    ema_lag: EmaLagRule,
+) -> RunConfig {
     let mut c = tiny(method, k);
     c.pipeline.schedule = schedule;
     c.pipeline.devices = vec!["cpu".into(); devices];
-    c.method.ema_lag = ema_lag.into();
+    c.method.ema_lag = ema_lag;
     c
 }
 
@@ -52,8 +58,8 @@ fn sync_equals_sequential_for_every_method() {
     for (method, k) in
         [("dgl", 4), ("infopro", 4), ("mlaan-dgl", 4), ("mlaan-infopro", 4), ("e2e", 1)]
     {
-        let reference = run(&with(method, k, Schedule::Sequential, 1, "distance"), 20);
-        let pipelined = run(&with(method, k, Schedule::Sync, 4, "distance"), 20);
+        let reference = run(&with(method, k, Schedule::Sequential, 1, EmaLagRule::Distance), 20);
+        let pipelined = run(&with(method, k, Schedule::Sync, 4, EmaLagRule::Distance), 20);
         assert_same(&format!("{method} sync on 4 stages"), &reference, &pipelined);
     }
 }
@@ -61,25 +67,25 @@ fn sync_equals_sequential_for_every_method() {
 #[test]
 fn sync_with_grouped_modules_and_depth_three_equals_sequential() {
     // K > D: modules share stages; d = 3 sends gradients two hops and through a stage.
-    let mut seq = with("mlaan-dgl", 6, Schedule::Sequential, 1, "distance");
+    let mut seq = with("mlaan-dgl", 6, Schedule::Sequential, 1, EmaLagRule::Distance);
     seq.method.cascade_depth = 3;
-    let mut sync = with("mlaan-dgl", 6, Schedule::Sync, 4, "distance");
+    let mut sync = with("mlaan-dgl", 6, Schedule::Sync, 4, EmaLagRule::Distance);
     sync.method.cascade_depth = 3;
     assert_same("mlaan-dgl d=3 K=6 on 4 stages", &run(&seq, 12), &run(&sync, 12));
 }
 
 #[test]
 fn sync_with_exact_ema_equals_sequential_exact() {
-    let reference = run(&with("mlaan-dgl", 4, Schedule::Sequential, 1, "exact"), 10);
-    let pipelined = run(&with("mlaan-dgl", 4, Schedule::Sync, 2, "exact"), 10);
+    let reference = run(&with("mlaan-dgl", 4, Schedule::Sequential, 1, EmaLagRule::Exact), 10);
+    let pipelined = run(&with("mlaan-dgl", 4, Schedule::Sync, 2, EmaLagRule::Exact), 10);
     assert_same("mlaan-dgl exact EMA", &reference, &pipelined);
 }
 
 #[test]
 fn async_without_cascade_equals_sequential() {
     for method in ["dgl", "infopro"] {
-        let reference = run(&with(method, 4, Schedule::Sequential, 1, "auto"), 20);
-        let mut a = with(method, 4, Schedule::Async, 4, "auto");
+        let reference = run(&with(method, 4, Schedule::Sequential, 1, EmaLagRule::Auto), 20);
+        let mut a = with(method, 4, Schedule::Async, 4, EmaLagRule::Auto);
         a.pipeline.in_flight = 1;
         assert_same(&format!("{method} async in-flight 1"), &reference, &run(&a, 20));
     }
@@ -88,7 +94,7 @@ fn async_without_cascade_equals_sequential() {
 #[test]
 fn ema_twin_follows_the_formula() {
     // One step in exact mode: twin = m·twin₀ + (1−m)·real₁ for every twin parameter.
-    let mut c = with("mlaan-dgl", 4, Schedule::Sequential, 1, "exact");
+    let mut c = with("mlaan-dgl", 4, Schedule::Sequential, 1, EmaLagRule::Exact);
     c.method.ema_momentum = 0.9;
     let before = run(&c, 0);
     let after = run(&c, 1);
@@ -112,8 +118,8 @@ fn ema_twin_follows_the_formula() {
 #[test]
 fn gpipe_is_backprop() {
     // e2e over 4 stages (GPipe without micro-batches) is plain backprop of the whole network.
-    let whole = run(&with("e2e", 1, Schedule::Sequential, 1, "auto"), 12);
-    let split = run(&with("e2e", 4, Schedule::Sync, 4, "auto"), 12);
+    let whole = run(&with("e2e", 1, Schedule::Sequential, 1, EmaLagRule::Auto), 12);
+    let split = run(&with("e2e", 4, Schedule::Sync, 4, EmaLagRule::Auto), 12);
     let names = |s: &[ModuleSnapshot]| -> Vec<(String, tch::Tensor)> {
         let mut v: Vec<_> = s
             .iter()
@@ -128,9 +134,9 @@ fn gpipe_is_backprop() {
         assert!(max_rel_diff(x, y) < 1e-4, "`{n}` differs");
     }
     // With micro-batches the stages accumulate and step once per mini-batch.
-    let mut seq = with("e2e", 4, Schedule::Sequential, 1, "auto");
+    let mut seq = with("e2e", 4, Schedule::Sequential, 1, EmaLagRule::Auto);
     seq.pipeline.micro_batches = 2;
-    let mut gpipe = with("e2e", 4, Schedule::Sync, 4, "auto");
+    let mut gpipe = with("e2e", 4, Schedule::Sync, 4, EmaLagRule::Auto);
     gpipe.pipeline.micro_batches = 2;
     assert_same("gpipe M=2", &run(&seq, 8), &run(&gpipe, 8));
 }
@@ -144,7 +150,7 @@ fn recomputing_graphs_changes_no_arithmetic() {
         ("mlaan-infopro", Schedule::Sync, 4),
         ("dgl", Schedule::Sync, 2),
     ] {
-        let keep = with(method, 4, schedule, devices, "distance");
+        let keep = with(method, 4, schedule, devices, EmaLagRule::Distance);
         let mut rebuild = keep.clone();
         rebuild.pipeline.recompute = true;
         assert_same(&format!("{method} {schedule} recompute"), &run(&keep, 12), &run(&rebuild, 12));
