@@ -1,20 +1,19 @@
 //! `mlaan-pipe eval`: the saved backbone alone (stem, blocks, classifier; no auxiliary
 //! networks) on the test set, built as one module whatever split it was trained with — the
-//! parameter names do not depend on the split. Files written by `export` load too.
+//! parameter names do not depend on the split. Files written by `export` load too. The test
+//! set goes through a one-stage pipeline, the path `train` evaluates by.
 
 use crate::cli::EvalArgs;
 use anyhow::{bail, Context, Result};
-use mlaan_core::config::{Method, RunConfig};
+use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_core::split::SplitSpec;
-use mlaan_data::{Loader, LoaderConfig};
 use mlaan_models::module::LocalNets;
-use mlaan_models::{losses, Mode};
-use mlaan_train::trainer::{image_spec, plan_for, to_tensors};
+use mlaan_train::trainer::{evaluate_module, image_spec, plan_for};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// What `eval` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -83,16 +82,19 @@ fn locate(model: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
 /// Evaluate the backbone in `model` on the test set of `cfg`'s dataset.
 pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
     let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
-    // The whole backbone as one module.
+    // The whole backbone as one module, on one stage.
     let mut whole = cfg.clone();
     whole.method.name = Method::E2e;
     whole.model.k = 1;
     whole.model.split = SplitSpec::default();
+    whole.pipeline.schedule = Schedule::Sequential;
+    whole.pipeline.micro_batches = 1;
     let plan = plan_for(&whole, &data)?;
     let image = image_spec(&data);
     let specs = DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?;
     let device = mlaan_train::devices::resolve(&specs[..1])?[0];
-    let nets = mlaan_train::init::build_nets(&plan, 0, image, device);
+    // Built on the CPU to check and load the file; the stage copies it to `device`.
+    let nets = mlaan_train::init::build_nets(&plan, 0, image, Device::Cpu);
     load_backbone(&nets, model).with_context(|| {
         format!(
             "loading {} into {} ({} input, {} classes)",
@@ -102,36 +104,9 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
             data.info.num_classes
         )
     })?;
-    let classifier =
-        nets.classifier.as_ref().context("the one-module network has no classifier")?;
-    let bs = match cfg.train.eval_batch_size {
-        0 => cfg.train.batch_size,
-        n => n,
-    };
-    let loader = Loader::new(
-        data.test.clone(),
-        data.eval_transform.clone(),
-        LoaderConfig::eval(&cfg.data, bs),
-    );
-    let c = data.info.mean.len() as i64;
-    let mean = Tensor::from_slice(&data.info.mean).view([1, c, 1, 1]).to_device(device);
-    let std = Tensor::from_slice(&data.info.std).view([1, c, 1, 1]).to_device(device);
-    let (mut correct, mut seen, mut loss_sum) = (0i64, 0i64, 0f64);
-    let _guard = tch::no_grad_guard();
-    for batch in loader.epoch(0) {
-        let batch = batch.context("loading a test batch")?;
-        if batch.is_empty() {
-            continue;
-        }
-        let (x, targets) = to_tensors(&batch, false);
-        let x = (x.to_device(device).to_kind(Kind::Float) / 255.0 - &mean) / &std;
-        let labels = targets.labels.to_device(device);
-        let logits = classifier.forward(&nets.forward(&x, Mode::Eval));
-        let n = batch.len() as i64;
-        correct += losses::correct(&logits, &labels);
-        loss_sum += losses::cross_entropy(&logits, &labels).double_value(&[]) * n as f64;
-        seen += n;
-    }
+    let result = evaluate_module(&whole, &data, plan, nets.state(), device)?;
+    let output = result.modules.iter().max_by_key(|m| m.module);
+    let seen = output.map_or(0, |m| m.seen);
     if seen == 0 {
         bail!("the test set of {} is empty", data.info.name);
     }
@@ -141,8 +116,8 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
         dataset: data.info.name.clone(),
         device: device_name(device),
         samples: seen,
-        test_accuracy: correct as f64 / seen as f64,
-        test_loss: loss_sum / seen as f64,
+        test_accuracy: result.accuracy(),
+        test_loss: result.loss(),
     })
 }
 

@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
-use crate::init::{initial_state, ImageSpec};
+use crate::init::{initial_state, ImageSpec, ModuleState};
 use crate::metrics::{bar_message, progress_bar, JsonlWriter};
 use crate::optim::LrSchedule;
 use crate::pipeline::{
@@ -642,6 +642,26 @@ pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result
     // Windows that arrived meanwhile are not lost: they belong to training already logged.
     drop(other);
     Ok(result)
+}
+
+/// The test set through a one-stage pipeline holding `state`, the one module of `plan`: how
+/// `mlaan-pipe eval` measures a saved backbone, by the same path (normalisation on the first
+/// stage, the stage's evaluation counts, [`evaluate`]) that `train` uses.
+pub fn evaluate_module(
+    cfg: &RunConfig,
+    data: &Datasets,
+    plan: NetworkPlan,
+    state: ModuleState,
+    device: Device,
+) -> Result<EvalResult> {
+    let lr = LrSchedule::constant(cfg.optim.lr);
+    let settings = pipeline_settings(cfg, data, image_spec(data), lr, &RunOptions::default());
+    let placement = Placement { groups: vec![0..plan.k()] };
+    let states = vec![ModuleSnapshot::initial(0, state)];
+    let mut pipe = Pipeline::start(Arc::new(plan), settings, states, &placement, &[device])?;
+    let result = evaluate(&mut pipe, data, cfg);
+    pipe.finish()?;
+    result
 }
 
 /// A stage's window, its learning rate and its modules' term losses.
