@@ -656,7 +656,7 @@ pub fn evaluate_module(
 ) -> Result<EvalResult> {
     let lr = LrSchedule::constant(cfg.optim.lr);
     let settings = pipeline_settings(cfg, data, image_spec(data), lr, &RunOptions::default());
-    let placement = Placement { groups: vec![0..plan.k()] };
+    let placement = Placement { groups: std::iter::once(0..plan.k()).collect() };
     let states = vec![ModuleSnapshot::initial(0, state)];
     let mut pipe = Pipeline::start(Arc::new(plan), settings, states, &placement, &[device])?;
     let result = evaluate(&mut pipe, data, cfg);
