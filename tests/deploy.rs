@@ -878,7 +878,10 @@ fn paper_configs_have_the_paper_settings() {
         assert!(c.optim.nesterov, "{file}");
         assert_eq!(c.pipeline.schedule, Schedule::Async, "{file}");
         assert_eq!(c.method.ema_momentum, 0.995, "{file}");
-        assert!(c.pipeline.devices == ["cpu"], "{file}: devices come from --gpus, not the file");
+        assert!(
+            c.pipeline.devices == [mlaan_core::device::DeviceSpec::Cpu],
+            "{file}: devices come from --gpus, not the file"
+        );
         let (samples, steps_per_epoch) = if file.starts_with("cifar10") {
             assert_eq!(c.data.dataset, "cifar10");
             assert_eq!(

@@ -6,7 +6,6 @@
 use crate::cli::EvalArgs;
 use anyhow::{bail, Context, Result};
 use mlaan_core::config::{Method, RunConfig, Schedule};
-use mlaan_core::device::DeviceSpec;
 use mlaan_core::split::SplitSpec;
 use mlaan_models::module::LocalNets;
 use mlaan_train::trainer::{evaluate_module, image_spec, plan_for};
@@ -91,8 +90,7 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
     whole.pipeline.micro_batches = 1;
     let plan = plan_for(&whole, &data)?;
     let image = image_spec(&data);
-    let specs = DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?;
-    let device = mlaan_train::devices::resolve(&specs[..1])?[0];
+    let device = mlaan_train::devices::resolve(&cfg.pipeline.devices[..1])?[0];
     // Built on the CPU to check and load the file; the stage copies it to `device`.
     let nets = mlaan_train::init::build_nets(&plan, 0, image, Device::Cpu);
     load_backbone(&nets, model).with_context(|| {

@@ -264,8 +264,8 @@ fn placement(
     modules: &[ModuleReport],
     image: mlaan_train::init::ImageSpec,
 ) -> Result<PlacementReport> {
-    let specs = DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?;
-    let (devices, note) = match mlaan_train::devices::resolve(&specs) {
+    let specs = &cfg.pipeline.devices;
+    let (devices, note) = match mlaan_train::devices::resolve(specs) {
         Ok(d) => (d, None),
         Err(e) => (
             specs

@@ -1,6 +1,7 @@
 use crate::cli::TrainArgs;
 use anyhow::{Context, Result};
 use mlaan_core::config::Method;
+use mlaan_core::device::DeviceSpec;
 use mlaan_train::trainer::{new_run_dir, train, Outcome, RunOptions};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -32,11 +33,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         format!("{} schedule", cfg.pipeline.schedule)
     };
     tracing::info!(
-        "training {} {} K={} ({how}) on {:?}, run directory {}",
+        "training {} {} K={} ({how}) on {}, run directory {}",
         cfg.method.name,
         cfg.model.arch,
         cfg.model.k,
-        cfg.pipeline.devices,
+        DeviceSpec::names(&cfg.pipeline.devices).join(","),
         out.display()
     );
     match train(&cfg, &out, &opts).with_context(|| format!("run {}", out.display()))? {

@@ -4,6 +4,7 @@
 //! Precedence: command-line flags > `--set section.key=value` > config file > defaults.
 //! Unknown keys and values of the wrong type are errors that quote them.
 
+use crate::device::DeviceSpec;
 use crate::error::ConfigError;
 use crate::lam::LamConfig;
 use crate::split::SplitSpec;
@@ -408,8 +409,8 @@ pub enum OnNonFinite {
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     pub schedule: Schedule,
-    /// Devices, e.g. `["cpu"]`, `["cpu","cpu"]`, `["cuda:0","cuda:1"]`.
-    pub devices: Vec<String>,
+    /// Devices, e.g. `["cpu"]`, `["cpu","cpu"]`, `["cuda:0","cuda:1"]`; parsed once, here.
+    pub devices: Vec<DeviceSpec>,
     /// Batches a stage may hold in flight (channel capacity, stored inputs, gradient lag).
     pub in_flight: usize,
     pub placement: PlacementRule,
@@ -429,7 +430,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             schedule: Schedule::Async,
-            devices: vec!["cpu".into()],
+            devices: vec![DeviceSpec::Cpu],
             in_flight: 2,
             placement: PlacementRule::Auto,
             intra_op_threads: 0,
@@ -619,8 +620,6 @@ impl RunConfig {
         if p.devices.is_empty() {
             return Err(bad("pipeline.devices", &p.devices, "needs at least one device"));
         }
-        crate::device::DeviceSpec::parse_list(&p.devices.join(","))
-            .map_err(|e| bad("pipeline.devices", &p.devices, &e.to_string()))?;
         if p.micro_batches == 0 || self.train.batch_size % p.micro_batches != 0 {
             return Err(bad(
                 "pipeline.micro_batches",

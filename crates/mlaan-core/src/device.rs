@@ -4,8 +4,9 @@ use crate::error::PlanError;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// One device a stage can run on.
+/// One device a stage can run on; in a config, the string `cpu`, `cuda:N` or `N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
@@ -53,6 +54,24 @@ impl DeviceSpec {
 
     pub fn is_cuda(self) -> bool {
         matches!(self, DeviceSpec::Cuda(_))
+    }
+
+    /// The devices as a config writes them (`["cpu", "cuda:1"]`), for reports.
+    pub fn names(devices: &[DeviceSpec]) -> Vec<String> {
+        devices.iter().map(ToString::to_string).collect()
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        DeviceSpec::parse(&s)
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
     }
 }
 

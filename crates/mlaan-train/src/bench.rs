@@ -42,7 +42,7 @@ pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
         Some((m, s)) => (m, Some(s)),
         None => (core, None),
     };
-    let first = vec![c.pipeline.devices[0].clone()];
+    let first = vec![c.pipeline.devices[0]];
     match method {
         "e2e" => {
             c.method.name = Method::E2e;
@@ -93,7 +93,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
             name: name.clone(),
             method: c.method.name.to_string(),
             schedule: c.pipeline.schedule.to_string(),
-            devices: c.pipeline.devices.clone(),
+            devices: DeviceSpec::names(&c.pipeline.devices),
             k: c.model.k,
             micro_batches: c.pipeline.micro_batches,
             ..Default::default()
@@ -126,14 +126,14 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     let b = &spec.base;
     let first = &batches[0].0;
     let size = first.size();
-    let uses_gpu = b.pipeline.devices.iter().any(|d| d != "cpu");
+    let uses_gpu = b.pipeline.devices.iter().any(|d| d.is_cuda());
     Ok(BenchReport {
         arch: b.model.arch.clone(),
         dataset: b.data.dataset.clone(),
         input: [size[1] as usize, size[2] as usize, size[3] as usize],
         batch_size: b.train.batch_size,
         k: b.model.k,
-        devices: b.pipeline.devices.clone(),
+        devices: DeviceSpec::names(&b.pipeline.devices),
         warmup_steps: spec.warmup,
         timed_steps: spec.steps,
         repeats: spec.repeats,
@@ -221,9 +221,7 @@ fn measure(
     }
     s.drain()?;
     // One peak per physical GPU.
-    let gpus = crate::devices::distinct_gpus(&crate::devices::resolve(&DeviceSpec::parse_list(
-        &cfg.pipeline.devices.join(","),
-    )?)?);
+    let gpus = crate::devices::distinct_gpus(&crate::devices::resolve(&cfg.pipeline.devices)?);
     let sampler = GpuPeakSampler::start(&gpus, Duration::from_millis(10));
     let t = Instant::now();
     let mut events = Vec::new();

@@ -126,7 +126,7 @@ impl Session {
         tracing::info!("{}", data.train.describe());
         tracing::info!("{}", data.test.describe());
         let plan = Arc::new(plan_for(cfg, &data)?);
-        let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
+        let devices = devices::resolve(&cfg.pipeline.devices)?;
         let image = image_spec(&data);
         let (placement, costs) = choose_placement(cfg, &plan, &devices, image)?;
         let threads = configure_threads(cfg, &placement, &devices, costs.as_deref());
@@ -402,7 +402,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
     let steps = s.next_id;
     let skipped_samples = s.skipped_samples;
     let (k, placement, dataset) = (s.plan.k(), s.placement.clone(), s.data.info.name.clone());
-    let devices = devices::resolve(&DeviceSpec::parse_list(&cfg.pipeline.devices.join(","))?)?;
+    let devices = devices::resolve(&cfg.pipeline.devices)?;
     let final_bytes = s.finish()?;
     if opts.save_model {
         // The backbone alone (stem, blocks, classifier; no auxiliary networks).
@@ -419,7 +419,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         k,
         schedule: cfg.pipeline.schedule.to_string(),
         dataset,
-        devices: cfg.pipeline.devices.clone(),
+        devices: DeviceSpec::names(&cfg.pipeline.devices),
         placement: placement.groups.iter().map(|g| [g.start, g.end]).collect(),
         epochs: cfg.train.epochs,
         seed: cfg.train.seed,

@@ -4,12 +4,13 @@
 mod common;
 
 use common::tiny;
+use mlaan_core::device::DeviceSpec;
 use mlaan_train::bench::{case_config, run, BenchSpec};
 
 #[test]
 fn every_case_is_measured() {
     let mut base = tiny("mlaan-dgl", 4);
-    base.pipeline.devices = vec!["cpu".into(), "cpu".into()];
+    base.pipeline.devices = vec![DeviceSpec::Cpu; 2];
     let spec = BenchSpec {
         base,
         cases: [

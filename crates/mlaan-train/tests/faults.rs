@@ -7,6 +7,7 @@ mod common;
 
 use common::tiny;
 use mlaan_core::config::Schedule;
+use mlaan_core::device::DeviceSpec;
 use mlaan_train::pipeline::{Fault, FaultKind};
 use mlaan_train::trainer::{RunOptions, Session};
 use std::sync::{mpsc, Mutex, PoisonError};
@@ -29,7 +30,7 @@ fn stage_threads() -> usize {
 fn run_with_fault(schedule: Schedule, fault: Fault) -> Result<(), String> {
     let mut cfg = tiny("mlaan-dgl", 4);
     cfg.pipeline.schedule = schedule;
-    cfg.pipeline.devices = vec!["cpu".into(); 4];
+    cfg.pipeline.devices = vec![DeviceSpec::Cpu; 4];
     let opts = RunOptions { fault: Some(fault), ..Default::default() };
     let mut s = Session::start(&cfg, &opts).map_err(|e| format!("{e:#}"))?;
     let r = (|| {

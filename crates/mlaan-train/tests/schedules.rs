@@ -6,6 +6,7 @@ mod common;
 
 use common::{feed_steps, max_rel_diff, tiny};
 use mlaan_core::config::{EmaLagRule, RunConfig, Schedule};
+use mlaan_core::device::DeviceSpec;
 use mlaan_train::pipeline::ModuleSnapshot;
 use mlaan_train::trainer::{RunOptions, Session};
 
@@ -48,7 +49,7 @@ fn with(
 ) -> RunConfig {
     let mut c = tiny(method, k);
     c.pipeline.schedule = schedule;
-    c.pipeline.devices = vec!["cpu".into(); devices];
+    c.pipeline.devices = vec![DeviceSpec::Cpu; devices];
     c.method.ema_lag = ema_lag;
     c
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use mlaan_core::config::{RunConfig, Schedule};
+use mlaan_core::device::DeviceSpec;
 use mlaan_train::pipeline::Event;
 use mlaan_train::trainer::Session;
 use tch::Tensor;
@@ -22,7 +23,7 @@ pub fn tiny(method: &str, k: usize) -> RunConfig {
     c.train.seed = 7;
     c.train.log_every = 5;
     c.optim.lr = 0.05;
-    c.pipeline.devices = vec!["cpu".into()];
+    c.pipeline.devices = vec![DeviceSpec::Cpu];
     c.pipeline.schedule = mlaan_core::config::Schedule::Sequential;
     c.pipeline.intra_op_threads = 1;
     c
@@ -32,7 +33,7 @@ pub fn tiny(method: &str, k: usize) -> RunConfig {
 pub fn mlaan_on_four_stages(schedule: Schedule) -> RunConfig {
     let mut c = tiny("mlaan-dgl", 4);
     c.pipeline.schedule = schedule;
-    c.pipeline.devices = vec!["cpu".into(); 4];
+    c.pipeline.devices = vec![DeviceSpec::Cpu; 4];
     c
 }
 
