@@ -57,8 +57,8 @@ pub struct Checkpoint {
     pub modules: Vec<ModuleSnapshot>,
 }
 
-fn io(path: &Path, e: std::io::Error) -> TrainError {
-    TrainError::Other(format!("{}: {e}", path.display()))
+fn io(path: &Path, source: std::io::Error) -> TrainError {
+    TrainError::Io { path: path.to_path_buf(), source }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), TrainError> {

@@ -131,12 +131,12 @@ pub enum Event {
 
 /// Why a stage stopped. `secondary` failures are consequences of another stage's (a
 /// neighbour disappeared); the coordinator reports a primary one when there is one.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Failure {
     pub stage: usize,
     pub modules: Vec<usize>,
     pub batch: Option<u64>,
-    pub cause: String,
+    pub cause: TrainError,
     pub secondary: bool,
 }
 
@@ -146,7 +146,7 @@ impl Failure {
             stage: self.stage,
             modules: self.modules,
             batch: self.batch,
-            cause: self.cause,
+            cause: Box::new(self.cause),
         }
     }
 }
@@ -553,7 +553,7 @@ fn run_stage(ctx: StageContext) {
         Ok(Ok(())) | Ok(Err(TrainError::Stopped)) => return,
         Ok(Err(e)) => {
             secondary = matches!(e, TrainError::Peer(_));
-            e.to_string()
+            e
         }
         Err(panic) => {
             let msg = panic
@@ -561,7 +561,7 @@ fn run_stage(ctx: StageContext) {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            format!("panicked: {msg}")
+            TrainError::Panicked(msg)
         }
     };
     stop.store(true, Ordering::Relaxed);
@@ -777,7 +777,7 @@ impl StageWorker {
     fn inject(&mut self, id: u64, x: Tensor) -> Result<Tensor, TrainError> {
         match self.settings.fault {
             Some(f) if f.stage == self.index && f.batch == id => match f.kind {
-                FaultKind::Error => Err(TrainError::Other(format!("injected error at batch {id}"))),
+                FaultKind::Error => Err(TrainError::Injected(id)),
                 FaultKind::Panic => panic!("injected panic at batch {id}"),
                 FaultKind::NaN => Ok(x * f64::NAN),
                 FaultKind::CloseChannel => {

@@ -10,6 +10,7 @@ use mlaan_core::config::Schedule;
 use mlaan_core::device::DeviceSpec;
 use mlaan_train::pipeline::{Fault, FaultKind};
 use mlaan_train::trainer::{RunOptions, Session};
+use mlaan_train::TrainError;
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -135,4 +136,28 @@ mod sync_schedule {
 mod async_schedule {
     use super::*;
     every_fault!(Async);
+}
+
+#[test]
+fn a_non_finite_loss_stays_matchable_through_the_stage_failure() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut cfg = tiny("mlaan-dgl", 4);
+    cfg.pipeline.schedule = Schedule::Sync;
+    cfg.pipeline.devices = vec![DeviceSpec::Cpu; 4];
+    let fault = Fault { stage: 1, batch: 5, kind: FaultKind::NaN };
+    let opts = RunOptions { fault: Some(fault), ..Default::default() };
+    let mut s = Session::start(&cfg, &opts).unwrap();
+    let err = (|| {
+        for epoch in 0..3 {
+            s.feed_epoch(epoch, 60, &mut |_| Ok(false))?;
+        }
+        s.drain()?;
+        Ok::<_, anyhow::Error>(())
+    })()
+    .expect_err("a NaN at stage 1 stops the run");
+    let _ = s.finish();
+    let e = err.downcast_ref::<TrainError>().unwrap_or_else(|| panic!("not a TrainError: {err:#}"));
+    assert!(matches!(e, TrainError::Stage { stage: 1, .. }), "{e}");
+    // Stage 1 holds module 1 alone, whose independent loss sees the NaN first.
+    assert!(matches!(e.root(), TrainError::NonFinite { module: 1, batch: 5, .. }), "{e:?}");
 }
