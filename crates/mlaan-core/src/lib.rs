@@ -1,6 +1,7 @@
 //! The libtorch-free core of mlaan-pipe: everything that can be decided and tested without a
 //! tensor. Configs are typed and validated here, splits and LAM chains are plain data checked
-//! against the architecture, and placement of modules onto devices is a pure function.
+//! against the architecture, placement of modules onto devices is a pure function, and the
+//! stage schedules are state machines ([`schedule`]).
 
 pub mod arch;
 pub mod bench;
@@ -11,6 +12,7 @@ pub mod lam;
 pub mod metrics;
 pub mod placement;
 pub mod plan;
+pub mod schedule;
 pub mod split;
 
 pub use arch::{ArchSpec, BlockKind, BlockRef, Family};

@@ -9,7 +9,7 @@
 //!     └──────────── Event (metric windows, eval results, drained, failed) ◀── every stage
 //! ```
 //!
-//! Schedules:
+//! Schedules (decided by the state machines of `mlaan_core::schedule`, executed here):
 //! - `sync`: a stage keeps the graph of batch b until the next stage's gradient for b arrives,
 //!   then steps; with one stage holding every module this is the `sequential` reference.
 //! - `async`: a stage steps at once on what it has; a cascade gradient arriving later for
@@ -33,6 +33,9 @@ use mlaan_core::config::{EmaLagRule, OnNonFinite, OptimConfig, Schedule};
 use mlaan_core::metrics::StageWindow;
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
+use mlaan_core::schedule::{
+    Action, AsyncSchedule, Input, StageEvent, StageSchedule, SyncSchedule, Wait,
+};
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +43,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
+
+/// How often a blocked channel operation looks at the stop flag: a stopped pipeline is noticed
+/// within this, and an idle worker wakes no more often.
+const POLL: Duration = Duration::from_millis(50);
 
 /// Messages flowing forward.
 pub enum Forward {
@@ -460,7 +467,7 @@ impl Pipeline {
         self.send(Forward::Drain { tag })?;
         let mut other = Vec::new();
         loop {
-            match self.next_event(Duration::from_millis(50))? {
+            match self.next_event(POLL)? {
                 Some(Event::Drained { tag: t }) if t == tag => return Ok(other),
                 Some(e) => other.push(e),
                 None => {}
@@ -475,7 +482,7 @@ impl Pipeline {
         let mut stages = 0;
         let mut other = Vec::new();
         while stages < self.num_stages {
-            match self.next_event(Duration::from_millis(50))? {
+            match self.next_event(POLL)? {
                 Some(Event::State { modules, .. }) => {
                     got.extend(modules);
                     stages += 1;
@@ -572,6 +579,37 @@ fn run_stage(ctx: StageContext) {
         cause,
         secondary,
     }));
+}
+
+/// The message the last event carried, kept for the actions that work on it.
+#[derive(Default)]
+struct Inbox {
+    train: Option<(Tensor, BatchTargets)>,
+    grad: Option<BackMsg>,
+    control: Option<Forward>,
+}
+
+impl Inbox {
+    /// An input message (`None`: the input closed) as the event the schedule sees.
+    fn input(&mut self, msg: Option<Forward>) -> StageEvent {
+        StageEvent::Input(match msg {
+            None => Input::Closed,
+            Some(Forward::Train { id, x, targets }) => {
+                self.train = Some((x, targets));
+                Input::Train(id)
+            }
+            Some(other) => {
+                self.control = Some(other);
+                Input::Control
+            }
+        })
+    }
+
+    fn grad(&mut self, msg: BackMsg) -> StageEvent {
+        let event = StageEvent::Grad { id: msg.id, last: msg.last };
+        self.grad = Some(msg);
+        event
+    }
 }
 
 struct StageWorker {
@@ -671,19 +709,122 @@ impl StageWorker {
         })
     }
 
+    /// The worker loop: wait for what the schedule waits for, hand the event to the
+    /// schedule, execute its actions on the message the event carried.
     fn run(&mut self) -> Result<(), TrainError> {
         self.clock.start = Some(Instant::now());
-        match self.settings.schedule {
-            Schedule::Async => self.run_async(),
-            Schedule::Sync | Schedule::Sequential => self.run_sync(),
+        let mut schedule = self.schedule();
+        let mut inbox = Inbox::default();
+        loop {
+            let event = match schedule.wait() {
+                Wait::Input => self.next_input(&mut inbox)?,
+                Wait::Grad => {
+                    let msg = self.recv_grad()?;
+                    inbox.grad(msg)
+                }
+                Wait::GradOrInput => self.next_grad_or_input(&mut inbox)?,
+            };
+            let actions = schedule
+                .on(event)
+                .map_err(|e| TrainError::Protocol(format!("stage {}: {e}", self.index)))?;
+            for action in actions {
+                if self.execute(action, &mut inbox)? {
+                    return Ok(());
+                }
+            }
+            if let StageSchedule::Async(a) = &schedule {
+                if a.stored() != self.stage.outstanding() {
+                    return Err(TrainError::Protocol(format!(
+                        "stage {}: the schedule counts {} stored inputs, the modules {}",
+                        self.index,
+                        a.stored(),
+                        self.stage.outstanding()
+                    )));
+                }
+            }
         }
+    }
+
+    /// This stage's schedule (`sequential` is `sync` on one stage).
+    fn schedule(&self) -> StageSchedule {
+        match self.settings.schedule {
+            Schedule::Async => StageSchedule::Async(AsyncSchedule::new(
+                self.settings.in_flight,
+                self.grads_in.is_some(),
+                self.stage.stores_inputs(),
+            )),
+            Schedule::Sync | Schedule::Sequential => StageSchedule::Sync(SyncSchedule::new(
+                self.settings.accumulate,
+                self.stage.routes.expects_next,
+            )),
+        }
+    }
+
+    /// Do `action` on what `inbox` holds; `true` when the loop is to end.
+    fn execute(&mut self, action: Action, inbox: &mut Inbox) -> Result<bool, TrainError> {
+        let missing = |what: &str| TrainError::Protocol(format!("{action:?} without {what}"));
+        match action {
+            Action::Forward(id) => {
+                let (x, targets) = inbox.train.take().ok_or_else(|| missing("a batch"))?;
+                self.process_train(id, x, targets)?;
+            }
+            Action::Sweep(_) => {
+                let msg = inbox.grad.take().ok_or_else(|| missing("a gradient"))?;
+                self.sweep(msg)?;
+            }
+            Action::Late(_) => {
+                let msg = inbox.grad.take().ok_or_else(|| missing("a gradient"))?;
+                self.receive_late(msg)?;
+            }
+            Action::Step { id, keep_inputs } => self.finish_batch(id, keep_inputs)?,
+            Action::Control => {
+                let msg = inbox.control.take().ok_or_else(|| missing("a control message"))?;
+                self.control(msg)?;
+            }
+            Action::Exit => return Ok(true),
+        }
+        Ok(false)
+    }
+
+    /// The next input as an event; its tensors or control message wait in `inbox`.
+    fn next_input(&mut self, inbox: &mut Inbox) -> Result<StageEvent, TrainError> {
+        Ok(inbox.input(self.recv_input()?))
+    }
+
+    /// A gradient if one is ready, else whichever of a gradient and an input comes first
+    /// (async: late gradients free stored inputs and shorten the lag).
+    fn next_grad_or_input(&mut self, inbox: &mut Inbox) -> Result<StageEvent, TrainError> {
+        let grads =
+            self.grads_in.clone().ok_or(TrainError::Protocol("no gradient channel".into()))?;
+        if let Ok(msg) = grads.try_recv() {
+            return Ok(inbox.grad(msg));
+        }
+        let input = self.input.clone();
+        let t = Instant::now();
+        let event = loop {
+            select! {
+                recv(grads) -> m => match m {
+                    Ok(msg) => break inbox.grad(msg),
+                    Err(_) => return Err(TrainError::Peer(format!(
+                        "stage {} stopped sending gradients",
+                        self.index + 1
+                    ))),
+                },
+                recv(input) -> m => break inbox.input(m.ok()),
+                default(POLL) => if self.stop.load(Ordering::Relaxed) {
+                    return Err(TrainError::Stopped);
+                },
+            }
+        };
+        self.clock.wait_input += t.elapsed();
+        Ok(event)
     }
 
     /// Receive the next forward message; `None` when the input is closed.
     fn recv_input(&mut self) -> Result<Option<Forward>, TrainError> {
         let t = Instant::now();
         let r = loop {
-            match self.input.recv_timeout(Duration::from_millis(50)) {
+            match self.input.recv_timeout(POLL) {
                 Ok(m) => break Some(m),
                 Err(RecvTimeoutError::Disconnected) => break None,
                 Err(RecvTimeoutError::Timeout) => {
@@ -702,7 +843,7 @@ impl StageWorker {
             self.grads_in.as_ref().ok_or(TrainError::Protocol("no gradient channel".into()))?;
         let t = Instant::now();
         let r = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            match rx.recv_timeout(POLL) {
                 Ok(m) => break m,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(TrainError::Peer(format!(
@@ -732,7 +873,7 @@ impl StageWorker {
         let t = Instant::now();
         let mut msg = msg;
         loop {
-            match tx.send_timeout(msg, Duration::from_millis(50)) {
+            match tx.send_timeout(msg, POLL) {
                 Ok(()) => break,
                 Err(SendTimeoutError::Timeout(m)) => {
                     if self.stop.load(Ordering::Relaxed) {
@@ -841,7 +982,7 @@ impl StageWorker {
     }
 
     /// A gradient message for a batch still pending (sync).
-    fn receive_sync(&mut self, msg: BackMsg) -> Result<bool, TrainError> {
+    fn sweep(&mut self, msg: BackMsg) -> Result<(), TrainError> {
         let t = Instant::now();
         let out = self.stage.receive(msg.id, msg.parts)?;
         self.note_live();
@@ -849,7 +990,7 @@ impl StageWorker {
         if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
             self.send_back(BackMsg { id: msg.id, parts: out, last: msg.last })?;
         }
-        Ok(msg.last)
+        Ok(())
     }
 
     /// A gradient message for a finished batch (async).
@@ -861,143 +1002,6 @@ impl StageWorker {
         self.clock.busy += t.elapsed();
         if self.stage.routes.next_passes_through && (!out.is_empty() || msg.last) {
             self.send_back(BackMsg { id: msg.id, parts: out, last: msg.last })?;
-        }
-        Ok(())
-    }
-
-    fn run_sync(&mut self) -> Result<(), TrainError> {
-        let accumulate = self.settings.accumulate.max(1);
-        let expects = self.stage.routes.expects_next;
-        let mut waiting: VecDeque<u64> = VecDeque::new();
-        let (mut in_group, mut done_in_group) = (0usize, 0usize);
-        loop {
-            if in_group < accumulate {
-                let Some(msg) = self.recv_input()? else {
-                    return Ok(());
-                };
-                match msg {
-                    Forward::Train { id, x, targets } => {
-                        self.process_train(id, x, targets)?;
-                        in_group += 1;
-                        if expects {
-                            waiting.push_back(id);
-                        } else {
-                            self.finish_batch(id, false)?;
-                            done_in_group += 1;
-                        }
-                    }
-                    other => {
-                        done_in_group += self.complete_sync(&mut waiting)?;
-                        self.control(other)?;
-                    }
-                }
-            } else {
-                let msg = self.recv_grad()?;
-                let id = msg.id;
-                if waiting.front() != Some(&id) {
-                    return Err(TrainError::Protocol(format!(
-                        "stage {}: gradient for batch {id}, expected {:?}",
-                        self.index,
-                        waiting.front()
-                    )));
-                }
-                if self.receive_sync(msg)? {
-                    waiting.pop_front();
-                    self.finish_batch(id, false)?;
-                    done_in_group += 1;
-                }
-            }
-            if done_in_group == accumulate {
-                in_group = 0;
-                done_in_group = 0;
-            }
-        }
-    }
-
-    /// Finish every waiting batch (sync) before a control message.
-    fn complete_sync(&mut self, waiting: &mut VecDeque<u64>) -> Result<usize, TrainError> {
-        let mut done = 0;
-        while let Some(&id) = waiting.front() {
-            let msg = self.recv_grad()?;
-            if msg.id != id {
-                return Err(TrainError::Protocol(format!(
-                    "stage {}: gradient for batch {}, expected {id}",
-                    self.index, msg.id
-                )));
-            }
-            if self.receive_sync(msg)? {
-                waiting.pop_front();
-                self.finish_batch(id, false)?;
-                done += 1;
-            }
-        }
-        Ok(done)
-    }
-
-    fn run_async(&mut self) -> Result<(), TrainError> {
-        let limit = self.settings.in_flight.max(1);
-        loop {
-            // Late gradients first: they free stored inputs and shorten the lag.
-            if let Some(rx) = &self.grads_in {
-                let ready: Vec<BackMsg> = rx.try_iter().collect();
-                for m in ready {
-                    self.receive_late(m)?;
-                }
-            }
-            if self.stage.outstanding() >= limit {
-                let m = self.recv_grad()?;
-                self.receive_late(m)?;
-                continue;
-            }
-            let msg = match &self.grads_in {
-                Some(grads) => {
-                    let t = Instant::now();
-                    let grads = grads.clone();
-                    let input = self.input.clone();
-                    let got = select! {
-                        recv(grads) -> m => Err(m),
-                        recv(input) -> m => Ok(m),
-                        default(Duration::from_millis(50)) => { if self.stop.load(Ordering::Relaxed) { return Err(TrainError::Stopped) } continue; }
-                    };
-                    self.clock.wait_input += t.elapsed();
-                    match got {
-                        Err(Ok(g)) => {
-                            self.receive_late(g)?;
-                            continue;
-                        }
-                        Err(Err(_)) => {
-                            return Err(TrainError::Peer(format!(
-                                "stage {} stopped sending gradients",
-                                self.index + 1
-                            )))
-                        }
-                        Ok(Ok(m)) => m,
-                        Ok(Err(_)) => return self.drain_async(),
-                    }
-                }
-                None => match self.recv_input()? {
-                    Some(m) => m,
-                    None => return Ok(()),
-                },
-            };
-            match msg {
-                Forward::Train { id, x, targets } => {
-                    self.process_train(id, x, targets)?;
-                    self.finish_batch(id, true)?;
-                }
-                other => {
-                    self.drain_async()?;
-                    self.control(other)?;
-                }
-            }
-        }
-    }
-
-    /// Apply every outstanding late gradient (async).
-    fn drain_async(&mut self) -> Result<(), TrainError> {
-        while self.stage.outstanding() > 0 {
-            let m = self.recv_grad()?;
-            self.receive_late(m)?;
         }
         Ok(())
     }

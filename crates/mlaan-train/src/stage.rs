@@ -150,6 +150,11 @@ impl Stage {
     }
 
     /// Batches whose inputs are still stored for late gradients.
+    /// Whether an async step stores inputs for late gradients (some module receives them).
+    pub fn stores_inputs(&self) -> bool {
+        self.keeps_input.iter().any(|&k| k)
+    }
+
     pub fn outstanding(&self) -> usize {
         self.modules.iter().map(|m| m.stored_count()).max().unwrap_or(0)
     }
