@@ -1,9 +1,11 @@
 //! Training: modules at work ([`runner`]), groups of modules on one device ([`stage`]), the
 //! threads and schedules that drive them ([`pipeline`]: `sequential` is `sync` on one stage
 //! holding every module), the optimizer ([`optim`]), initial state ([`init`]), evaluation,
-//! metrics ([`metrics`]), run directories ([`run_dir`]) and the top-level [`trainer`].
+//! metrics ([`metrics`]), run directories ([`run_dir`]), the run's boundaries ([`cadence`]) and
+//! the top-level [`trainer`].
 
 pub mod bench;
+pub mod cadence;
 pub mod checkpoint;
 pub mod devices;
 pub mod export;

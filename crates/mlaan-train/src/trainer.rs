@@ -1,6 +1,7 @@
 //! The training loop, top to bottom: open the data, plan the network, place the modules,
 //! start the pipeline, feed it epoch by epoch, evaluate, save, summarise.
 
+use crate::cadence::{Boundary, Cadence};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
 use crate::init::{initial_state, ImageSpec, ModuleState};
@@ -339,79 +340,89 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
     let resumed = from.as_ref().map(|c| c.meta.step);
     let mut s = Session::start_from(cfg, opts, from)?;
     let mut log = MetricsLog::new(out, cfg, &s.plan, s.pipe.num_stages, resumed)?;
-    let spe = s.steps_per_epoch;
-    let total_steps = match cfg.train.max_steps {
-        0 => spe * cfg.train.epochs as u64,
-        n => (n as u64).min(spe * cfg.train.epochs as u64),
-    };
-    let every = cfg.checkpoint.every_steps as u64;
+    let cadence = Cadence::of(cfg, s.steps_per_epoch);
     let interrupted = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
-    let bar = progress_bar(total_steps, "train");
+    let bar = progress_bar(cadence.total_steps, "train");
     bar.set_position(s.next_id);
     let mut train_time = Duration::ZERO;
     let mut eval = EvalResult::default();
-    let mut epoch = (s.next_id / spe) as usize;
-    while s.next_id < total_steps {
+    while s.next_id < cadence.total_steps {
+        // Feed up to the next boundary, drain there, then do what the boundary asks.
+        let epoch = cadence.epoch_of(s.next_id);
         let t = Instant::now();
-        let epoch_end = ((epoch as u64 + 1) * spe).min(total_steps);
-        while s.next_id < epoch_end && !interrupted() {
-            let stop_at =
-                s.next_id.checked_div(every).map_or(epoch_end, |n| epoch_end.min((n + 1) * every));
-            s.feed_epoch(epoch, stop_at, &mut |events| {
+        if !interrupted() {
+            s.feed_epoch(epoch, cadence.next_stop(s.next_id), &mut |events| {
                 bar.inc(1);
                 log.absorb(events, epoch, &bar)?;
                 Ok(interrupted())
             })?;
-            let at_epoch_end =
-                s.next_id == epoch_end && (cfg.checkpoint.at_epoch_end || s.next_id >= total_steps);
-            if every > 0 && s.next_id % every == 0 && !at_epoch_end && !interrupted() {
-                log.absorb(s.drain()?, epoch, &bar)?;
-                s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
-            }
         }
         log.absorb(s.drain()?, epoch, &bar)?;
         train_time += t.elapsed();
-        if interrupted() {
-            let dir = s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
-            let step = s.next_id;
-            bar.abandon_with_message(format!("interrupted at step {step}"));
-            log.plot();
-            s.finish()?;
-            return Ok(Outcome::Interrupted { checkpoint: dir, step });
-        }
-        let last = s.next_id >= total_steps;
-        if cfg.train.eval_every_epoch || last {
+        let stopping = interrupted();
+        let at = match stopping {
+            true => Boundary { checkpoint: true, ..Boundary::default() },
+            false => cadence.at(s.next_id),
+        };
+        if at.evaluate {
             eval = s.evaluate()?;
             log.eval(s.next_id, epoch, &eval)?;
             tracing::info!("epoch {epoch}: test accuracy {:.4}", eval.accuracy());
         }
-        if cfg.checkpoint.at_epoch_end || last {
-            s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
+        if at.checkpoint {
+            let checkpoint = s.checkpoint(&ckpt_root, opts.checkpoint_pause)?;
+            if stopping {
+                let step = s.next_id;
+                bar.abandon_with_message(format!("interrupted at step {step}"));
+                log.plot();
+                s.finish()?;
+                return Ok(Outcome::Interrupted { checkpoint, step });
+            }
         }
-        epoch += 1;
     }
     bar.finish_and_clear();
     if resumed.is_some() && eval.modules.is_empty() {
         // Resumed at the very end: evaluate what was loaded.
         eval = s.evaluate()?;
     }
+    let totals = RunTotals { resumed_at: resumed.unwrap_or(0), train_time, started: wall };
+    let summary = finish(s, cfg, out, opts.save_model, &eval, log.last_windows(), totals)?;
+    Ok(Outcome::Finished(Box::new(summary)))
+}
+
+/// What the training loop measured, for the summary.
+struct RunTotals {
+    /// The step this process started from (0 unless resumed).
+    resumed_at: u64,
+    train_time: Duration,
+    started: Instant,
+}
+
+/// End a finished run: join the stages, write `model.safetensors` (the backbone alone: stem,
+/// blocks, classifier) when asked and `summary.json`.
+fn finish(
+    mut s: Session,
+    cfg: &RunConfig,
+    out: &Path,
+    save_model: bool,
+    eval: &EvalResult,
+    stages: Vec<StageWindow>,
+    totals: RunTotals,
+) -> Result<Summary> {
     if s.skipped_samples > 0 {
         tracing::warn!("{} training samples could not be read and were skipped", s.skipped_samples);
     }
     let snapshots = s.snapshots()?;
-    let steps = s.next_id;
-    let skipped_samples = s.skipped_samples;
-    let (k, placement, dataset) = (s.plan.k(), s.placement.clone(), s.data.info.name.clone());
+    let (steps, skipped_samples, k) = (s.next_id, s.skipped_samples, s.plan.k());
+    let placement = s.placement.groups.iter().map(|g| [g.start, g.end]).collect();
+    let dataset = s.data.info.name.clone();
     let devices = devices::resolve(&cfg.pipeline.devices)?;
     let final_bytes = s.finish()?;
-    if opts.save_model {
-        // The backbone alone (stem, blocks, classifier; no auxiliary networks).
-        crate::export::write(
-            &crate::export::backbone_of(&snapshots),
-            &out.join("model.safetensors"),
-        )?;
+    if save_model {
+        let model = out.join("model.safetensors");
+        crate::export::write(&crate::export::backbone_of(&snapshots), &model)?;
     }
-    let steps_this_run = steps - resumed.unwrap_or(0);
+    let steps_this_run = steps - totals.resumed_at;
     let train_images = steps_this_run * cfg.train.batch_size as u64;
     let summary = Summary {
         method: cfg.method.name.to_string(),
@@ -420,7 +431,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         schedule: cfg.pipeline.schedule.to_string(),
         dataset,
         devices: DeviceSpec::names(&cfg.pipeline.devices),
-        placement: placement.groups.iter().map(|g| [g.start, g.end]).collect(),
+        placement,
         epochs: cfg.train.epochs,
         seed: cfg.train.seed,
         steps,
@@ -429,17 +440,17 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         test_accuracy: eval.accuracy(),
         test_loss: eval.loss(),
         module_accuracy: eval.module_accuracy(k),
-        train_images_per_s: train_images as f64 / train_time.as_secs_f64().max(1e-9),
-        train_s: train_time.as_secs_f64(),
-        wall_s: wall.elapsed().as_secs_f64(),
+        train_images_per_s: train_images as f64 / totals.train_time.as_secs_f64().max(1e-9),
+        train_s: totals.train_time.as_secs_f64(),
+        wall_s: totals.started.elapsed().as_secs_f64(),
         skipped_samples,
-        stages: log.last_windows(),
+        stages,
         peak_live_bytes: final_bytes.iter().map(|b| b.1).collect(),
         peak_rss_bytes: devices::peak_rss_bytes(),
         gpu_memory: gpu_indices(&devices).and_then(|i| devices::gpu_memory(&i)),
     };
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    Ok(Outcome::Finished(Box::new(summary)))
+    Ok(summary)
 }
 
 /// The network plan for a config on an opened dataset.
