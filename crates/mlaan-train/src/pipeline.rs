@@ -385,7 +385,7 @@ impl Pipeline {
         loop {
             self.check()?;
             let tx = self.input.as_ref().ok_or(TrainError::Stopped)?;
-            match tx.send_timeout(msg, Duration::from_millis(20)) {
+            match tx.send_timeout(msg, POLL) {
                 Ok(()) => return Ok(()),
                 Err(SendTimeoutError::Timeout(m)) => msg = m,
                 Err(SendTimeoutError::Disconnected(_)) => {
