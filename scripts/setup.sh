@@ -107,6 +107,11 @@ ensure_venv() {
     site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
 }
 
+# Install exactly these wheels into the venv, resolving nothing (--no-deps).
+pip_pinned() {
+    "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps "$@"
+}
+
 # ---------------------------------------------------------------------------------------------
 # 1-3. libtorch
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +135,7 @@ else
     else
         step "torch: installing ${want} (--no-deps; about 520 MB to download)"
         rm -f "$STAMP"
-        "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps \
-            "${TORCH_PACKAGES[@]}"
+        pip_pinned "${TORCH_PACKAGES[@]}"
         got="$(torch_version_in "$torch_dir")"
         [[ "$got" == "$TORCH_VERSION" ]] ||
             die "after pip install, $torch_dir/version.py says '${got:-nothing}', expected $TORCH_VERSION"
@@ -192,8 +196,7 @@ if [[ "$dev" == 1 ]]; then
     else
         step "tensorboard: installing ${TENSORBOARD_PACKAGES[0]} and its dependencies (about 45 MB)"
         rm -f "$TB_STAMP"
-        "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps \
-            "${TENSORBOARD_PACKAGES[@]}"
+        pip_pinned "${TENSORBOARD_PACKAGES[@]}"
         "$VENV/bin/python" -c 'from tensorboard.backend.event_processing import event_accumulator' ||
             die "tensorboard is installed in $VENV but its event reader does not import"
         printf '%s\n' "$want_tb" >"$TB_STAMP"

@@ -74,6 +74,14 @@ fn read_events(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"))
 }
 
+/// The names of the entries of `dir`.
+fn file_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Steps of the `kind` records in metrics.jsonl.
 fn record_steps(run: &Path, kind: &str) -> Vec<u64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -93,11 +101,8 @@ fn tensorboard_reads_every_tag_with_one_point_per_record() {
     let args = ["--config", &cfg, "--epochs", "2", "--set", "train.eval_every_epoch=true"];
     train(dir.path(), &[&args[..], &["--out", run.to_str().unwrap()]].concat(), None);
 
-    let files: Vec<String> = std::fs::read_dir(&run)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("events.out.tfevents."))
-        .collect();
+    let files: Vec<String> =
+        file_names(&run).into_iter().filter(|n| n.starts_with("events.out.tfevents.")).collect();
     assert_eq!(files.len(), 1, "one event file: {files:?}");
 
     let train_steps = record_steps(&run, "train");
@@ -163,10 +168,7 @@ fn tensorboard_off_writes_no_event_file() {
     let cfg = debug_config();
     let args = ["--config", &cfg, "--max-steps", "4", "--set", "train.tensorboard=false"];
     train(dir.path(), &[&args[..], &["--out", run.to_str().unwrap()]].concat(), None);
-    let names: Vec<String> = std::fs::read_dir(&run)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = file_names(&run);
     assert!(!names.iter().any(|n| n.contains("tfevents")), "{names:?}");
     assert!(names.iter().any(|n| n == "curves.png"), "{names:?}");
 }
@@ -194,10 +196,7 @@ fn the_default_run_directory_reads_as_method_arch_date_time() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = debug_config();
     let o = train(dir.path(), &["--config", &cfg, "--max-steps", "2"], None);
-    let runs: Vec<String> = std::fs::read_dir(dir.path().join("runs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let runs = file_names(&dir.path().join("runs"));
     assert_eq!(runs.len(), 1, "{runs:?}");
     let stamp = runs[0].strip_prefix("mlaan-dgl-resnet8-").unwrap_or_else(|| panic!("{runs:?}"));
     let (date, time) = stamp.split_once('-').unwrap_or_else(|| panic!("{stamp}"));
