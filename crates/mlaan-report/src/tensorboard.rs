@@ -43,10 +43,6 @@ impl EventWriter {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// One event at `step` holding a scalar summary per `(tag, value)`.
     pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> Result<(), ReportError> {
         if values.is_empty() {

@@ -108,6 +108,8 @@ pub struct Session {
     /// thread so that the stage's host-to-device copy is asynchronous. `None` on CPUs, or once
     /// pinning has failed.
     pin_for: Option<Device>,
+    /// `pipeline.devices`, resolved once at start.
+    devices: Vec<Device>,
 }
 
 impl Session {
@@ -179,6 +181,7 @@ impl Session {
             steps_per_epoch,
             next_id,
             skipped_samples: 0,
+            devices,
         })
     }
 
@@ -416,7 +419,7 @@ fn finish(
     let (steps, skipped_samples, k) = (s.next_id, s.skipped_samples, s.plan.k());
     let placement = s.placement.groups.iter().map(|g| [g.start, g.end]).collect();
     let dataset = s.data.info.name.clone();
-    let devices = devices::resolve(&cfg.pipeline.devices)?;
+    let devices = std::mem::take(&mut s.devices);
     let final_bytes = s.finish()?;
     if save_model {
         let model = out.join("model.safetensors");
