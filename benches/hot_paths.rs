@@ -15,10 +15,10 @@ use crossbeam_channel::bounded;
 use mlaan_core::arch::Chw;
 use mlaan_core::config::RunConfig;
 use mlaan_core::plan::NetworkPlan;
-use mlaan_train::init::{build_nets, ImageSpec};
-use mlaan_train::optim::LrSchedule;
-use mlaan_train::runner::{BatchTargets, LocalModule, ModuleSettings};
-use mlaan_train::stage::Stage;
+use mlaan_engine::init::{build_nets, ImageSpec};
+use mlaan_engine::module::{BatchTargets, LocalModule, ModuleSettings};
+use mlaan_engine::optim::LrSchedule;
+use mlaan_engine::stage::Stage;
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 32;

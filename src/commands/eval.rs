@@ -92,7 +92,7 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
     let image = image_spec(&data);
     let device = mlaan_train::devices::resolve(&cfg.pipeline.devices[..1])?[0];
     // Built on the CPU to check and load the file; the stage copies it to `device`.
-    let nets = mlaan_train::init::build_nets(&plan, 0, image, Device::Cpu);
+    let nets = mlaan_engine::init::build_nets(&plan, 0, image, Device::Cpu);
     load_backbone(&nets, model).with_context(|| {
         format!(
             "loading {} into {} ({} input, {} classes)",

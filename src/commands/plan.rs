@@ -10,7 +10,7 @@ use mlaan_core::config::{HeadKind, InfoProMode, Method, PlacementRule, RunConfig
 use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::lam::pyramid_depth;
 use mlaan_core::plan::{NetworkPlan, ObjectiveSpec, TermKind};
-use mlaan_train::init::build_nets;
+use mlaan_engine::init::build_nets;
 use mlaan_train::trainer::{choose_placement, image_spec, plan_for};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -262,7 +262,7 @@ fn placement(
     cfg: &RunConfig,
     plan: &NetworkPlan,
     modules: &[ModuleReport],
-    image: mlaan_train::init::ImageSpec,
+    image: mlaan_engine::init::ImageSpec,
 ) -> Result<PlacementReport> {
     let specs = &cfg.pipeline.devices;
     let (devices, note) = match mlaan_train::devices::resolve(specs) {

@@ -9,14 +9,14 @@
 //! `+recompute` suffix (`mlaan-dgl:sync+recompute`) trades a second forward for memory.
 
 use crate::devices::{self, GpuPeakSampler};
-use crate::pipeline::Event;
-use crate::runner::BatchTargets;
 use crate::trainer::{to_tensors, RunOptions, Session};
 use anyhow::{bail, Context, Result};
 use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
 use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_data::{Loader, LoaderConfig};
+use mlaan_engine::module::BatchTargets;
+use mlaan_engine::pipeline::Event;
 use std::time::{Duration, Instant};
 use tch::Tensor;
 

@@ -15,8 +15,7 @@
 //! at any point leaves either the previous checkpoints untouched or a `.tmp-*` directory that
 //! loading ignores.
 
-use crate::pipeline::ModuleSnapshot;
-use crate::TrainError;
+use mlaan_engine::pipeline::ModuleSnapshot;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -57,20 +56,49 @@ pub struct Checkpoint {
     pub modules: Vec<ModuleSnapshot>,
 }
 
-fn io(path: &Path, source: std::io::Error) -> TrainError {
-    TrainError::Io { path: path.to_path_buf(), source }
+/// Why a checkpoint could not be written or read; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be read or written; the I/O error is the source.
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is there but its contents are not what a checkpoint holds.
+    #[error("{}: {message}", path.display())]
+    Corrupt { path: PathBuf, message: String },
+    #[error("{}", path.display())]
+    Tensors {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
 }
 
-fn sync_dir(dir: &Path) -> Result<(), TrainError> {
+fn io(path: &Path, source: std::io::Error) -> CheckpointError {
+    CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+fn corrupt(path: &Path, message: String) -> CheckpointError {
+    CheckpointError::Corrupt { path: path.to_path_buf(), message }
+}
+
+fn torch_at(path: &Path) -> impl FnOnce(tch::TchError) -> CheckpointError + '_ {
+    move |source| CheckpointError::Tensors { path: path.to_path_buf(), source }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
 }
 
-fn crc_of(path: &Path) -> Result<(u64, u32), TrainError> {
+fn crc_of(path: &Path) -> Result<(u64, u32), CheckpointError> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
     Ok((bytes.len() as u64, crc32fast::hash(&bytes)))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut f = File::create(path).map_err(|e| io(path, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| io(path, e))
 }
@@ -89,7 +117,7 @@ pub fn write(
     config_toml: &str,
     keep_last: usize,
     pause_before_marker: Option<std::time::Duration>,
-) -> Result<PathBuf, TrainError> {
+) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
     let name = dir_name(meta.step);
     let tmp = root.join(format!(".tmp-{name}"));
@@ -115,13 +143,12 @@ pub fn write(
         }
         let file = format!("stage-{s}.safetensors");
         let path = tmp.join(&file);
-        Tensor::write_safetensors(&tensors, &path)?;
+        Tensor::write_safetensors(&tensors, &path).map_err(torch_at(&path))?;
         File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io(&path, e))?;
         meta.files.insert(file, crc_of(&path)?);
     }
     write_synced(&tmp.join("config.toml"), config_toml.as_bytes())?;
-    let meta_json =
-        serde_json::to_vec_pretty(&meta).map_err(|e| TrainError::Other(e.to_string()))?;
+    let meta_json = serde_json::to_vec_pretty(&meta).expect("the metadata is plain data");
     write_synced(&tmp.join("meta.json"), &meta_json)?;
     if let Some(d) = pause_before_marker {
         std::thread::sleep(d);
@@ -155,7 +182,7 @@ pub fn list(root: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
+fn prune(root: &Path, keep_last: usize) -> Result<(), CheckpointError> {
     let all = list(root);
     for old in all.iter().take(all.len().saturating_sub(keep_last.max(1))) {
         // Remove the marker first: a half-deleted directory is never mistaken for a checkpoint.
@@ -167,7 +194,7 @@ fn prune(root: &Path, keep_last: usize) -> Result<(), TrainError> {
 
 /// The newest checkpoint under `root` that loads; broken ones are skipped with a warning
 /// naming them.
-pub fn latest(root: &Path) -> Result<Option<Checkpoint>, TrainError> {
+pub fn latest(root: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
     for d in std::fs::read_dir(root).into_iter().flatten().flatten() {
         if d.file_name().to_string_lossy().starts_with(".tmp-") {
             tracing::warn!("ignoring half-written checkpoint {}", d.path().display());
@@ -183,17 +210,14 @@ pub fn latest(root: &Path) -> Result<Option<Checkpoint>, TrainError> {
 }
 
 /// Load and verify one checkpoint directory.
-pub fn read(dir: &Path) -> Result<Checkpoint, TrainError> {
+pub fn read(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     if !dir.join(MARKER).is_file() {
-        return Err(TrainError::Other(format!(
-            "{} has no {MARKER} marker: not a complete checkpoint",
-            dir.display()
-        )));
+        return Err(corrupt(dir, format!("no {MARKER} marker: not a complete checkpoint")));
     }
     let meta_path = dir.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| io(&meta_path, e))?;
-    let meta: CheckpointMeta = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Other(format!("{}: {e}", meta_path.display())))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).map_err(|e| corrupt(&meta_path, e.to_string()))?;
     let mut by_module: BTreeMap<usize, ModuleSnapshot> = BTreeMap::new();
     // (module, real block, step) → parameters by index.
     let mut backlogs: BTreeMap<(usize, String, u64), BTreeMap<usize, Tensor>> = BTreeMap::new();
@@ -201,16 +225,17 @@ pub fn read(dir: &Path) -> Result<Checkpoint, TrainError> {
         let path = dir.join(file);
         let got = crc_of(&path)?;
         if got != (bytes, crc) {
-            return Err(TrainError::Other(format!(
-                "{}: {} bytes with CRC32 {:08x}, expected {bytes} bytes with {crc:08x} (corrupt or truncated)",
-                path.display(),
-                got.0,
-                got.1
-            )));
+            return Err(corrupt(
+                &path,
+                format!(
+                    "{} bytes with CRC32 {:08x}, expected {bytes} bytes with {crc:08x} \
+                     (corrupt or truncated)",
+                    got.0, got.1
+                ),
+            ));
         }
-        for (name, t) in Tensor::read_safetensors(&path)? {
-            let bad =
-                || TrainError::Other(format!("{}: unexpected tensor `{name}`", path.display()));
+        for (name, t) in Tensor::read_safetensors(&path).map_err(torch_at(&path))? {
+            let bad = || corrupt(&path, format!("unexpected tensor `{name}`"));
             let (m, rest) =
                 name.strip_prefix('m').and_then(|r| r.split_once('.')).ok_or_else(bad)?;
             let m: usize = m.parse().map_err(|_| bad())?;
@@ -243,12 +268,14 @@ pub fn read(dir: &Path) -> Result<Checkpoint, TrainError> {
     }
     let modules: Vec<ModuleSnapshot> = by_module.into_values().collect();
     if modules.len() != meta.k || modules.iter().enumerate().any(|(i, m)| m.module != i) {
-        return Err(TrainError::Other(format!(
-            "{}: holds modules {:?}, expected 0..{}",
-            dir.display(),
-            modules.iter().map(|m| m.module).collect::<Vec<_>>(),
-            meta.k
-        )));
+        return Err(corrupt(
+            dir,
+            format!(
+                "holds modules {:?}, expected 0..{}",
+                modules.iter().map(|m| m.module).collect::<Vec<_>>(),
+                meta.k
+            ),
+        ));
     }
     Ok(Checkpoint { dir: dir.to_path_buf(), meta, modules })
 }

@@ -1,7 +1,6 @@
 //! Devices: making libtorch's CUDA backend available, resolving `--gpus`/`--devices` to tch
 //! devices with clear errors, and reading GPU memory through NVML.
 
-use crate::TrainError;
 use mlaan_core::device::DeviceSpec;
 use std::sync::Once;
 use tch::Device;
@@ -33,8 +32,13 @@ pub fn cuda_device_count() -> usize {
     }
 }
 
+/// A device that was asked for is not there; the message says what is.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingDevice(String);
+
 /// Resolve device specs, failing with the index and what is available when a GPU is missing.
-pub fn resolve(specs: &[DeviceSpec]) -> Result<Vec<Device>, TrainError> {
+pub fn resolve(specs: &[DeviceSpec]) -> Result<Vec<Device>, MissingDevice> {
     let wants_cuda = specs.iter().any(|d| d.is_cuda());
     let count = if wants_cuda { cuda_device_count() } else { 0 };
     specs
@@ -42,7 +46,7 @@ pub fn resolve(specs: &[DeviceSpec]) -> Result<Vec<Device>, TrainError> {
         .map(|d| match *d {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(i) if i < count => Ok(Device::Cuda(i)),
-            DeviceSpec::Cuda(i) => Err(TrainError::Other(if count == 0 {
+            DeviceSpec::Cuda(i) => Err(MissingDevice(if count == 0 {
                 format!(
                     "GPU {i} was asked for but no CUDA device is available (libtorch sees none; \
                      CUDA_VISIBLE_DEVICES={}); use --devices cpu",

@@ -7,9 +7,8 @@
 //! accepts the file with `strict=True` where the architecture matches.
 
 use crate::checkpoint;
-use crate::pipeline::ModuleSnapshot;
-use crate::TrainError;
 use anyhow::{bail, Context, Result};
+use mlaan_engine::pipeline::ModuleSnapshot;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -83,7 +82,6 @@ pub fn load(path: &Path) -> Result<Backbone> {
 
 fn from_model(file: &Path, steps: Option<u64>) -> Result<Backbone> {
     let tensors = Tensor::read_safetensors(file)
-        .map_err(TrainError::from)
         .with_context(|| format!("reading {} as safetensors", file.display()))?;
     if let Some((n, _)) = tensors.iter().find(|(n, _)| !is_backbone(n)) {
         bail!("{}: `{n}` is not a backbone tensor", file.display());
@@ -135,7 +133,6 @@ pub fn write(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     Tensor::write_safetensors(tensors, &tmp)
-        .map_err(TrainError::from)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())

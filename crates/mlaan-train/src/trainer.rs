@@ -4,13 +4,7 @@
 use crate::cadence::{Boundary, Cadence};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
-use crate::init::{initial_state, ImageSpec, ModuleState};
 use crate::metrics::{bar_message, progress_bar, JsonlWriter};
-use crate::optim::LrSchedule;
-use crate::pipeline::{
-    Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
-};
-use crate::runner::BatchTargets;
 use anyhow::{bail, Context, Result};
 use mlaan_core::arch::Chw;
 use mlaan_core::config::{Method, PlacementRule, RunConfig, Schedule};
@@ -19,6 +13,12 @@ use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_core::placement::{place, Placement};
 use mlaan_core::plan::NetworkPlan;
 use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
+use mlaan_engine::init::{initial_state, ImageSpec, ModuleState};
+use mlaan_engine::module::BatchTargets;
+use mlaan_engine::optim::LrSchedule;
+use mlaan_engine::pipeline::{
+    Event, Fault, Forward, ModuleEval, ModuleSnapshot, Pipeline, PipelineSettings,
+};
 use mlaan_report::EventWriter;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -535,8 +535,14 @@ pub fn choose_placement(
     let t = Instant::now();
     // Relative costs are what matters: a small batch keeps the profile short on a CPU.
     let batch = cfg.train.batch_size.min(PROFILE_BATCH);
-    let costs =
-        crate::profile::module_costs(plan, image, devices[0], batch, cfg.pipeline.schedule, 2)?;
+    let costs = mlaan_engine::profile::module_costs(
+        plan,
+        image,
+        devices[0],
+        batch,
+        cfg.pipeline.schedule,
+        2,
+    )?;
     let p = place(&costs, d)?;
     tracing::info!(
         "placement from a {:.1} s profile (ms per batch: {}): {}",

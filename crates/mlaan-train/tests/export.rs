@@ -3,8 +3,8 @@
 use mlaan_core::arch::Chw;
 use mlaan_core::config::RunConfig;
 use mlaan_core::plan::NetworkPlan;
+use mlaan_engine::init::{build_nets, ImageSpec};
 use mlaan_train::export::torchvision_state;
-use mlaan_train::init::{build_nets, ImageSpec};
 use tch::Device;
 
 /// torchvision's `resnet{18,34,50}().state_dict()` keys, from its definition: a 7x7 stem,

@@ -8,9 +8,9 @@ mod common;
 use common::tiny;
 use mlaan_core::config::Schedule;
 use mlaan_core::device::DeviceSpec;
-use mlaan_train::pipeline::{Fault, FaultKind};
+use mlaan_engine::pipeline::{Fault, FaultKind};
+use mlaan_engine::TrainError;
 use mlaan_train::trainer::{RunOptions, Session};
-use mlaan_train::TrainError;
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 

@@ -7,12 +7,12 @@ mod common;
 use common::{max_rel_diff, nonzero, tiny};
 use mlaan_core::arch::Chw;
 use mlaan_core::plan::{NetworkPlan, TermKind};
+use mlaan_engine::init::{build_nets, initial_state, load_state, ImageSpec, ModuleState};
+use mlaan_engine::module::{BatchTargets, LocalModule, ModuleSettings};
+use mlaan_engine::optim::LrSchedule;
+use mlaan_engine::stage::Stage;
 use mlaan_models::module::{LocalNets, Objective, Targets};
 use mlaan_models::Mode;
-use mlaan_train::init::{build_nets, initial_state, load_state, ImageSpec, ModuleState};
-use mlaan_train::optim::LrSchedule;
-use mlaan_train::runner::{BatchTargets, LocalModule, ModuleSettings};
-use mlaan_train::stage::Stage;
 use tch::{Device, Kind, Tensor};
 
 const IMAGE: ImageSpec = ImageSpec { channels: 3, size: [8, 8], classes: 4 };

@@ -7,7 +7,7 @@ mod common;
 use common::{feed_steps, max_rel_diff, tiny};
 use mlaan_core::config::{EmaLagRule, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
-use mlaan_train::pipeline::ModuleSnapshot;
+use mlaan_engine::pipeline::ModuleSnapshot;
 use mlaan_train::trainer::{RunOptions, Session};
 
 fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {

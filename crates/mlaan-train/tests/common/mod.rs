@@ -3,7 +3,7 @@
 
 use mlaan_core::config::{RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
-use mlaan_train::pipeline::Event;
+use mlaan_engine::pipeline::Event;
 use mlaan_train::trainer::Session;
 use tch::Tensor;
 

@@ -3,8 +3,8 @@
 //! backbone FLOPs once heads, LAM chains, cascade passes and recomputation are counted.
 
 use crate::init::{build_nets, initial_state, load_state, ImageSpec};
+use crate::module::{BatchTargets, GradPart, LocalModule, ModuleSettings};
 use crate::optim::LrSchedule;
-use crate::runner::{BatchTargets, GradPart, LocalModule, ModuleSettings};
 use crate::stage::Stage;
 use crate::TrainError;
 use mlaan_core::config::{OptimConfig, Schedule};

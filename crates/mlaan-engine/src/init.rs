@@ -76,10 +76,11 @@ pub fn initial_state(
                 for (copy, src) in &map {
                     if let Some(rest) = name.strip_prefix(&format!("{copy}.")) {
                         let src_name = format!("{src}.{rest}");
-                        let v = real.get(&src_name).ok_or_else(|| {
-                            TrainError::Other(format!(
+                        let v = real.get(&src_name).ok_or_else(|| TrainError::State {
+                            module: n.index,
+                            message: format!(
                                 "LAM copy {name}: real parameter {src_name} not found"
-                            ))
+                            ),
                         })?;
                         *t = v.copy();
                     }
@@ -97,16 +98,19 @@ pub fn load_state(nets: &LocalNets, state: &[(String, Tensor)]) -> Result<(), Tr
     let _guard = tch::no_grad_guard();
     let given: HashMap<&str, &Tensor> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
     for (name, mut t) in nets.state() {
-        let src = given.get(name.as_str()).ok_or_else(|| {
-            TrainError::Other(format!("module {}: no value for `{name}`", nets.index))
+        let src = given.get(name.as_str()).ok_or_else(|| TrainError::State {
+            module: nets.index,
+            message: format!("no value for `{name}`"),
         })?;
         if src.size() != t.size() {
-            return Err(TrainError::Other(format!(
-                "module {}: `{name}` has shape {:?}, the state has {:?}",
-                nets.index,
-                t.size(),
-                src.size()
-            )));
+            return Err(TrainError::State {
+                module: nets.index,
+                message: format!(
+                    "`{name}` has shape {:?}, the state has {:?}",
+                    t.size(),
+                    src.size()
+                ),
+            });
         }
         t.f_copy_(src)?;
     }

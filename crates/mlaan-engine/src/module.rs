@@ -651,20 +651,20 @@ impl LocalModule {
         let _guard = tch::no_grad_guard();
         let device = self.nets.vs.device();
         for (name, buf) in momentum {
-            let slot = self.slot.get(name).copied().ok_or_else(|| {
-                TrainError::Other(format!(
-                    "module {}: checkpoint has momentum for unknown parameter `{name}`",
-                    self.index
-                ))
+            let slot = self.slot.get(name).copied().ok_or_else(|| TrainError::State {
+                module: self.index,
+                message: format!("momentum for unknown parameter `{name}`"),
             })?;
             let shape = self.opt.params[slot].1.size();
             if buf.size() != shape {
-                return Err(TrainError::Other(format!(
-                    "module {}: momentum of `{name}` has shape {:?}, the parameter {:?}",
-                    self.index,
-                    buf.size(),
-                    shape
-                )));
+                return Err(TrainError::State {
+                    module: self.index,
+                    message: format!(
+                        "momentum of `{name}` has shape {:?}, the parameter {:?}",
+                        buf.size(),
+                        shape
+                    ),
+                });
             }
             self.opt.momentum_buffers[slot] = Some(buf.f_to_device(device)?.f_detach_copy()?);
         }

@@ -10,7 +10,7 @@
 //! 3. `finish`: the parameter pass of every module, and the optimizer steps;
 //! 4. `late` (async): a part for an already finished batch, applied by recomputation.
 
-use crate::runner::{BatchTargets, GradPart, LocalModule};
+use crate::module::{BatchTargets, GradPart, LocalModule};
 use crate::TrainError;
 use mlaan_core::plan::NetworkPlan;
 use tch::{Device, Tensor};

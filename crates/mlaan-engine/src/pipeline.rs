@@ -20,10 +20,10 @@
 //! neighbours see the disconnection and stop; the coordinator joins every thread.
 
 use crate::init::{build_nets, load_state, ImageSpec, ModuleState};
-use crate::optim::LrSchedule;
-use crate::runner::{
+use crate::module::{
     BatchTargets, EmaLag, EmaSnapshot, LocalModule, ModuleSettings, SourceLink, TwinLink,
 };
+use crate::optim::LrSchedule;
 use crate::stage::{BackMsg, Stage};
 use crate::{bytes_of, TrainError};
 use crossbeam_channel::{
@@ -293,10 +293,7 @@ impl Pipeline {
     ) -> Result<Pipeline, TrainError> {
         let d = placement.num_stages();
         if devices.len() < d {
-            return Err(TrainError::Other(format!(
-                "{d} stages but only {} devices",
-                devices.len()
-            )));
+            return Err(TrainError::TooFewDevices { stages: d, devices: devices.len() });
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (ev_tx, ev_rx) = unbounded();
@@ -360,7 +357,7 @@ impl Pipeline {
             let handle = std::thread::Builder::new()
                 .name(format!("stage-{s}"))
                 .spawn(move || run_stage(ctx))
-                .map_err(|e| TrainError::Other(format!("cannot start stage {s}: {e}")))?;
+                .map_err(|source| TrainError::Spawn { stage: s, source })?;
             handles.push(handle);
         }
         stage_modules.reverse();

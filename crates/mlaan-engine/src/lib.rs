@@ -1,0 +1,85 @@
+//! The training engine: one local module at work ([`module`]), modules sharing a device
+//! ([`stage`]), stage threads driven by the pure schedules of `mlaan_core::schedule`
+//! ([`pipeline`]), the optimizer ([`optim`]), initial state ([`init`]) and a measured cost per
+//! module for placement ([`profile`]). It computes on tensors and talks over channels; files,
+//! metrics sinks and the run's cadence belong to `mlaan-train`.
+
+pub mod init;
+pub mod module;
+pub mod optim;
+pub mod pipeline;
+pub mod profile;
+pub mod stage;
+
+use thiserror::Error;
+
+/// Why training stopped.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("non-finite value in module {module} at batch {batch}: {what}")]
+    NonFinite { module: usize, batch: u64, what: String },
+    /// A stage failed; `cause` is what it failed with, still matchable (a non-finite loss
+    /// stays [`TrainError::NonFinite`] through the pipeline, see [`TrainError::root`]). The
+    /// message includes the cause's own chain, so it is not also a `source`.
+    #[error("stage {stage} (modules {modules:?}) failed at batch {batch:?}: {}", chain(cause))]
+    Stage { stage: usize, modules: Vec<usize>, batch: Option<u64>, cause: Box<TrainError> },
+    /// A stage thread panicked (caught; the message is the panic's).
+    #[error("panicked: {0}")]
+    Panicked(String),
+    /// A neighbouring stage went away: a consequence of another failure, not a cause.
+    #[error("{0}")]
+    Peer(String),
+    #[error("internal protocol error: {0}")]
+    Protocol(String),
+    /// A module's state does not fit its networks (a missing tensor, a wrong shape, momentum
+    /// for a parameter the module does not have).
+    #[error("module {module}: {message}")]
+    State { module: usize, message: String },
+    /// The placement asks for more stages than there are devices.
+    #[error("{stages} stages but only {devices} devices")]
+    TooFewDevices { stages: usize, devices: usize },
+    /// The operating system refused a stage thread.
+    #[error("cannot start stage {stage}")]
+    Spawn {
+        stage: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A fault injected by a drill (`--inject-fault error@STAGE:BATCH`).
+    #[error("injected error at batch {0}")]
+    Injected(u64),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl TrainError {
+    /// The error a stage failed with, through any [`TrainError::Stage`] wrapping.
+    pub fn root(&self) -> &TrainError {
+        match self {
+            TrainError::Stage { cause, .. } => cause.root(),
+            other => other,
+        }
+    }
+}
+
+/// An error and its sources, `: `-separated, as `{:#}` of anyhow shows them.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// Bytes of a tensor's elements (0 for an undefined tensor).
+pub fn bytes_of(t: &tch::Tensor) -> u64 {
+    if !t.defined() {
+        return 0;
+    }
+    t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
+}
