@@ -1,2 +1,2 @@
-// libtorch version check and RUNPATH; shared with crates/mlaan-{models,train}/build.rs.
+// libtorch version check and RUNPATH; shared with crates/mlaan-{models,engine,train}/build.rs.
 include!("build/libtorch.rs");

@@ -13,9 +13,11 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crossbeam_channel::bounded;
 use mlaan_core::arch::Chw;
+use mlaan_core::config::OnNonFinite;
 use mlaan_core::config::RunConfig;
+use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::NetworkPlan;
-use mlaan_engine::init::{build_nets, ImageSpec};
+use mlaan_engine::init::build_nets;
 use mlaan_engine::module::{BatchTargets, LocalModule, ModuleSettings};
 use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::stage::Stage;
@@ -71,7 +73,7 @@ fn stage_step(c: &mut Criterion) {
         let mut id = 0u64;
         g.bench_function(BenchmarkId::new("mlaan-dgl resnet32 K=4 module", m), |b| {
             b.iter(|| {
-                let _ = stage.process(id, x, &t).expect("process");
+                let _ = stage.process(id, x, &t, OnNonFinite::Stop).expect("process");
                 stage.finish(id, false).expect("finish");
                 id += 1;
             })

@@ -1,5 +1,6 @@
-// Build script shared by the three packages that link libtorch (the root package `mlaan-pipe`,
-// `mlaan-models`, `mlaan-train`): each one's build.rs is a single `include!` of this file.
+// Build script shared by the four packages that link libtorch (the root package `mlaan-pipe`,
+// `mlaan-models`, `mlaan-engine`, `mlaan-train`): each one's build.rs is a single `include!`
+// of this file.
 //
 // 1. Checks that the libtorch named by `LIBTORCH` is 2.11.x, the version tch/torch-sys 0.24.0
 //    are written against. torch-sys only checks a `build-version` file, which a PyPI torch

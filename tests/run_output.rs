@@ -117,6 +117,7 @@ fn tensorboard_reads_every_tag_with_one_point_per_record() {
         "train/loss".to_string(),
         "train/lr".into(),
         "train/images_per_s".into(),
+        "train/skipped_batches".into(),
         "loss/module1/independent".into(),
         "loss/module1/cascade".into(),
         "loss/module2/final".into(),

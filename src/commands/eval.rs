@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::split::SplitSpec;
 use mlaan_models::module::LocalNets;
-use mlaan_train::trainer::{evaluate_module, image_spec, plan_for};
+use mlaan_train::trainer::{evaluate_module, plan_for};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -89,7 +89,7 @@ pub fn evaluate(cfg: &RunConfig, model: &Path) -> Result<EvalReport> {
     whole.pipeline.schedule = Schedule::Sequential;
     whole.pipeline.micro_batches = 1;
     let plan = plan_for(&whole, &data)?;
-    let image = image_spec(&data);
+    let image = data.info.image();
     let device = mlaan_train::devices::resolve(&cfg.pipeline.devices[..1])?[0];
     // Built on the CPU to check and load the file; the stage copies it to `device`.
     let nets = mlaan_engine::init::build_nets(&plan, 0, image, Device::Cpu);

@@ -397,7 +397,8 @@ impl std::fmt::Display for Schedule {
     }
 }
 
-/// What a stage does with a non-finite loss.
+/// What a stage does with a non-finite loss: fail the run, or drop the batch from that module
+/// on (every later module drops it too; see docs/design.md, "A non-finite loss").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnNonFinite {
@@ -417,6 +418,9 @@ pub struct PipelineConfig {
     /// Intra-op threads for CPU devices; 0 = cores divided among the CPU stages.
     pub intra_op_threads: usize,
     pub on_nonfinite: OnNonFinite,
+    /// Under `on_nonfinite = "skip"`: stop the run when this many batches in a row had a
+    /// non-finite loss (0: never).
+    pub max_consecutive_skips: usize,
     /// GPipe baseline (`e2e` with K > 1, `sync`): micro-batches per mini-batch; the stages
     /// accumulate their gradients over them and step once per mini-batch.
     pub micro_batches: usize,
@@ -435,6 +439,7 @@ impl Default for PipelineConfig {
             placement: PlacementRule::Auto,
             intra_op_threads: 0,
             on_nonfinite: OnNonFinite::Stop,
+            max_consecutive_skips: 10,
             micro_batches: 1,
             recompute: false,
         }

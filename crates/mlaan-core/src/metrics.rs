@@ -56,6 +56,9 @@ pub enum MetricRecord {
         lr: f64,
         images_per_s: f64,
         elapsed_s: f64,
+        /// Batches dropped for a non-finite loss since step 0 of this process.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skipped_batches: u64,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         stages: Vec<StageWindow>,
     },
@@ -77,4 +80,8 @@ impl MetricRecord {
             MetricRecord::Train { step, .. } | MetricRecord::Eval { step, .. } => *step,
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

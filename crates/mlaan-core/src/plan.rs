@@ -91,6 +91,22 @@ pub struct ModuleSpec {
     pub output: Chw,
 }
 
+/// Image facts the networks are built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ImageSpec {
+    pub channels: usize,
+    /// Height and width.
+    pub size: [usize; 2],
+    pub classes: usize,
+}
+
+impl ImageSpec {
+    /// One sample's input shape.
+    pub fn chw(&self) -> Chw {
+        Chw { c: self.channels, h: self.size[0], w: self.size[1] }
+    }
+}
+
 /// The whole network: architecture, split, LAM chains and per-module specs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetworkPlan {
@@ -195,6 +211,11 @@ impl NetworkPlan {
                         });
                     }
                 }
+            }
+            // GPipe (`pipeline.micro_batches = M`) accumulates micro-batch gradients: each
+            // micro-batch's mean loss weighs 1/M, so that the step is the whole mini-batch's.
+            for t in &mut terms {
+                t.weight /= cfg.pipeline.micro_batches.max(1) as f64;
             }
             modules.push(ModuleSpec {
                 index: i,

@@ -1,8 +1,8 @@
 //! The `sync` and `async` schedules of one stage as state machines: from the events a stage
 //! worker has seen they decide what it waits for next and what it does, touching neither
-//! threads nor tensors. The worker (`mlaan-train`'s `pipeline.rs`) receives an event, hands it
-//! to [`StageSchedule::on`], and executes the returned actions in order, on the message the
-//! event carried. The timelines in `docs/design.md` ("Stages and schedules") are asserted by
+//! threads nor tensors. The worker (`mlaan-engine`'s `pipeline/worker.rs`) receives an event,
+//! hands it to [`StageSchedule::on`], and executes the returned actions in order, on the
+//! message the event carried. The timelines in `docs/design.md` ("Stages and schedules") are asserted by
 //! the tests below, in milliseconds and without libtorch.
 
 use std::collections::VecDeque;

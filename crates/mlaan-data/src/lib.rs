@@ -101,6 +101,18 @@ pub struct DatasetInfo {
     pub class_names: Option<Vec<String>>,
 }
 
+impl DatasetInfo {
+    /// What the networks are built for: the training shape and the classes.
+    pub fn image(&self) -> mlaan_core::plan::ImageSpec {
+        let s = self.train_shape;
+        mlaan_core::plan::ImageSpec {
+            channels: s.channels,
+            size: [s.height, s.width],
+            classes: self.num_classes,
+        }
+    }
+}
+
 /// An opened dataset: both splits, their transforms and the facts about them.
 #[derive(Clone)]
 pub struct Datasets {

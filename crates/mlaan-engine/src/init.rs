@@ -5,7 +5,7 @@
 //! LAM copies start as copies of the real blocks they copy, EMA twins as well (docs/method.md §4).
 
 use crate::TrainError;
-use mlaan_core::plan::NetworkPlan;
+use mlaan_core::plan::{ImageSpec, NetworkPlan};
 use mlaan_models::module::LocalNets;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -13,14 +13,6 @@ use tch::{Device, Tensor};
 
 /// Named tensors of one module (its stores, EMA twins prefixed `ema.`).
 pub type ModuleState = Vec<(String, Tensor)>;
-
-/// Image facts the networks are built for.
-#[derive(Debug, Clone, Copy)]
-pub struct ImageSpec {
-    pub channels: usize,
-    pub size: [usize; 2],
-    pub classes: usize,
-}
 
 /// libtorch's default generator is process-global: initialising networks in two threads at
 /// once interleaves their draws. Every initialisation holds this lock, so that a seed gives

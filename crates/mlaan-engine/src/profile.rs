@@ -2,12 +2,13 @@
 //! pipeline runs at the pace of its slowest stage, and a module's cost is far from its
 //! backbone FLOPs once heads, LAM chains, cascade passes and recomputation are counted.
 
-use crate::init::{build_nets, initial_state, load_state, ImageSpec};
+use crate::init::{build_nets, initial_state, load_state};
 use crate::module::{BatchTargets, GradPart, LocalModule, ModuleSettings};
 use crate::optim::LrSchedule;
 use crate::stage::Stage;
 use crate::TrainError;
-use mlaan_core::config::{OptimConfig, Schedule};
+use mlaan_core::config::{OnNonFinite, OptimConfig, Schedule};
+use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::NetworkPlan;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -56,7 +57,8 @@ pub fn module_costs(
         let mut times = Vec::with_capacity(reps);
         for it in 0..=reps as u64 {
             let t = Instant::now();
-            let (h, _) = stage.process(it, &x, &targets)?;
+            let h =
+                stage.process(it, &x, &targets, OnNonFinite::Stop)?.output.expect("not dropped");
             stage.finish(it, late)?;
             if late {
                 let g = GradPart { reach_left: 0, grad: h.randn_like() };

@@ -9,9 +9,13 @@
 //! 2. `receive` (sync): gradient parts of b from the next stage, swept to the front likewise;
 //! 3. `finish`: the parameter pass of every module, and the optimizer steps;
 //! 4. `late` (async): a part for an already finished batch, applied by recomputation.
+//!
+//! Which of these leave a message for the previous stage, and when it is the batch's last, is
+//! [`StageRoutes::back_message`]'s one rule.
 
 use crate::module::{BatchTargets, GradPart, LocalModule};
 use crate::TrainError;
+use mlaan_core::config::OnNonFinite;
 use mlaan_core::plan::NetworkPlan;
 use tch::{Device, Tensor};
 
@@ -44,6 +48,37 @@ impl StageRoutes {
             next_passes_through: a > 0 && incoming.is_some_and(|r| r >= b - a),
         }
     }
+
+    /// The message for the previous stage once batch `id`'s parts `front` have left this
+    /// stage's front: after the early sweep (`after_next = None`) or after a message from the
+    /// next stage (`Some(last)`, its `last` flag). A previous stage that expects gradients
+    /// gets exactly one message marked `last` per batch: from the early sweep when nothing
+    /// from later stages can pass through, else with the next stage's last one.
+    pub fn back_message(
+        &self,
+        id: u64,
+        front: Vec<GradPart>,
+        after_next: Option<bool>,
+    ) -> Option<BackMsg> {
+        if !self.prev_expects {
+            return None;
+        }
+        let last = match after_next {
+            None => !self.next_passes_through,
+            Some(last) => self.next_passes_through && last,
+        };
+        (last || !front.is_empty()).then_some(BackMsg { id, parts: front, last })
+    }
+}
+
+/// What [`Stage::process`] did with a batch.
+pub struct Processed {
+    /// The stage output; `None` when the batch was dropped here.
+    pub output: Option<tch::Tensor>,
+    /// Parts that left the stage's front in the early sweep.
+    pub front: Vec<GradPart>,
+    /// Why the batch was dropped (a non-finite loss, `on_nonfinite = "skip"`).
+    pub dropped: Option<TrainError>,
 }
 
 /// The modules of one stage.
@@ -69,31 +104,41 @@ impl Stage {
         self.modules[0].index
     }
 
-    /// Forward and local losses of every module, and the early backward sweep. Returns the
-    /// stage output and the message for the previous stage, if any.
+    /// Forward and local losses of every module, and the early backward sweep. A non-finite
+    /// loss fails the stage, or under `OnNonFinite::Skip` drops the batch from that module on:
+    /// the modules before it keep their (finite) local update, the others never train on it.
     pub fn process(
         &mut self,
         id: u64,
         x: &Tensor,
         targets: &BatchTargets,
-    ) -> Result<(Tensor, Option<BackMsg>), TrainError> {
-        let mut h = x.shallow_clone();
+        on_nonfinite: OnNonFinite,
+    ) -> Result<Processed, TrainError> {
+        let mut h = Some(x.shallow_clone());
+        let mut dropped = None;
         for i in 0..self.modules.len() {
-            let t = BatchTargets {
-                labels: targets.labels.shallow_clone(),
-                image_u8: targets.image_u8.as_ref().map(|t| t.shallow_clone()),
+            let Some(input) = h.take() else {
+                self.modules[i].drop_batch(id)?;
+                continue;
             };
-            h = self.modules[i].forward(id, &h, t)?;
-            self.modules[i].local_losses(id)?;
+            let out = self.modules[i].forward(id, &input, targets.shallow_clone())?;
+            match self.modules[i].local_losses(id) {
+                Ok(_) => h = Some(out),
+                Err(e @ TrainError::NonFinite { .. }) if on_nonfinite == OnNonFinite::Skip => {
+                    self.modules[i].drop_batch(id)?;
+                    dropped = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
             self.probe(i);
         }
         let front = self.sweep(id, Vec::new())?;
-        let early = (!front.is_empty()).then(|| BackMsg {
-            id,
-            parts: front,
-            last: !self.routes.next_passes_through,
-        });
-        Ok((h, early))
+        Ok(Processed { output: h, front, dropped })
+    }
+
+    /// Batch `id` was dropped by an earlier stage: every module here drops it too.
+    pub fn drop_batch(&mut self, id: u64) -> Result<(), TrainError> {
+        self.modules.iter_mut().try_for_each(|m| m.drop_batch(id))
     }
 
     /// Carry `incoming` (parts on the stage output) and every unsent part backward through the
@@ -149,12 +194,12 @@ impl Stage {
         Ok(parts)
     }
 
-    /// Batches whose inputs are still stored for late gradients.
     /// Whether an async step stores inputs for late gradients (some module receives them).
     pub fn stores_inputs(&self) -> bool {
         self.keeps_input.iter().any(|&k| k)
     }
 
+    /// Batches whose inputs are still stored for late gradients.
     pub fn outstanding(&self) -> usize {
         self.modules.iter().map(|m| m.stored_count()).max().unwrap_or(0)
     }

@@ -88,18 +88,20 @@ impl EventWriter {
 
 /// The scalars a metrics record becomes.
 ///
-/// A training record: the network's loss, learning rate and images/s; each module's term
+/// A training record: the network's loss, learning rate, images/s and batches skipped for a
+/// non-finite loss; each module's term
 /// losses (`term_names[m]` names module m's terms in the order its stage reports them); per
 /// stage its images/s, busy and wait shares of wall time, gradient lag and live bytes.
 /// An evaluation record: the network's test accuracy and loss, and the test accuracy of
 /// every module head that has one.
 pub fn scalars(record: &MetricRecord, term_names: &[Vec<String>]) -> Vec<(String, f64)> {
     match record {
-        MetricRecord::Train { loss, lr, images_per_s, stages, .. } => {
+        MetricRecord::Train { loss, lr, images_per_s, skipped_batches, stages, .. } => {
             let mut out = vec![
                 ("train/loss".to_string(), *loss),
                 ("train/lr".to_string(), *lr),
                 ("train/images_per_s".to_string(), *images_per_s),
+                ("train/skipped_batches".to_string(), *skipped_batches as f64),
             ];
             for w in stages {
                 let mut losses = w.loss.iter();

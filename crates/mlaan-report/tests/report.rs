@@ -294,6 +294,7 @@ fn metrics_lines(steps: u64, evals: &[u64]) -> String {
             lr: 0.1,
             images_per_s: 1500.0 + 80.0 * (x / 9.0).sin(),
             elapsed_s: x,
+            skipped_batches: 0,
             stages: vec![StageWindow { stage: 0, device: "cpu".into(), ..Default::default() }],
         };
         // serde_json writes the NaN loss as `null`; the reader must take it back.

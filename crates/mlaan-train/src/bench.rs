@@ -209,12 +209,12 @@ fn measure(
     let mut s = Session::start(cfg, &RunOptions::default())?;
     let feed = |s: &mut Session, i: usize| -> Result<Vec<Event>> {
         let (x, t) = &batches[i % batches.len()];
-        let image_u8 = s.needs_image.then(|| x.shallow_clone());
+        let image_u8 = s.needs_image().then(|| x.shallow_clone());
         s.send_batch(
             x.shallow_clone(),
             BatchTargets { labels: t.labels.shallow_clone(), image_u8 },
         )?;
-        Ok(s.pipe.take_events()?)
+        s.take_events()
     };
     for i in 0..warmup {
         feed(&mut s, i)?;
@@ -231,7 +231,7 @@ fn measure(
     events.extend(s.drain()?);
     let elapsed = t.elapsed().as_secs_f64();
     let gpu_peak_bytes = sampler.map(|g| g.finish()).unwrap_or_default();
-    let stages_n = s.pipe.num_stages;
+    let stages_n = s.num_stages();
     let final_bytes = s.finish()?;
     let mut stages: Vec<StageShare> =
         (0..stages_n).map(|i| StageShare { stage: i, ..Default::default() }).collect();

@@ -1,7 +1,7 @@
 //! A training run around the engine (`mlaan-engine`): the [`trainer`] (session, run loop,
 //! evaluation), the run's boundaries ([`cadence`]), [`checkpoint`]s, metric sinks
-//! ([`metrics`]), run directories ([`run_dir`]), devices ([`devices`]), the [`bench`] and
-//! [`export`].
+//! ([`metrics`]), run directories ([`run_dir`]), batches skipped for non-finite losses
+//! ([`skips`]), devices ([`devices`]), the [`plan_report`], the [`bench`] and [`export`].
 
 pub mod bench;
 pub mod cadence;
@@ -9,5 +9,7 @@ pub mod checkpoint;
 pub mod devices;
 pub mod export;
 pub mod metrics;
+pub mod plan_report;
 pub mod run_dir;
+pub mod skips;
 pub mod trainer;

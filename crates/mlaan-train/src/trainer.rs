@@ -5,15 +5,15 @@ use crate::cadence::{Boundary, Cadence};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
 use crate::metrics::{bar_message, progress_bar, JsonlWriter};
+use crate::skips::SkipGuard;
 use anyhow::{bail, Context, Result};
-use mlaan_core::arch::Chw;
 use mlaan_core::config::{Method, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::{cpu_threads_by_cost, cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_core::placement::{place, Placement};
-use mlaan_core::plan::NetworkPlan;
+use mlaan_core::plan::{ImageSpec, NetworkPlan};
 use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
-use mlaan_engine::init::{initial_state, ImageSpec, ModuleState};
+use mlaan_engine::init::{initial_state, ModuleState};
 use mlaan_engine::module::BatchTargets;
 use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::pipeline::{
@@ -57,6 +57,8 @@ pub struct Summary {
     pub wall_s: f64,
     /// Training samples that could not be read and were skipped (`data.on_bad_sample`).
     pub skipped_samples: u64,
+    /// Training batches dropped for a non-finite loss (`pipeline.on_nonfinite = "skip"`).
+    pub skipped_batches: u64,
     pub stages: Vec<StageWindow>,
     pub peak_live_bytes: Vec<u64>,
     pub peak_rss_bytes: Option<u64>,
@@ -91,19 +93,19 @@ pub enum Outcome {
 
 /// A started pipeline with its data: the pieces a run, a test or a benchmark drives.
 pub struct Session {
-    pub cfg: RunConfig,
-    pub data: Datasets,
-    pub plan: Arc<NetworkPlan>,
-    pub placement: Placement,
-    pub pipe: Pipeline,
-    pub train_loader: Loader,
-    pub steps_per_epoch: u64,
+    cfg: RunConfig,
+    data: Datasets,
+    plan: Arc<NetworkPlan>,
+    placement: Placement,
+    pipe: Pipeline,
+    train_loader: Loader,
+    steps_per_epoch: u64,
     /// Id of the next training batch (= optimizer steps taken when drained).
-    pub next_id: u64,
+    next_id: u64,
     /// Whether batches carry the raw image (InfoPro's reconstruction target).
-    pub needs_image: bool,
+    needs_image: bool,
     /// Training samples dropped because they could not be read (`data.on_bad_sample = skip`).
-    pub skipped_samples: u64,
+    skipped_samples: u64,
     /// The first stage's GPU: batches are staged in pinned host memory on this (feeding)
     /// thread so that the stage's host-to-device copy is asynchronous. `None` on CPUs, or once
     /// pinning has failed.
@@ -130,7 +132,7 @@ impl Session {
         tracing::info!("{}", data.test.describe());
         let plan = Arc::new(plan_for(cfg, &data)?);
         let devices = devices::resolve(&cfg.pipeline.devices)?;
-        let image = image_spec(&data);
+        let image = data.info.image();
         let (placement, costs) = choose_placement(cfg, &plan, &devices, image)?;
         let threads = configure_threads(cfg, &placement, &devices, costs.as_deref());
         let train_loader = Loader::new(
@@ -251,6 +253,39 @@ impl Session {
             self.pipe.send(Forward::Train { id, x, targets: BatchTargets { labels, image_u8 } })?;
         }
         Ok(())
+    }
+
+    /// Id of the next training batch: the optimizer steps taken once drained.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    pub fn plan(&self) -> &NetworkPlan {
+        &self.plan
+    }
+
+    pub fn num_stages(&self) -> usize {
+        self.pipe.num_stages
+    }
+
+    /// The training loader (tests and the bench feed chosen batches).
+    pub fn train_loader(&self) -> &Loader {
+        &self.train_loader
+    }
+
+    /// Whether batches must carry the raw image (InfoPro's reconstruction target).
+    pub fn needs_image(&self) -> bool {
+        self.needs_image
+    }
+
+    /// A loader batch as the tensors `send_batch` takes.
+    pub fn tensors(&self, batch: &Batch) -> (Tensor, BatchTargets) {
+        to_tensors(batch, self.needs_image)
+    }
+
+    /// The events the stages sent since the last call (failures become the error).
+    pub fn take_events(&mut self) -> Result<Vec<Event>> {
+        Ok(self.pipe.take_events()?)
     }
 
     /// Bring the pipeline to a boundary with nothing in flight; returns the events meanwhile.
@@ -388,7 +423,13 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         // Resumed at the very end: evaluate what was loaded.
         eval = s.evaluate()?;
     }
-    let totals = RunTotals { resumed_at: resumed.unwrap_or(0), train_time, started: wall };
+    let totals = RunTotals {
+        resumed_at: resumed.unwrap_or(0),
+        train_time,
+        started: wall,
+        skipped_batches: 0,
+    };
+    let totals = RunTotals { skipped_batches: log.skips.total(), ..totals };
     let summary = finish(s, cfg, out, opts.save_model, &eval, log.last_windows(), totals)?;
     Ok(Outcome::Finished(Box::new(summary)))
 }
@@ -399,6 +440,7 @@ struct RunTotals {
     resumed_at: u64,
     train_time: Duration,
     started: Instant,
+    skipped_batches: u64,
 }
 
 /// End a finished run: join the stages, write `model.safetensors` (the backbone alone: stem,
@@ -447,6 +489,7 @@ fn finish(
         train_s: totals.train_time.as_secs_f64(),
         wall_s: totals.started.elapsed().as_secs_f64(),
         skipped_samples,
+        skipped_batches: totals.skipped_batches,
         stages,
         peak_live_bytes: final_bytes.iter().map(|b| b.1).collect(),
         peak_rss_bytes: devices::peak_rss_bytes(),
@@ -458,21 +501,8 @@ fn finish(
 
 /// The network plan for a config on an opened dataset.
 pub fn plan_for(cfg: &RunConfig, data: &Datasets) -> Result<NetworkPlan> {
-    let s = data.info.train_shape;
-    let input = Chw { c: s.channels, h: s.height, w: s.width };
-    let mut plan = NetworkPlan::new(cfg, input, data.info.num_classes)?;
-    // GPipe accumulates micro-batch gradients: each micro-batch's mean loss is weighted 1/M so
-    // that the step equals one on the whole mini-batch.
-    let m = cfg.pipeline.micro_batches as f64;
-    for t in plan.modules.iter_mut().flat_map(|m| m.terms.iter_mut()) {
-        t.weight /= m;
-    }
-    Ok(plan)
-}
-
-pub fn image_spec(data: &Datasets) -> ImageSpec {
-    let s = data.info.train_shape;
-    ImageSpec { channels: s.channels, size: [s.height, s.width], classes: data.info.num_classes }
+    let image = data.info.image();
+    Ok(NetworkPlan::new(cfg, image.chw(), image.classes)?)
 }
 
 pub fn pipeline_settings(
@@ -645,23 +675,7 @@ pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result
         let (x, t) = to_tensors(&batch, false);
         pipe.send(Forward::Eval { x, labels: t.labels })?;
     }
-    pipe.send(Forward::EvalEnd)?;
-    let mut result = EvalResult::default();
-    let mut stages = 0;
-    let mut other = Vec::new();
-    while stages < pipe.num_stages {
-        match pipe.next_event(Duration::from_millis(50))? {
-            Some(Event::Eval { modules, .. }) => {
-                result.modules.extend(modules);
-                stages += 1;
-            }
-            Some(e) => other.push(e),
-            None => {}
-        }
-    }
-    // Windows that arrived meanwhile are not lost: they belong to training already logged.
-    drop(other);
-    Ok(result)
+    Ok(EvalResult { modules: pipe.end_eval()? })
 }
 
 /// The test set through a one-stage pipeline holding `state`, the one module of `plan`: how
@@ -675,7 +689,7 @@ pub fn evaluate_module(
     device: Device,
 ) -> Result<EvalResult> {
     let lr = LrSchedule::constant(cfg.optim.lr);
-    let settings = pipeline_settings(cfg, data, image_spec(data), lr, &RunOptions::default());
+    let settings = pipeline_settings(cfg, data, data.info.image(), lr, &RunOptions::default());
     let placement = Placement { groups: std::iter::once(0..plan.k()).collect() };
     let states = vec![ModuleSnapshot::initial(0, state)];
     let mut pipe = Pipeline::start(Arc::new(plan), settings, states, &placement, &[device])?;
@@ -700,6 +714,8 @@ struct MetricsLog {
     pending: BTreeMap<u64, Vec<Option<StageReport>>>,
     last: Vec<Option<StageWindow>>,
     start: Instant,
+    /// Batches dropped for non-finite losses; too many in a row stop the run.
+    skips: SkipGuard,
 }
 
 impl MetricsLog {
@@ -744,6 +760,7 @@ impl MetricsLog {
             pending: BTreeMap::new(),
             last: vec![None; stages],
             start: Instant::now(),
+            skips: SkipGuard::new(cfg.pipeline.max_consecutive_skips),
         })
     }
 
@@ -754,8 +771,15 @@ impl MetricsLog {
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
         for ev in events {
-            let Event::Window { stage, window, step, lr, term_losses } = ev else {
-                continue;
+            let (stage, window, step, lr, term_losses) = match ev {
+                Event::Window { stage, window, step, lr, term_losses } => {
+                    (stage, window, step, lr, term_losses)
+                }
+                Event::Skipped { stage, batch, cause } => {
+                    self.skips.note(stage, batch, cause)?;
+                    continue;
+                }
+                _ => continue,
             };
             self.last[stage] = Some(window.clone());
             let slot = self.pending.entry(step).or_insert_with(|| vec![None; self.stages]);
@@ -785,6 +809,7 @@ impl MetricsLog {
                     lr: lr_out,
                     images_per_s: ips,
                     elapsed_s: self.start.elapsed().as_secs_f64(),
+                    skipped_batches: self.skips.total(),
                     stages,
                 })?;
             }

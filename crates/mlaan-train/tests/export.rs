@@ -2,8 +2,9 @@
 
 use mlaan_core::arch::Chw;
 use mlaan_core::config::RunConfig;
+use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::NetworkPlan;
-use mlaan_engine::init::{build_nets, ImageSpec};
+use mlaan_engine::init::build_nets;
 use mlaan_train::export::torchvision_state;
 use tch::Device;
 

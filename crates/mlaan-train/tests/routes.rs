@@ -6,8 +6,10 @@ mod common;
 
 use common::{max_rel_diff, nonzero, tiny};
 use mlaan_core::arch::Chw;
+use mlaan_core::config::OnNonFinite;
+use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::{NetworkPlan, TermKind};
-use mlaan_engine::init::{build_nets, initial_state, load_state, ImageSpec, ModuleState};
+use mlaan_engine::init::{build_nets, initial_state, load_state, ModuleState};
 use mlaan_engine::module::{BatchTargets, LocalModule, ModuleSettings};
 use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::stage::Stage;
@@ -61,7 +63,7 @@ fn product_stage(plan: &NetworkPlan, states: &[ModuleState]) -> Stage {
 fn product_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<Vec<(String, Option<Tensor>)>> {
     let mut stage = product_stage(plan, states);
     let (x, t) = batch();
-    let _ = stage.process(0, &x, &t).unwrap();
+    let _ = stage.process(0, &x, &t, OnNonFinite::Stop).unwrap();
     stage.finish(0, false).unwrap();
     stage.modules.iter().map(|m| m.accumulated_grads()).collect()
 }
@@ -253,7 +255,7 @@ fn ema_twins_never_take_gradient() {
     let states = initial_state(&plan, IMAGE, 3).unwrap();
     let mut stage = product_stage(&plan, &states);
     let (x, t) = batch();
-    let _ = stage.process(0, &x, &t).unwrap();
+    let _ = stage.process(0, &x, &t, OnNonFinite::Stop).unwrap();
     stage.finish(0, false).unwrap();
     let mut twins = 0;
     for m in &stage.modules {

@@ -45,7 +45,7 @@ pub fn feed_steps(
     on_batch: &mut dyn FnMut(Vec<Event>) -> anyhow::Result<bool>,
 ) {
     let mut epoch = 0;
-    while s.next_id < steps {
+    while s.next_id() < steps {
         s.feed_epoch(epoch, steps, on_batch).unwrap();
         epoch += 1;
     }

@@ -1,0 +1,2 @@
+// libtorch version check and RUNPATH; shared with the root package's build.rs.
+include!("../../build/libtorch.rs");

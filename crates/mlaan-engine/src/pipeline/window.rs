@@ -1,0 +1,68 @@
+//! A stage's metrics window: compute time, images and peak memory since the last report,
+//! joined with the port's waits into the [`StageWindow`] the coordinator logs.
+
+use super::port::Waits;
+use crate::stage::Stage;
+use mlaan_core::metrics::StageWindow;
+use std::time::{Duration, Instant};
+
+pub struct Window {
+    start: Instant,
+    pub busy: Duration,
+    pub batches: u64,
+    pub images: u64,
+    pub peak_live: u64,
+    /// Batches between the newest forward and the batch of the last late gradient (async).
+    pub last_lag: u64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            start: Instant::now(),
+            busy: Duration::ZERO,
+            batches: 0,
+            images: 0,
+            peak_live: 0,
+            last_lag: 0,
+        }
+    }
+}
+
+/// Everything of the stage a window reports besides the window's own counts.
+pub struct StageView<'a> {
+    pub index: usize,
+    pub device: tch::Device,
+    pub stage: &'a Stage,
+    pub waits: Waits,
+    pub queue_depth: usize,
+    pub queued_bytes: u64,
+}
+
+impl Window {
+    /// Close the window into a report and start the next one.
+    pub fn close(&mut self, v: StageView) -> StageWindow {
+        let now = Instant::now();
+        let wall = now - self.start;
+        let c = std::mem::take(self);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        StageWindow {
+            stage: v.index,
+            device: format!("{:?}", v.device),
+            modules: v.stage.modules.iter().map(|m| m.index).collect(),
+            batches: c.batches,
+            images: c.images,
+            images_per_s: c.images as f64 / wall.as_secs_f64().max(1e-9),
+            busy_ms: ms(c.busy),
+            wait_input_ms: ms(v.waits.input),
+            wait_output_ms: ms(v.waits.output),
+            wait_grad_ms: ms(v.waits.grad),
+            wall_ms: ms(wall),
+            queue_depth: v.queue_depth,
+            grad_lag: c.last_lag,
+            live_bytes: v.stage.live_bytes() + v.queued_bytes,
+            peak_live_bytes: c.peak_live,
+            loss: Vec::new(),
+        }
+    }
+}

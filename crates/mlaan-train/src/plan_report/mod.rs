@@ -1,0 +1,307 @@
+//! What a config would train, without training it: the split, every module's blocks and
+//! losses (with how far back each gradient reaches), the LAM chains and their EMA twins, exact
+//! parameter counts (every module is built on the CPU and counted), activation sizes, MACs,
+//! and the placement on the devices the trainer would choose. [`build`] measures it as data
+//! (`mlaan-pipe plan --json`), [`render`] writes it for a terminal.
+
+mod render;
+
+pub use render::render;
+
+use crate::trainer::{choose_placement, plan_for};
+use anyhow::{Context, Result};
+use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
+use mlaan_core::config::{HeadKind, Method, PlacementRule, RunConfig, Schedule};
+use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
+use mlaan_core::lam::pyramid_depth;
+use mlaan_core::plan::{ImageSpec, NetworkPlan, ObjectiveSpec, TermKind};
+use mlaan_engine::init::build_nets;
+use serde::Serialize;
+use tch::Device;
+
+/// Parameter counts of one module (or a sum of them).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Params {
+    /// Stem, blocks and final classifier.
+    pub backbone: usize,
+    /// Heads and decoders of the auxiliary losses.
+    pub aux: usize,
+    /// Trainable LAM copies of later blocks.
+    pub lam: usize,
+    /// EMA twins (frozen).
+    pub ema: usize,
+}
+
+impl Params {
+    fn add(&mut self, o: &Params) {
+        self.backbone += o.backbone;
+        self.aux += o.aux;
+        self.lam += o.lam;
+        self.ema += o.ema;
+    }
+}
+
+/// A loss term of a module.
+#[derive(Debug, Clone, Serialize)]
+pub struct TermReport {
+    pub kind: TermKind,
+    pub weight: f64,
+    /// Number of earlier modules its gradient reaches.
+    pub reach: usize,
+    /// The modules its gradient reaches (this one included).
+    pub reaches: Vec<usize>,
+    pub objective: ObjectiveSpec,
+    /// Backbone blocks the LAM of this term copies (cascade terms of MLAAN).
+    pub lam_chain: Option<Vec<BlockRef>>,
+    /// Module that owns the real block the EMA twin follows.
+    pub ema_source_module: Option<usize>,
+}
+
+/// A loss of some module whose gradient reaches this one.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainedBy {
+    pub module: usize,
+    pub term: TermKind,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleReport {
+    pub index: usize,
+    pub with_stem: bool,
+    pub blocks: Vec<BlockRef>,
+    pub with_classifier: bool,
+    /// Shape of h_i for one sample.
+    pub output: Chw,
+    /// Bytes of h_i for one batch in float32.
+    pub activation_bytes: u64,
+    /// Backbone multiply-accumulates per sample.
+    pub macs_per_sample: f64,
+    pub params: Params,
+    pub terms: Vec<TermReport>,
+    pub trained_by: Vec<TrainedBy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub stage: usize,
+    pub device: String,
+    /// First and one-past-last module.
+    pub modules: [usize; 2],
+    pub macs_per_sample: f64,
+    pub params: Params,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlacementReport {
+    pub devices: Vec<String>,
+    /// False when a requested GPU is not visible here (the placement is still computed).
+    pub devices_available: bool,
+    pub note: Option<String>,
+    pub stages: Vec<StageReport>,
+    pub cpu_stages: usize,
+    /// Intra-op threads each CPU stage would get.
+    pub intra_op_threads: usize,
+}
+
+/// Everything `plan` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    pub arch: String,
+    pub family: Family,
+    pub block: BlockKind,
+    pub depths: Vec<usize>,
+    pub widths: Vec<usize>,
+    pub dataset: String,
+    pub input: Chw,
+    pub num_classes: usize,
+    pub k: usize,
+    pub split_source: String,
+    /// Last block of modules 0..K-2.
+    pub split_ends: Vec<BlockRef>,
+    pub method: Method,
+    pub head: HeadKind,
+    pub schedule: Schedule,
+    /// `pipeline.placement`.
+    pub placement_rule: PlacementRule,
+    pub in_flight: usize,
+    pub batch_size: usize,
+    /// How the LAM chains were derived; `None` without MLAAN.
+    pub lam_rule: Option<String>,
+    pub modules: Vec<ModuleReport>,
+    pub total: Params,
+    /// `ArchSpec::total_params` for this input and class count (equals `total.backbone`).
+    pub arch_params: usize,
+    pub placement: PlacementReport,
+}
+
+/// Derive the plan of `cfg` and measure it.
+pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
+    let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
+    let plan = plan_for(cfg, &data)?;
+    let image = data.info.image();
+    let batch = cfg.train.batch_size as u64;
+    let macs = plan.module_macs();
+    let mut modules = Vec::with_capacity(plan.k());
+    for (m, spec) in plan.modules.iter().enumerate() {
+        let params = {
+            let nets = build_nets(&plan, m, image, Device::Cpu);
+            Params {
+                backbone: nets.count_params(|n| !n.starts_with("aux.")),
+                aux: nets.count_params(|n| n.starts_with("aux.") && !is_lam(n)),
+                lam: nets.count_params(is_lam),
+                ema: nets.ema_param_count(),
+            }
+        };
+        let terms = spec
+            .terms
+            .iter()
+            .map(|t| TermReport {
+                kind: t.kind,
+                weight: t.weight,
+                reach: t.reach,
+                reaches: (m - t.reach.min(m)..=m).collect(),
+                objective: t.objective.clone(),
+                lam_chain: t.lam.as_ref().map(|l| l.chain.blocks.clone()),
+                ema_source_module: t.lam.as_ref().map(|l| l.chain.ema_source_module),
+            })
+            .collect();
+        modules.push(ModuleReport {
+            index: m,
+            with_stem: spec.with_stem,
+            blocks: spec.block_refs.clone(),
+            with_classifier: spec.with_classifier,
+            output: spec.output,
+            activation_bytes: spec.output.numel() as u64 * batch * 4,
+            macs_per_sample: macs[m],
+            params,
+            terms,
+            trained_by: trained_by(&plan, m),
+        });
+    }
+    let mut total = Params::default();
+    for m in &modules {
+        total.add(&m.params);
+    }
+    let placement = placement(cfg, &plan, &modules, image)?;
+    Ok(PlanReport {
+        arch: plan.arch.name.clone(),
+        family: plan.arch.family,
+        block: plan.arch.block,
+        depths: plan.arch.depths.clone(),
+        widths: plan.arch.widths.clone(),
+        dataset: data.info.name.clone(),
+        input: plan.input,
+        num_classes: plan.num_classes,
+        k: plan.k(),
+        split_source: plan.split.source.clone(),
+        split_ends: plan.split.ends.clone(),
+        method: plan.method,
+        head: cfg.method.head_kind(),
+        schedule: cfg.pipeline.schedule,
+        placement_rule: cfg.pipeline.placement,
+        in_flight: cfg.pipeline.in_flight,
+        batch_size: cfg.train.batch_size,
+        lam_rule: plan.method.is_mlaan().then(|| lam_rule(cfg, &plan)),
+        modules,
+        total,
+        arch_params: plan.arch.total_params(plan.input.c, plan.num_classes),
+        placement,
+    })
+}
+
+/// Parameters of LAM copies live under `aux.<term>.lam.<j>.`.
+fn is_lam(name: &str) -> bool {
+    name.starts_with("aux.") && name.contains(".lam.")
+}
+
+/// The losses (of this or later modules) whose gradient reaches module `i`.
+fn trained_by(plan: &NetworkPlan, i: usize) -> Vec<TrainedBy> {
+    plan.modules
+        .iter()
+        .skip(i)
+        .flat_map(|m| {
+            m.terms
+                .iter()
+                .filter(move |t| t.reach >= m.index - i)
+                .map(move |t| TrainedBy { module: m.index, term: t.kind })
+        })
+        .collect()
+}
+
+fn lam_rule(cfg: &RunConfig, plan: &NetworkPlan) -> String {
+    let lam = &cfg.method.lam;
+    if lam.source == "auto" && plan.arch.name == "resnet32" {
+        "MLAAN table (resnet32)".into()
+    } else {
+        let k = plan.k();
+        let depths: Vec<String> = (1..k.saturating_sub(1))
+            .map(|i| pyramid_depth(lam.depth, lam.pyramid, i, k).to_string())
+            .collect();
+        format!(
+            "pyramid rule depth_i = max(1, round(d·(1 − i·c/(K−2)) + i·c/(K−2))) with d={}, c={} \
+             (before clamping: {}); every later stage's first block kept, the rest spaced evenly \
+             back from the last block",
+            lam.depth,
+            lam.pyramid,
+            if depths.is_empty() { "no steps".into() } else { depths.join(",") }
+        )
+    }
+}
+
+fn placement(
+    cfg: &RunConfig,
+    plan: &NetworkPlan,
+    modules: &[ModuleReport],
+    image: ImageSpec,
+) -> Result<PlacementReport> {
+    let specs = &cfg.pipeline.devices;
+    let (devices, note) = match crate::devices::resolve(specs) {
+        Ok(d) => (d, None),
+        Err(e) => (
+            specs
+                .iter()
+                .map(|d| match *d {
+                    DeviceSpec::Cpu => Device::Cpu,
+                    DeviceSpec::Cuda(i) => Device::Cuda(i),
+                })
+                .collect(),
+            Some(format!(
+                "{e}; the placement below is for the devices as listed, `train` would stop here"
+            )),
+        ),
+    };
+    let (p, _) = choose_placement(cfg, plan, &devices, image)?;
+    let stage_device = |s: usize| specs[s.min(specs.len() - 1)];
+    let stages: Vec<StageReport> = p
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(s, g)| {
+            let mut params = Params::default();
+            for m in &modules[g.clone()] {
+                params.add(&m.params);
+            }
+            StageReport {
+                stage: s,
+                device: stage_device(s).to_string(),
+                modules: [g.start, g.end],
+                macs_per_sample: modules[g.clone()].iter().map(|m| m.macs_per_sample).sum(),
+                params,
+            }
+        })
+        .collect();
+    let cpu_stages = (0..stages.len()).filter(|&s| stage_device(s) == DeviceSpec::Cpu).count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let intra_op_threads = match cfg.pipeline.intra_op_threads {
+        0 => cpu_threads_per_stage(cores, cpu_stages),
+        n => n,
+    };
+    Ok(PlacementReport {
+        devices: specs.iter().map(|d| d.to_string()).collect(),
+        devices_available: note.is_none(),
+        note,
+        stages,
+        cpu_stages,
+        intra_op_threads,
+    })
+}
