@@ -2,7 +2,8 @@ use crate::cli::TrainArgs;
 use anyhow::{Context, Result};
 use mlaan_core::config::Method;
 use mlaan_core::device::DeviceSpec;
-use mlaan_train::trainer::{new_run_dir, train, Outcome, RunOptions};
+use mlaan_train::session::RunOptions;
+use mlaan_train::trainer::{new_run_dir, train, Outcome};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 

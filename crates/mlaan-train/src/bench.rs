@@ -9,7 +9,7 @@
 //! `+recompute` suffix (`mlaan-dgl:sync+recompute`) trades a second forward for memory.
 
 use crate::devices::{self, GpuPeakSampler};
-use crate::trainer::{to_tensors, RunOptions, Session};
+use crate::session::{to_tensors, RunOptions, Session};
 use anyhow::{bail, Context, Result};
 use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
 use mlaan_core::config::{Method, RunConfig, Schedule};

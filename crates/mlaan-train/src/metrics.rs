@@ -1,11 +1,22 @@
-//! Metric sinks: `metrics.jsonl` (one record per line) and the progress bar; TensorBoard
-//! event files are `mlaan_report::EventWriter`.
+//! Metric sinks: `metrics.jsonl` (one record per line), the progress bar, and [`MetricsLog`],
+//! which joins the stages' windows into records for every sink; TensorBoard event files are
+//! `mlaan_report::EventWriter`.
 
+use crate::evaluate::EvalResult;
+use crate::skips::SkipGuard;
+use anyhow::Result;
+use mlaan_core::config::RunConfig;
 use mlaan_core::metrics::{MetricRecord, StageWindow};
+use mlaan_core::plan::NetworkPlan;
+use mlaan_engine::pipeline::Event;
+use mlaan_report::EventWriter;
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::path::PathBuf;
+use std::time::Instant;
 
 /// Appends one JSON record per line and flushes each, so a crash loses nothing written.
 pub struct JsonlWriter {
@@ -78,4 +89,163 @@ pub fn above_bar<R>(print: impl FnOnce() -> R) -> R {
         Some(b) if !b.is_finished() => b.suspend(print),
         _ => print(),
     }
+}
+
+/// A stage's window, its learning rate and its modules' term losses.
+type StageReport = (StageWindow, f64, Vec<(usize, Vec<f64>)>);
+
+/// Collects per-stage metric windows into records and writes them to every sink:
+/// `metrics.jsonl`, the TensorBoard event file (`train.tensorboard`), the progress bar, and
+/// `curves.png` at every evaluation.
+pub struct MetricsLog {
+    dir: PathBuf,
+    jsonl: JsonlWriter,
+    events: Option<EventWriter>,
+    /// Names of each module's loss terms, in the order its stage reports them.
+    term_names: Vec<Vec<String>>,
+    stages: usize,
+    pending: BTreeMap<u64, Vec<Option<StageReport>>>,
+    last: Vec<Option<StageWindow>>,
+    start: Instant,
+    /// Batches dropped for non-finite losses; too many in a row stop the run.
+    pub skips: SkipGuard,
+}
+
+impl MetricsLog {
+    /// `resume_step`: continue the file, dropping records past the checkpoint that the
+    /// resumed run will write again. A resumed run starts a new event file, which TensorBoard
+    /// reads together with the earlier ones.
+    pub fn new(
+        out: &Path,
+        cfg: &RunConfig,
+        plan: &NetworkPlan,
+        stages: usize,
+        resume_step: Option<u64>,
+    ) -> Result<Self> {
+        let path = out.join("metrics.jsonl");
+        let append = resume_step.is_some();
+        if let Some(step) = resume_step {
+            let kept: String = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| r.step() <= step))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&path, kept)?;
+        }
+        let events = if cfg.train.tensorboard {
+            let mut w = EventWriter::create(out)?;
+            w.text(resume_step.unwrap_or(0), "config", &indented(&cfg.to_toml()))?;
+            Some(w)
+        } else {
+            None
+        };
+        Ok(MetricsLog {
+            dir: out.to_path_buf(),
+            jsonl: if append { JsonlWriter::append(&path)? } else { JsonlWriter::create(&path)? },
+            events,
+            term_names: plan
+                .modules
+                .iter()
+                .map(|m| m.terms.iter().map(|t| t.kind.name().to_string()).collect())
+                .collect(),
+            stages,
+            pending: BTreeMap::new(),
+            last: vec![None; stages],
+            start: Instant::now(),
+            skips: SkipGuard::new(cfg.pipeline.max_consecutive_skips),
+        })
+    }
+
+    pub fn absorb(
+        &mut self,
+        events: Vec<Event>,
+        epoch: usize,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        for ev in events {
+            let (stage, window, step, lr, term_losses) = match ev {
+                Event::Window { stage, window, step, lr, term_losses } => {
+                    (stage, window, step, lr, term_losses)
+                }
+                Event::Skipped { stage, batch, cause } => {
+                    self.skips.note(stage, batch, cause)?;
+                    continue;
+                }
+                _ => continue,
+            };
+            self.last[stage] = Some(window.clone());
+            let slot = self.pending.entry(step).or_insert_with(|| vec![None; self.stages]);
+            slot[stage] = Some((window, lr, term_losses));
+            if slot.iter().all(|s| s.is_some()) {
+                let slot = self.pending.remove(&step).expect("present");
+                let mut stages = Vec::with_capacity(self.stages);
+                let mut loss = f64::NAN;
+                let mut lr_out = 0.0;
+                for (mut w, lr, terms) in slot.into_iter().flatten() {
+                    // The network's loss is the last module's last term (its classifier).
+                    if let Some((_, l)) = terms.last() {
+                        if let Some(v) = l.last() {
+                            loss = *v;
+                        }
+                    }
+                    w.loss = terms.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+                    lr_out = lr;
+                    stages.push(w);
+                }
+                let ips = stages.last().map_or(0.0, |w| w.images_per_s);
+                bar.set_message(bar_message(ips, &stages, loss, lr_out));
+                self.write(MetricRecord::Train {
+                    step,
+                    epoch,
+                    loss,
+                    lr: lr_out,
+                    images_per_s: ips,
+                    elapsed_s: self.start.elapsed().as_secs_f64(),
+                    skipped_batches: self.skips.total(),
+                    stages,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Log an evaluation and redraw the curves with it.
+    pub fn eval(&mut self, step: u64, epoch: usize, e: &EvalResult) -> Result<()> {
+        let k = e.modules.iter().map(|m| m.module + 1).max().unwrap_or(0);
+        self.write(MetricRecord::Eval {
+            step,
+            epoch,
+            test_accuracy: e.accuracy(),
+            test_loss: e.loss(),
+            module_accuracy: e.module_accuracy(k),
+        })?;
+        self.plot();
+        Ok(())
+    }
+
+    fn write(&mut self, record: MetricRecord) -> Result<()> {
+        self.jsonl.write(&record)?;
+        if let Some(events) = &mut self.events {
+            let scalars = mlaan_report::tensorboard_scalars(&record, &self.term_names);
+            events.scalars(record.step(), &scalars)?;
+        }
+        Ok(())
+    }
+
+    /// Redraw `curves.png`. A picture that cannot be drawn is a warning, never a failed run.
+    pub fn plot(&self) {
+        if let Err(e) = mlaan_report::training_plots(&self.dir.join("metrics.jsonl"), &self.dir) {
+            tracing::warn!("curves.png not drawn: {e}");
+        }
+    }
+
+    pub fn last_windows(&self) -> Vec<StageWindow> {
+        self.last.iter().flatten().cloned().collect()
+    }
+}
+
+/// Text indented by four spaces: a Markdown code block, as TensorBoard's Text tab renders it.
+fn indented(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
 }

@@ -10,7 +10,7 @@ use mlaan_core::config::Schedule;
 use mlaan_core::device::DeviceSpec;
 use mlaan_engine::pipeline::{Fault, FaultKind};
 use mlaan_engine::TrainError;
-use mlaan_train::trainer::{RunOptions, Session};
+use mlaan_train::session::{RunOptions, Session};
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 

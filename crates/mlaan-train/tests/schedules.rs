@@ -8,7 +8,7 @@ use common::{feed_steps, max_rel_diff, tiny};
 use mlaan_core::config::{EmaLagRule, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_engine::pipeline::ModuleSnapshot;
-use mlaan_train::trainer::{RunOptions, Session};
+use mlaan_train::session::{RunOptions, Session};
 
 fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {
     let mut s = Session::start(cfg, &RunOptions::default()).unwrap();

@@ -11,7 +11,8 @@ use mlaan_core::device::DeviceSpec;
 use mlaan_core::metrics::MetricRecord;
 use mlaan_engine::pipeline::{Event, Fault, FaultKind, ModuleSnapshot};
 use mlaan_engine::TrainError;
-use mlaan_train::trainer::{self, Outcome, RunOptions, Session};
+use mlaan_train::session::{RunOptions, Session};
+use mlaan_train::trainer::{self, Outcome};
 
 /// `method` with K = 4 on `stages` CPU stages, dropping non-finite batches, at a constant
 /// learning rate (so that a skipped step moves no schedule).

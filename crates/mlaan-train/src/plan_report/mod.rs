@@ -8,7 +8,8 @@ mod render;
 
 pub use render::render;
 
-use crate::trainer::{choose_placement, plan_for};
+use crate::placement::choose_placement;
+use crate::session::plan_for;
 use anyhow::{Context, Result};
 use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
 use mlaan_core::config::{HeadKind, Method, PlacementRule, RunConfig, Schedule};

@@ -4,7 +4,7 @@
 use mlaan_core::config::{RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_engine::pipeline::Event;
-use mlaan_train::trainer::Session;
+use mlaan_train::session::Session;
 use tch::Tensor;
 
 /// A ResNet-14 (six blocks) on 8x8 synthetic images: every method and split in milliseconds.

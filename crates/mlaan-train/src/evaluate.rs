@@ -1,0 +1,82 @@
+//! One evaluation path: the test set through the pipeline, every stage's counts gathered.
+//! `train` (at its boundaries) and `mlaan-pipe eval` (a saved backbone on one stage) both use
+//! it; the bench measures throughput and evaluates nothing.
+
+use crate::session::{pipeline_settings, to_tensors, RunOptions};
+use anyhow::{Context, Result};
+use mlaan_core::config::RunConfig;
+use mlaan_core::placement::Placement;
+use mlaan_core::plan::NetworkPlan;
+use mlaan_data::{Datasets, Loader, LoaderConfig};
+use mlaan_engine::init::ModuleState;
+use mlaan_engine::optim::LrSchedule;
+use mlaan_engine::pipeline::{Forward, ModuleEval, ModuleSnapshot, Pipeline};
+use std::sync::Arc;
+use tch::Device;
+
+/// Test-set results gathered from the stages.
+#[derive(Debug, Default, Clone)]
+pub struct EvalResult {
+    pub modules: Vec<ModuleEval>,
+}
+
+impl EvalResult {
+    fn last(&self) -> Option<&ModuleEval> {
+        self.modules.iter().max_by_key(|m| m.module)
+    }
+    pub fn accuracy(&self) -> f64 {
+        self.last().map_or(0.0, |m| m.correct as f64 / m.seen.max(1) as f64)
+    }
+    pub fn loss(&self) -> f64 {
+        self.last().map_or(f64::NAN, |m| m.loss_sum / m.seen.max(1) as f64)
+    }
+    pub fn module_accuracy(&self, k: usize) -> Vec<Option<f64>> {
+        (0..k)
+            .map(|i| {
+                self.modules
+                    .iter()
+                    .find(|m| m.module == i && m.has_head && m.seen > 0)
+                    .map(|m| m.correct as f64 / m.seen as f64)
+            })
+            .collect()
+    }
+}
+
+/// Run the test set through the pipeline (after a drain) and gather every stage's counts.
+pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result<EvalResult> {
+    let bs = match cfg.train.eval_batch_size {
+        0 => cfg.train.batch_size,
+        n => n,
+    };
+    let loader = Loader::new(
+        data.test.clone(),
+        data.eval_transform.clone(),
+        LoaderConfig::eval(&cfg.data, bs),
+    );
+    for batch in loader.epoch(0) {
+        let batch = batch.context("loading a test batch")?;
+        let (x, t) = to_tensors(&batch, false);
+        pipe.send(Forward::Eval { x, labels: t.labels })?;
+    }
+    Ok(EvalResult { modules: pipe.end_eval()? })
+}
+
+/// The test set through a one-stage pipeline holding `state`, the one module of `plan`: how
+/// `mlaan-pipe eval` measures a saved backbone, by the same path (normalisation on the first
+/// stage, the stage's evaluation counts, [`evaluate`]) that `train` uses.
+pub fn evaluate_module(
+    cfg: &RunConfig,
+    data: &Datasets,
+    plan: NetworkPlan,
+    state: ModuleState,
+    device: Device,
+) -> Result<EvalResult> {
+    let lr = LrSchedule::constant(cfg.optim.lr);
+    let settings = pipeline_settings(cfg, data, data.info.image(), lr, &RunOptions::default());
+    let placement = Placement { groups: std::iter::once(0..plan.k()).collect() };
+    let states = vec![ModuleSnapshot::initial(0, state)];
+    let mut pipe = Pipeline::start(Arc::new(plan), settings, states, &placement, &[device])?;
+    let result = evaluate(&mut pipe, data, cfg);
+    pipe.finish()?;
+    result
+}

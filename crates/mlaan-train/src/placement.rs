@@ -1,0 +1,95 @@
+//! Which modules run on which device, and how many intra-op threads each CPU stage gets.
+
+use anyhow::Result;
+use mlaan_core::config::{Method, PlacementRule, RunConfig, Schedule};
+use mlaan_core::device::{cpu_threads_by_cost, cpu_threads_per_stage};
+use mlaan_core::placement::{place, Placement};
+use mlaan_core::plan::{ImageSpec, NetworkPlan};
+use std::time::Instant;
+use tch::Device;
+
+/// Largest batch the placement profile runs.
+const PROFILE_BATCH: usize = 32;
+
+/// Which modules run on which device: everything on one stage for `sequential` and plain
+/// e2e; one module per device when K ≤ D; otherwise contiguous groups balanced by a measured
+/// profile (`auto`, `profile`) or by backbone FLOPs (`flops`).
+pub fn choose_placement(
+    cfg: &RunConfig,
+    plan: &NetworkPlan,
+    devices: &[Device],
+    image: ImageSpec,
+) -> Result<(Placement, Option<Vec<f64>>)> {
+    if cfg.pipeline.schedule == Schedule::Sequential || plan.method == Method::E2e && plan.k() == 1
+    {
+        return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
+    }
+    let d = devices.len();
+    if d == 1 {
+        return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
+    }
+    if plan.k() <= d || cfg.pipeline.placement == PlacementRule::Flops {
+        return Ok((place(&plan.module_macs(), d)?, None));
+    }
+    // Profile on the first device with the threads each stage will have.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_stages = devices.iter().filter(|x| **x == Device::Cpu).count();
+    let threads = match cfg.pipeline.intra_op_threads {
+        0 => cpu_threads_per_stage(cores, cpu_stages),
+        n => n,
+    };
+    tch::set_num_threads(threads as i32);
+    let t = Instant::now();
+    // Relative costs are what matters: a small batch keeps the profile short on a CPU.
+    let batch = cfg.train.batch_size.min(PROFILE_BATCH);
+    let costs = mlaan_engine::profile::module_costs(
+        plan,
+        image,
+        devices[0],
+        batch,
+        cfg.pipeline.schedule,
+        2,
+    )?;
+    let p = place(&costs, d)?;
+    tracing::info!(
+        "placement from a {:.1} s profile (ms per batch: {}): {}",
+        t.elapsed().as_secs_f64(),
+        costs.iter().map(|c| format!("{:.0}", c * 1e3)).collect::<Vec<_>>().join(" "),
+        p.groups.iter().map(|g| format!("{}..{}", g.start, g.end)).collect::<Vec<_>>().join(" | ")
+    );
+    Ok((p, Some(costs)))
+}
+
+/// The device of each stage.
+pub(crate) fn stage_devices(p: &Placement, devices: &[Device]) -> Vec<Device> {
+    (0..p.num_stages()).map(|s| devices[s.min(devices.len() - 1)]).collect()
+}
+
+/// Intra-op threads of each stage: CPU stages share the cores, in proportion to their
+/// measured cost when there is a profile, evenly otherwise (`pipeline.intra_op_threads`
+/// overrides). Intra-op parallelism is per thread, so each stage thread sets its own.
+pub(crate) fn configure_threads(
+    cfg: &RunConfig,
+    p: &Placement,
+    devices: &[Device],
+    module_costs: Option<&[f64]>,
+) -> Vec<usize> {
+    let stage_devs = stage_devices(p, devices);
+    let cpu: Vec<usize> = (0..p.num_stages()).filter(|&s| stage_devs[s] == Device::Cpu).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let even = cpu_threads_per_stage(cores, cpu.len());
+    let mut threads = vec![even; p.num_stages()];
+    if cfg.pipeline.intra_op_threads > 0 {
+        threads = vec![cfg.pipeline.intra_op_threads; p.num_stages()];
+    } else if let Some(costs) = module_costs {
+        let stage_cost = |s: usize| p.groups[s].clone().map(|m| costs[m]).sum::<f64>();
+        let by_cost =
+            cpu_threads_by_cost(cores, &cpu.iter().map(|&s| stage_cost(s)).collect::<Vec<_>>());
+        for (&s, t) in cpu.iter().zip(by_cost) {
+            threads[s] = t;
+        }
+    }
+    tch::set_num_threads(threads.iter().copied().max().unwrap_or(1) as i32);
+    tracing::info!("{} stage(s); intra-op threads per stage: {threads:?}", p.num_stages());
+    threads
+}
