@@ -100,6 +100,19 @@ fn plan_shows_split_chains_and_placement() {
     assert!(m[1]["params"]["ema"].as_u64().unwrap() > 0);
     assert_eq!(m[0]["activation_bytes"], 16 * 32 * 32 * 128 * 4);
     assert_eq!(p["placement"]["stages"].as_array().unwrap().len(), 2);
+    assert_eq!(m[1]["terms"][1]["ema_follows"], true);
+
+    // The official CIFAR code's twins: only the last step's follows its block.
+    let mut args = PLAN_R32_K4.to_vec();
+    args.extend(["--set", "method.ema_update=last"]);
+    let out = ok(&args);
+    for want in [
+        "EMA update last",
+        "[3,0] [3,2] [3,3] [3,4] (twin of [3,0] frozen at initialisation)",
+        "[3,1] [3,2] [3,4] (twin of [3,1] from module 3)",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in\n{out}");
+    }
 }
 
 #[test]

@@ -122,6 +122,31 @@ impl EmaLagRule {
     }
 }
 
+/// Which EMA twins follow their real block (MLAAN). The official code differs between its
+/// variants: its CIFAR code updates only the last step's twin and leaves the others frozen
+/// copies of their block at initialisation; its ImageNet code updates all (docs/method.md §4,
+/// docs/method-comparison.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EmaUpdate {
+    /// Every twin folds in its real block after every step.
+    All,
+    /// Only the twin of the last step with a LAM chain; the others stay as initialised.
+    Last,
+    /// No twin moves: each stays the copy of its block at initialisation.
+    None,
+}
+
+impl EmaUpdate {
+    pub fn name(self) -> &'static str {
+        match self {
+            EmaUpdate::All => "all",
+            EmaUpdate::Last => "last",
+            EmaUpdate::None => "none",
+        }
+    }
+}
+
 /// How modules are grouped onto stages when there are more modules than devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -187,6 +212,8 @@ pub struct MethodConfig {
     pub ema_momentum: f64,
     /// Which real-block weights a twin folds in after step b.
     pub ema_lag: EmaLagRule,
+    /// Which twins are updated at all (`all`, or the official CIFAR code's `last`, or `none`).
+    pub ema_update: EmaUpdate,
     pub lam: LamConfig,
 }
 
@@ -204,6 +231,7 @@ impl Default for MethodConfig {
             cascade_depth: 2,
             ema_momentum: 0.995,
             ema_lag: EmaLagRule::Auto,
+            ema_update: EmaUpdate::All,
             lam: LamConfig::default(),
         }
     }

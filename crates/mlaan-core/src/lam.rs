@@ -22,6 +22,9 @@ pub struct LamChain {
     pub blocks: Vec<BlockRef>,
     /// Module that owns the real block of `blocks[0]`, the source of the EMA twin.
     pub ema_source_module: usize,
+    /// Whether the twin follows its real block (`method.ema_update`); a frozen twin stays the
+    /// copy of the block at initialisation.
+    pub ema_follows: bool,
 }
 
 /// Parameters of the chain rule and where chains come from.
@@ -118,7 +121,7 @@ pub fn derive_chains(
                     reason: format!("chain block {} does not exist", chain[0]),
                 }
             })?);
-        let c = LamChain { step, blocks: chain, ema_source_module };
+        let c = LamChain { step, blocks: chain, ema_source_module, ema_follows: true };
         validate_chain(arch, split, &c)?;
         chains.push(c);
     }
@@ -249,7 +252,12 @@ mod tests {
     fn broken_chain_is_rejected_with_the_block() {
         let a = ArchSpec::from_name("resnet32").unwrap();
         let s = Split::resolve(&a, 4, &SplitSpec::Named("infopro".into())).unwrap();
-        let c = LamChain { step: 1, blocks: refs(&[[3, 2], [3, 4]]), ema_source_module: 3 };
+        let c = LamChain {
+            step: 1,
+            blocks: refs(&[[3, 2], [3, 4]]),
+            ema_source_module: 3,
+            ema_follows: true,
+        };
         let e = validate_chain(&a, &s, &c).unwrap_err().to_string();
         assert!(e.contains("[3,2]"), "{e}");
     }

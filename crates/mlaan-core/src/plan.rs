@@ -10,7 +10,7 @@
 //! | mlaan-* | — (only the cascade of later steps) | w_ind·base + w_casc·base(LAM), reach d-1 | CE(fc), reach d-1 |
 
 use crate::arch::{ArchSpec, BlockInfo, Chw};
-use crate::config::{HeadKind, InfoProMode, Method, RunConfig};
+use crate::config::{EmaUpdate, HeadKind, InfoProMode, Method, RunConfig};
 use crate::error::PlanError;
 use crate::lam::{derive_chains, LamChain};
 use crate::split::Split;
@@ -127,8 +127,16 @@ impl NetworkPlan {
         let k = split.k();
         let m = &cfg.method;
         let method = m.name;
-        let chains =
+        let mut chains =
             if method.is_mlaan() { derive_chains(&arch, &split, &m.lam)? } else { Vec::new() };
+        let last_step = chains.iter().map(|c| c.step).max();
+        for c in &mut chains {
+            c.ema_follows = match m.ema_update {
+                EmaUpdate::All => true,
+                EmaUpdate::Last => Some(c.step) == last_step,
+                EmaUpdate::None => false,
+            };
+        }
         let blocks = arch.blocks();
         let outputs = arch.block_outputs(input);
         let head = m.head_kind();
@@ -307,6 +315,26 @@ mod tests {
         cfg.model.k = k;
         cfg.method.cascade_depth = d;
         NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap()
+    }
+
+    #[test]
+    fn ema_update_marks_which_twins_follow_their_block() {
+        let follows = |update: &str| -> Vec<(usize, bool)> {
+            let mut cfg = RunConfig::default();
+            cfg.method.name = Method::MlaanDgl;
+            cfg.model.k = 8;
+            cfg.method.ema_update =
+                toml::from_str::<std::collections::BTreeMap<String, EmaUpdate>>(&format!(
+                    "u = \"{update}\""
+                ))
+                .unwrap()["u"];
+            let p = NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap();
+            p.chains.iter().map(|c| (c.step, c.ema_follows)).collect()
+        };
+        let steps: Vec<usize> = (1..7).collect();
+        assert_eq!(follows("all"), steps.iter().map(|&s| (s, true)).collect::<Vec<_>>());
+        assert_eq!(follows("last"), steps.iter().map(|&s| (s, s == 6)).collect::<Vec<_>>());
+        assert_eq!(follows("none"), steps.iter().map(|&s| (s, false)).collect::<Vec<_>>());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{feed_steps, max_rel_diff, tiny};
-use mlaan_core::config::{EmaLagRule, RunConfig, Schedule};
+use mlaan_core::config::{EmaLagRule, EmaUpdate, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_engine::pipeline::ModuleSnapshot;
 use mlaan_train::session::{RunOptions, Session};
@@ -114,6 +114,40 @@ fn ema_twin_follows_the_formula() {
         }
     }
     assert!(checked > 0);
+}
+
+#[test]
+fn ema_update_chooses_which_twins_move() {
+    // K = 6: LAM chains at steps 1..=4, each with one twin in its own module. `last` moves
+    // only step 4's twin (the official CIFAR code), `none` none, `all` every one.
+    let twins_moved = |update: EmaUpdate| -> Vec<usize> {
+        let mut c = with("mlaan-dgl", 6, Schedule::Sync, 2, EmaLagRule::Distance);
+        c.method.ema_update = update;
+        c.method.ema_momentum = 0.5;
+        let (before, after) = (run(&c, 0), run(&c, 4));
+        let mut moved = Vec::new();
+        for (b, a) in before.iter().zip(&after) {
+            let twins = |s: &ModuleSnapshot| -> Vec<tch::Tensor> {
+                s.state
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("ema.") && !n.contains("running_"))
+                    .filter(|(n, _)| !n.contains("num_batches"))
+                    .map(|(_, t)| t.shallow_clone())
+                    .collect()
+            };
+            let (t0, t1) = (twins(b), twins(a));
+            if t0.is_empty() {
+                continue;
+            }
+            if t0.iter().zip(&t1).any(|(x, y)| max_rel_diff(x, y) > 0.0) {
+                moved.push(a.module);
+            }
+        }
+        moved
+    };
+    assert_eq!(twins_moved(EmaUpdate::All), vec![1, 2, 3, 4]);
+    assert_eq!(twins_moved(EmaUpdate::Last), vec![4]);
+    assert_eq!(twins_moved(EmaUpdate::None), Vec::<usize>::new());
 }
 
 #[test]

@@ -37,8 +37,9 @@ pub struct EmaWires {
 }
 
 impl EmaWires {
-    /// One channel per LAM chain, from the stage owning the real block to the stage of the
-    /// module whose twin it is; `rule` is already resolved for the schedule.
+    /// One channel per LAM chain whose twin follows its block (`LamChain::ema_follows`), from
+    /// the stage owning the real block to the stage of the module whose twin it is; a frozen
+    /// twin gets none and stays as initialised. `rule` is already resolved for the schedule.
     pub fn new(
         plan: &NetworkPlan,
         placement: &Placement,
@@ -48,7 +49,7 @@ impl EmaWires {
         let d = placement.num_stages();
         let mut twins: Vec<Vec<TwinWire>> = (0..d).map(|_| Vec::new()).collect();
         let mut sources: Vec<Vec<SourceWire>> = (0..d).map(|_| Vec::new()).collect();
-        for c in &plan.chains {
+        for c in plan.chains.iter().filter(|c| c.ema_follows) {
             let (tx, rx) = unbounded();
             let block = format!("layer{}.{}", c.blocks[0].stage, c.blocks[0].index);
             let ts = placement.stage_of(c.step);

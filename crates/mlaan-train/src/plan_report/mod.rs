@@ -56,6 +56,8 @@ pub struct TermReport {
     pub lam_chain: Option<Vec<BlockRef>>,
     /// Module that owns the real block the EMA twin follows.
     pub ema_source_module: Option<usize>,
+    /// Whether that twin follows its block (`method.ema_update`) or stays frozen.
+    pub ema_follows: Option<bool>,
 }
 
 /// A loss of some module whose gradient reaches this one.
@@ -164,6 +166,7 @@ pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
                 objective: t.objective.clone(),
                 lam_chain: t.lam.as_ref().map(|l| l.chain.blocks.clone()),
                 ema_source_module: t.lam.as_ref().map(|l| l.chain.ema_source_module),
+                ema_follows: t.lam.as_ref().map(|l| l.chain.ema_follows),
             })
             .collect();
         modules.push(ModuleReport {

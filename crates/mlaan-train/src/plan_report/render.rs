@@ -163,8 +163,12 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
     if r.method.is_mlaan() {
         let _ = write!(
             method,
-            ", w_ind {}, w_casc {}, cascade depth d={}, EMA momentum {}",
-            m.w_ind, m.w_casc, m.cascade_depth, m.ema_momentum
+            ", w_ind {}, w_casc {}, cascade depth d={}, EMA momentum {}, EMA update {}",
+            m.w_ind,
+            m.w_casc,
+            m.cascade_depth,
+            m.ema_momentum,
+            m.ema_update.name()
         );
     }
     let _ = writeln!(o, "  method        {method}");
@@ -268,7 +272,12 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             let lam = match (&t.lam_chain, t.ema_source_module) {
                 (Some(c), Some(src)) => {
                     let c: Vec<String> = c.iter().map(|b| b.to_string()).collect();
-                    format!("{} (twin of {} from module {src})", c.join(" "), c[0])
+                    match t.ema_follows {
+                        Some(false) => {
+                            format!("{} (twin of {} frozen at initialisation)", c.join(" "), c[0])
+                        }
+                        _ => format!("{} (twin of {} from module {src})", c.join(" "), c[0]),
+                    }
                 }
                 _ => String::new(),
             };
