@@ -904,6 +904,11 @@ fn paper_configs_have_the_paper_settings() {
         if c.method.name == Method::MlaanInfopro {
             assert_eq!(c.method.cascade_depth, 3, "{file}: the InfoPro variant uses d=3");
         }
+        if arch == "resnet110" && c.method.name.uses_infopro_loss() {
+            // InfoPro's and AugLocal's ResNet-110 λ, not the ResNet-32 ones.
+            let lambdas = (c.method.lambda_first, c.method.lambda_last);
+            assert_eq!(lambdas, ([5.0, 0.0], [0.5, 1.0]), "{file}");
+        }
         // Checkpoints: at least a few per day-long run, not so many that writing them matters;
         // a step-count checkpoint that lands on an epoch end is skipped without at_epoch_end.
         let every = c.checkpoint.every_steps;

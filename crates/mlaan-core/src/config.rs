@@ -208,6 +208,10 @@ pub struct MethodConfig {
     pub w_casc: f64,
     /// MLAAN: how many modules a cascade loss reaches (d).
     pub cascade_depth: usize,
+    /// MLAAN with d = 3: whether step 1, whose cascade cannot reach three modules, still gets
+    /// an independent loss and a cascade of reach 1. The official code gives it no loss at
+    /// all (module 1 then learns from step 2's cascade alone), which is the default.
+    pub early_cascades: bool,
     /// MLAAN: EMA momentum m of the twins (`p_ema ← m·p_ema + (1−m)·p_real`).
     pub ema_momentum: f64,
     /// Which real-block weights a twin folds in after step b.
@@ -229,6 +233,7 @@ impl Default for MethodConfig {
             w_ind: 0.001,
             w_casc: 0.999,
             cascade_depth: 2,
+            early_cascades: false,
             ema_momentum: 0.995,
             ema_lag: EmaLagRule::Auto,
             ema_update: EmaUpdate::All,

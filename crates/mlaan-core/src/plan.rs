@@ -127,8 +127,12 @@ impl NetworkPlan {
         let k = split.k();
         let m = &cfg.method;
         let method = m.name;
+        // The first step with a loss of its own: 1, or d − 1 when steps whose cascade cannot
+        // reach d modules get none (the official code).
+        let first_loss = if m.early_cascades { 1 } else { m.cascade_depth.max(2) - 1 };
         let mut chains =
             if method.is_mlaan() { derive_chains(&arch, &split, &m.lam)? } else { Vec::new() };
+        chains.retain(|c| c.step >= first_loss);
         let last_step = chains.iter().map(|c| c.step).max();
         for c in &mut chains {
             c.ema_follows = match m.ema_update {
@@ -192,7 +196,7 @@ impl NetworkPlan {
                     let reach = (m.cascade_depth - 1).min(i);
                     if last {
                         terms.push(final_term(reach));
-                    } else if i > 0 {
+                    } else if i >= first_loss {
                         terms.push(TermSpec {
                             kind: TermKind::Independent,
                             weight: m.w_ind,
@@ -318,6 +322,40 @@ mod tests {
     }
 
     #[test]
+    fn depth_three_follows_the_official_code() {
+        // The official d = 3 code: no loss at steps 0 and 1; from step 2 on an independent
+        // loss and a cascade reaching three modules; the final loss reaches three too.
+        use TermKind::{Cascade, Final, Independent};
+        let routes = |p: &NetworkPlan| -> Vec<Vec<(TermKind, usize)>> {
+            p.modules.iter().map(|m| m.terms.iter().map(|t| (t.kind, t.reach)).collect()).collect()
+        };
+        let official = plan("mlaan-dgl", 6, 3);
+        assert_eq!(
+            routes(&official),
+            vec![
+                vec![],
+                vec![],
+                vec![(Independent, 0), (Cascade, 2)],
+                vec![(Independent, 0), (Cascade, 2)],
+                vec![(Independent, 0), (Cascade, 2)],
+                vec![(Final, 2)],
+            ]
+        );
+        assert_eq!(official.chains.iter().map(|c| c.step).collect::<Vec<_>>(), vec![2, 3, 4]);
+        // `early_cascades` keeps step 1's losses, with the reach it has.
+        let mut cfg = RunConfig::default();
+        cfg.method.name = Method::MlaanDgl;
+        cfg.model.k = 6;
+        cfg.method.cascade_depth = 3;
+        cfg.method.early_cascades = true;
+        let early = NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap();
+        assert_eq!(routes(&early)[1], vec![(Independent, 0), (Cascade, 1)]);
+        assert_eq!(early.chains.iter().map(|c| c.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        // d = 2 is the same either way: step 1 is the first with a loss.
+        assert_eq!(routes(&plan("mlaan-dgl", 6, 2))[1], vec![(Independent, 0), (Cascade, 1)]);
+    }
+
+    #[test]
     fn ema_update_marks_which_twins_follow_their_block() {
         let follows = |update: &str| -> Vec<(usize, bool)> {
             let mut cfg = RunConfig::default();
@@ -352,7 +390,7 @@ mod tests {
         assert!(p.all_gradients_continue(3) && !p.all_gradients_continue(2));
         assert!(!p.all_gradients_continue(0));
         let p3 = plan("mlaan-infopro", 8, 3);
-        assert_eq!(p3.modules[1].terms[1].reach, 1, "reach is capped at module 0");
+        assert!(p3.modules[1].terms.is_empty(), "official d = 3: no loss at step 1");
         assert_eq!(p3.modules[5].terms[1].reach, 2);
         assert_eq!(p3.max_reach(), 2);
         // Module 3 gets reach-left 1 from step 5's cascade (via 4) and 0 from step 4's.

@@ -170,6 +170,17 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             m.ema_momentum,
             m.ema_update.name()
         );
+        if m.cascade_depth > 2 {
+            let _ = write!(
+                method,
+                "{}",
+                if m.early_cascades {
+                    ", early cascades (step 1 has a loss of reach 1)"
+                } else {
+                    ", no loss before step 2 (the official d=3 code)"
+                }
+            );
+        }
     }
     let _ = writeln!(o, "  method        {method}");
     let _ = writeln!(
