@@ -197,6 +197,9 @@ pub struct MethodConfig {
     /// Classifier head; default `gap-fc` for DGL-based methods, `1c2f` for InfoPro-based.
     pub head: Option<HeadKind>,
     pub infopro_mode: InfoProMode,
+    /// MLAAN on InfoPro: the mode of the independent loss alone (unset: `infopro_mode`). The
+    /// official code's independent head is always the contrastive one.
+    pub independent_mode: Option<InfoProMode>,
     /// InfoPro's (λ1, λ2) at module 0; interpolated linearly to `lambda_last` at module K-2.
     pub lambda_first: [f64; 2],
     pub lambda_last: [f64; 2],
@@ -227,6 +230,7 @@ impl Default for MethodConfig {
             name: Method::E2e,
             head: None,
             infopro_mode: InfoProMode::Softmax,
+            independent_mode: None,
             lambda_first: [5.0, 0.05],
             lambda_last: [0.2, 0.5],
             contrast_temperature: 0.07,
@@ -618,6 +622,13 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&m.ema_momentum) {
             return Err(bad("method.ema_momentum", m.ema_momentum, "must be in [0, 1)"));
+        }
+        if let (Some(mode), false) = (m.independent_mode, m.name == Method::MlaanInfopro) {
+            return Err(bad(
+                "method.independent_mode",
+                mode,
+                "applies to mlaan-infopro only (the independent loss of MLAAN on InfoPro)",
+            ));
         }
         if !is_positive(m.contrast_temperature) {
             return Err(bad("method.contrast_temperature", m.contrast_temperature, "must be > 0"));

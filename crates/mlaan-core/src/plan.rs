@@ -144,7 +144,7 @@ impl NetworkPlan {
         let blocks = arch.blocks();
         let outputs = arch.block_outputs(input);
         let head = m.head_kind();
-        let base = |i: usize, in_channels: usize| -> ObjectiveSpec {
+        let base_in = |mode: InfoProMode, i: usize, in_channels: usize| -> ObjectiveSpec {
             if method.uses_infopro_loss() {
                 let (lambda1, lambda2) = m.lambdas(i, k);
                 ObjectiveSpec::InfoPro {
@@ -152,13 +152,15 @@ impl NetworkPlan {
                     in_channels,
                     lambda1,
                     lambda2,
-                    mode: m.infopro_mode,
+                    mode,
                     temperature: m.contrast_temperature,
                 }
             } else {
                 ObjectiveSpec::Classify { head, in_channels }
             }
         };
+        let base = |i: usize, in_channels: usize| base_in(m.infopro_mode, i, in_channels);
+        let independent_mode = m.independent_mode.unwrap_or(m.infopro_mode);
         let mut modules = Vec::with_capacity(k);
         for i in 0..k {
             let range = split.module_blocks(i);
@@ -202,7 +204,7 @@ impl NetworkPlan {
                             weight: m.w_ind,
                             reach: 0,
                             lam: None,
-                            objective: base(i, output.c),
+                            objective: base_in(independent_mode, i, output.c),
                         });
                         let chain = chains
                             .iter()
@@ -319,6 +321,29 @@ mod tests {
         cfg.model.k = k;
         cfg.method.cascade_depth = d;
         NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap()
+    }
+
+    #[test]
+    fn the_independent_loss_can_have_its_own_infopro_mode() {
+        let mut cfg = RunConfig::default();
+        cfg.method.name = Method::MlaanInfopro;
+        cfg.model.k = 4;
+        cfg.method.independent_mode = Some(InfoProMode::Contrast);
+        cfg.validate().unwrap();
+        let p = NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap();
+        let mode = |t: &TermSpec| match t.objective {
+            ObjectiveSpec::InfoPro { mode, .. } => mode,
+            _ => panic!("not InfoPro"),
+        };
+        for m in &p.modules[1..3] {
+            assert_eq!(
+                (mode(&m.terms[0]), mode(&m.terms[1])),
+                (InfoProMode::Contrast, InfoProMode::Softmax)
+            );
+        }
+        cfg.method.name = Method::MlaanDgl;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("method.independent_mode") && e.contains("mlaan-infopro only"), "{e}");
     }
 
     #[test]
