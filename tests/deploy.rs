@@ -904,6 +904,9 @@ fn paper_configs_have_the_paper_settings() {
         if c.method.name == Method::MlaanInfopro {
             assert_eq!(c.method.cascade_depth, 3, "{file}: the InfoPro variant uses d=3");
         }
+        if file.starts_with("cifar10") {
+            assert_eq!(c.method.lam.source, "official", "{file}: the official code's LAM chains");
+        }
         if arch == "resnet110" && c.method.name.uses_infopro_loss() {
             // InfoPro's and AugLocal's ResNet-110 λ, not the ResNet-32 ones.
             let lambdas = (c.method.lambda_first, c.method.lambda_last);

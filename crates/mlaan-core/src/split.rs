@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum SplitSpec {
-    /// `auto`, `infopro`, `infopro-balanced`, `every-block`, `even`.
+    /// `auto`, `infopro`, `infopro-balanced`, `mlaan`, `every-block`, `even`.
     Named(String),
     /// The end block of modules 0..K-2, e.g. `[[1,2],[2,1],[3,0]]`.
     Ends(Vec<BlockRef>),
@@ -182,6 +182,13 @@ impl Split {
                     })?;
                     Split::from_ends(arch, to_refs(t), "InfoPro table")
                 }
+                "mlaan" => {
+                    let ends = crate::lam::official_module_ends(arch, k)
+                        .ok_or_else(|| {
+                            bad(format!("the official MLAAN code has no split for K={k} (it has resnet32 with K=8,15 and resnet110 with K=32,54)"))
+                        })?;
+                    Split::from_ends(arch, to_refs(ends[..ends.len() - 1].to_vec()), "MLAAN code table")
+                }
                 "infopro-balanced" => {
                     let t = infopro_balanced_table(&arch.name, k).ok_or_else(|| {
                         bad(format!("InfoPro*'s balanced table has no split for K={k} (it has resnet110 with K=2,3,4)"))
@@ -208,7 +215,7 @@ impl Split {
                     }
                 }
                 other => Err(bad(format!(
-                    "unknown split `{other}` (use auto, infopro, infopro-balanced, every-block, even, or a list of [stage,index] ends)"
+                    "unknown split `{other}` (use auto, infopro, infopro-balanced, mlaan, every-block, even, or a list of [stage,index] ends)"
                 ))),
             },
         }

@@ -234,7 +234,13 @@ fn trained_by(plan: &NetworkPlan, i: usize) -> Vec<TrainedBy> {
 
 fn lam_rule(cfg: &RunConfig, plan: &NetworkPlan) -> String {
     let lam = &cfg.method.lam;
-    if lam.source == "auto" && plan.arch.name == "resnet32" {
+    if lam.source == "official" {
+        format!(
+            "the official MLAAN code's table ({} K={}, configAuxPlus_new.py)",
+            plan.arch.name,
+            plan.k()
+        )
+    } else if lam.source == "auto" && plan.arch.name == "resnet32" {
         "MLAAN table (resnet32)".into()
     } else {
         let k = plan.k();
