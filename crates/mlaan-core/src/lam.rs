@@ -368,6 +368,15 @@ mod tests {
             .collect()
     }
 
+    /// `arch` at `k` has `n` official chains, and those of `steps` are as given.
+    fn assert_steps(arch: &str, k: usize, n: usize, steps: &[(usize, &str)]) {
+        let got = official(arch, k);
+        assert_eq!(got.len(), n, "{arch} K={k}");
+        for &(step, want) in steps {
+            assert_eq!(got[step - 1], (step, want.to_string()), "{arch} K={k} step {step}");
+        }
+    }
+
     #[test]
     fn official_tables_are_the_official_code_s() {
         // Transcribed from configAuxPlus_new.py (InfoPro_Aux) of the official MLAAN code at
@@ -383,53 +392,56 @@ mod tests {
         .map(|(s, c)| (s, c.to_string()))
         .to_vec();
         assert_eq!(official("resnet32", 8), r32_k8);
-        let r32_k15 = official("resnet32", 15);
-        assert_eq!(r32_k15.len(), 13);
-        for (step, want) in [
-            (1, "2,0 3,0 3,2 3,4"),
-            (2, "2,0 3,0 3,3 3,4"),
-            (3, "2,0 3,0 3,2 3,4"),
-            (4, "2,0 3,0 3,3 3,4"),
-            (9, "3,0 3,2 3,3 3,4"),
-            (10, "3,1 3,2 3,4"),
-            (11, "3,2 3,3 3,4"),
-            (12, "3,3 3,4"),
-            (13, "3,4"),
-        ] {
-            assert_eq!(r32_k15[step - 1], (step, want.to_string()), "resnet32 K=15 step {step}");
-        }
-        let r110_k54 = official("resnet110", 54);
-        assert_eq!(r110_k54.len(), 52);
-        for (step, want) in [
-            (1, "2,0 3,0 3,2 3,17"),
-            (17, "2,0 3,0 3,2 3,17"),
-            (18, "3,0 3,2 3,3 3,17"),
-            (34, "3,0 3,2 3,3 3,17"),
-            (35, "3,0 3,3 3,4 3,17"),
-            (36, "3,8 3,17"),
-            (42, "3,8 3,17"),
-            (43, "3,14 3,17"),
-            (47, "3,15 3,17"),
-            (49, "3,16 3,17"),
-            (52, "3,17"),
-        ] {
-            assert_eq!(r110_k54[step - 1], (step, want.to_string()), "resnet110 K=54 step {step}");
-        }
-        let r110_k32 = official("resnet110", 32);
-        assert_eq!(r110_k32.len(), 30);
-        for (step, want) in [
-            (1, "2,0 3,0 3,2 3,17"),
-            (10, "2,0 3,0 3,2 3,17"),
-            (11, "3,0 3,2 3,3 3,17"),
-            (21, "3,0 3,3 3,4 3,17"),
-            (22, "3,8 3,17"),
-            (26, "3,14 3,17"),
-            (28, "3,15 3,17"),
-            (29, "3,16 3,17"),
-            (30, "3,17"),
-        ] {
-            assert_eq!(r110_k32[step - 1], (step, want.to_string()), "resnet110 K=32 step {step}");
-        }
+        assert_steps(
+            "resnet32",
+            15,
+            13,
+            &[
+                (1, "2,0 3,0 3,2 3,4"),
+                (2, "2,0 3,0 3,3 3,4"),
+                (3, "2,0 3,0 3,2 3,4"),
+                (4, "2,0 3,0 3,3 3,4"),
+                (9, "3,0 3,2 3,3 3,4"),
+                (10, "3,1 3,2 3,4"),
+                (11, "3,2 3,3 3,4"),
+                (12, "3,3 3,4"),
+                (13, "3,4"),
+            ],
+        );
+        assert_steps(
+            "resnet110",
+            54,
+            52,
+            &[
+                (1, "2,0 3,0 3,2 3,17"),
+                (17, "2,0 3,0 3,2 3,17"),
+                (18, "3,0 3,2 3,3 3,17"),
+                (34, "3,0 3,2 3,3 3,17"),
+                (35, "3,0 3,3 3,4 3,17"),
+                (36, "3,8 3,17"),
+                (42, "3,8 3,17"),
+                (43, "3,14 3,17"),
+                (47, "3,15 3,17"),
+                (49, "3,16 3,17"),
+                (52, "3,17"),
+            ],
+        );
+        assert_steps(
+            "resnet110",
+            32,
+            30,
+            &[
+                (1, "2,0 3,0 3,2 3,17"),
+                (10, "2,0 3,0 3,2 3,17"),
+                (11, "3,0 3,2 3,3 3,17"),
+                (21, "3,0 3,3 3,4 3,17"),
+                (22, "3,8 3,17"),
+                (26, "3,14 3,17"),
+                (28, "3,15 3,17"),
+                (29, "3,16 3,17"),
+                (30, "3,17"),
+            ],
+        );
         // config2.py's ResNet-110 K=32 split.
         let a = ArchSpec::from_name("resnet110").unwrap();
         let split = Split::resolve(&a, 32, &SplitSpec::Named("mlaan".into())).unwrap();
