@@ -152,7 +152,7 @@ const OFFICIAL: &[OfficialTable] = &[
 ];
 
 /// `config2.py`'s ResNet-110 K = 32 split (the last block of every module).
-pub const OFFICIAL_R110_K32_ENDS: [[usize; 2]; 32] = [
+const OFFICIAL_R110_K32_ENDS: [[usize; 2]; 32] = [
     [1, 1],
     [1, 2],
     [1, 4],
