@@ -190,22 +190,31 @@ const OFFICIAL_R110_K32_ENDS: [[usize; 2]; 32] = [
 /// The last block of every module in the split the official code trains `arch` with at `k`
 /// modules (`config2.py`), where it has a LAM table for it.
 pub fn official_module_ends(arch: &ArchSpec, k: usize) -> Option<Vec<[usize; 2]>> {
-    let t = OFFICIAL.iter().find(|t| t.arch == arch.name && t.k == k)?;
-    Some(match t.ends {
-        OfficialEnds::EveryBlock => arch.blocks().iter().map(|b| b.at.into()).collect(),
-        OfficialEnds::List(l) => l.to_vec(),
-    })
+    official_table(arch, k).map(|t| t.module_ends(arch))
+}
+
+fn official_table(arch: &ArchSpec, k: usize) -> Option<&'static OfficialTable> {
+    OFFICIAL.iter().find(|t| t.arch == arch.name && t.k == k)
+}
+
+impl OfficialTable {
+    fn module_ends(&self, arch: &ArchSpec) -> Vec<[usize; 2]> {
+        match self.ends {
+            OfficialEnds::EveryBlock => arch.blocks().iter().map(|b| b.at.into()).collect(),
+            OfficialEnds::List(l) => l.to_vec(),
+        }
+    }
 }
 
 /// The official chains for `arch` split as `split`, by step; `None` when the official code has
 /// no table for that architecture and split.
 fn official_chains(arch: &ArchSpec, split: &Split) -> Option<Vec<Vec<BlockRef>>> {
     let k = split.k();
-    let t = OFFICIAL.iter().find(|t| t.arch == arch.name && t.k == k)?;
+    let t = official_table(arch, k)?;
     let blocks = arch.blocks();
     let ends: Vec<[usize; 2]> =
         (0..k).filter_map(|m| split.module_last_block(m)).map(|b| blocks[b].at.into()).collect();
-    if Some(ends) != official_module_ends(arch, k) {
+    if ends != t.module_ends(arch) {
         return None;
     }
     let mut by_step = vec![Vec::new(); k];

@@ -73,12 +73,11 @@ impl StageRoutes {
 
 /// What [`Stage::process`] did with a batch.
 pub struct Processed {
-    /// The stage output; `None` when the batch was dropped here.
-    pub output: Option<tch::Tensor>,
+    /// The stage output, or why the batch was dropped here (a non-finite loss under
+    /// `on_nonfinite = "skip"`).
+    pub output: Result<Tensor, TrainError>,
     /// Parts that left the stage's front in the early sweep.
     pub front: Vec<GradPart>,
-    /// Why the batch was dropped (a non-finite loss, `on_nonfinite = "skip"`).
-    pub dropped: Option<TrainError>,
 }
 
 /// The modules of one stage.
@@ -114,26 +113,25 @@ impl Stage {
         targets: &BatchTargets,
         on_nonfinite: OnNonFinite,
     ) -> Result<Processed, TrainError> {
-        let mut h = Some(x.shallow_clone());
-        let mut dropped = None;
+        let mut h: Result<Tensor, TrainError> = Ok(x.shallow_clone());
         for i in 0..self.modules.len() {
-            let Some(input) = h.take() else {
+            let Ok(input) = &h else {
                 self.modules[i].drop_batch(id)?;
                 continue;
             };
-            let out = self.modules[i].forward(id, &input, targets.shallow_clone())?;
-            match self.modules[i].local_losses(id) {
-                Ok(_) => h = Some(out),
+            let out = self.modules[i].forward(id, input, targets.shallow_clone())?;
+            h = match self.modules[i].local_losses(id) {
+                Ok(_) => Ok(out),
                 Err(e @ TrainError::NonFinite { .. }) if on_nonfinite == OnNonFinite::Skip => {
                     self.modules[i].drop_batch(id)?;
-                    dropped = Some(e);
+                    Err(e)
                 }
                 Err(e) => return Err(e),
-            }
+            };
             self.probe(i);
         }
         let front = self.sweep(id, Vec::new())?;
-        Ok(Processed { output: h, front, dropped })
+        Ok(Processed { output: h, front })
     }
 
     /// Batch `id` was dropped by an earlier stage: every module here drops it too.

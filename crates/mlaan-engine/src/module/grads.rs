@@ -36,13 +36,13 @@ impl GradBook {
         self.slot.get(name).copied()
     }
 
-    /// Add `grads` (autograd's answer for `params`, same order; undefined ones skipped).
-    pub fn add(
+    /// Add `grads`, autograd's answer for the backbone parameters in their order (undefined
+    /// ones skipped).
+    pub fn add_backbone(
         &mut self,
-        params: &[(usize, Tensor)],
         grads: impl IntoIterator<Item = Tensor>,
     ) -> Result<(), TrainError> {
-        for ((slot, _), g) in params.iter().zip(grads) {
+        for ((slot, _), g) in self.backbone.iter().zip(grads) {
             if g.defined() {
                 add_into(&mut self.acc[*slot], g)?;
             }

@@ -337,10 +337,7 @@ impl LocalModule {
             }
             let grads = vjp(&p.h, &g, &inputs, true)?;
             out.push(GradPart { reach_left: reach - 1, grad: grads[0].shallow_clone() });
-            let backbone = std::mem::take(&mut self.grads.backbone);
-            let added = self.grads.add(&backbone, grads.into_iter().skip(1));
-            self.grads.backbone = backbone;
-            added?;
+            self.grads.add_backbone(grads.into_iter().skip(1))?;
         }
         if combined {
             // Every part went back with its parameter gradient: nothing left for `finish`.
@@ -381,10 +378,7 @@ impl LocalModule {
         }
         let inputs: Vec<&Tensor> = self.grads.backbone.iter().map(|(_, t)| t).collect();
         let grads = vjp(h, g, &inputs, false)?;
-        let backbone = std::mem::take(&mut self.grads.backbone);
-        let added = self.grads.add(&backbone, grads);
-        self.grads.backbone = backbone;
-        added
+        self.grads.add_backbone(grads)
     }
 
     /// A late gradient for a finished batch (async): recompute the module on the kept input

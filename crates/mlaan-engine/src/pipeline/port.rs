@@ -68,7 +68,7 @@ impl Port {
     /// The next forward message; `None` when the input is closed.
     pub fn recv_input(&mut self) -> Result<Option<Forward>, TrainError> {
         let t = Instant::now();
-        let msg = self.recv(&self.input.clone())?;
+        let msg = self.recv(&self.input)?;
         self.waits.input += t.elapsed();
         Ok(msg)
     }

@@ -265,7 +265,7 @@ impl StageWorker {
         self.note_live();
         self.window.busy += t.elapsed();
         match done.output {
-            Some(h) => {
+            Ok(h) => {
                 if let Some(next) = self.next_device {
                     let t = Instant::now();
                     let (x, targets) = (h.to_device(next), targets.to_device(next));
@@ -275,8 +275,7 @@ impl StageWorker {
                 self.window.batches += 1;
                 self.window.images += targets.labels.size()[0] as u64;
             }
-            None => {
-                let cause = done.dropped.expect("a dropped batch has a cause");
+            Err(cause) => {
                 let _ = self.events.send(Event::Skipped { stage: self.index, batch: id, cause });
                 // Counted, not as images: a window of dropped batches still reports.
                 self.window.batches += 1;
