@@ -1,6 +1,7 @@
-// Build script shared by the four packages that link libtorch (the root package `mlaan-pipe`,
-// `mlaan-models`, `mlaan-engine`, `mlaan-train`): each one's build.rs is a single `include!`
-// of this file.
+// Build-script code shared by the packages that link libtorch (the root package `mlaan-pipe`,
+// `mlaan-models`, `mlaan-engine`, `mlaan-train`, `mlaan-dist`): each one's build.rs
+// `include!`s this file and calls `libtorch_build()` from its `main` (mlaan-dist then also
+// compiles its C++ bridge against `libtorch_dir()`).
 //
 // 1. Checks that the libtorch named by `LIBTORCH` is 2.11.x, the version tch/torch-sys 0.24.0
 //    are written against. torch-sys only checks a `build-version` file, which a PyPI torch
@@ -13,7 +14,7 @@
 
 const EXPECTED_SERIES: &str = "2.11";
 
-fn main() {
+fn libtorch_build() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_BYPASS_VERSION_CHECK");
     if let Ok(dir) = std::env::var("LIBTORCH") {
@@ -25,10 +26,16 @@ fn main() {
     }
 }
 
+/// The libtorch directory `LIBTORCH` names (relative to the workspace root when relative).
+#[allow(dead_code)] // only mlaan-dist's build script uses it directly
+fn libtorch_dir() -> Option<std::path::PathBuf> {
+    let value = std::env::var("LIBTORCH").ok()?;
+    let given = std::path::PathBuf::from(value);
+    Some(if given.is_absolute() { given } else { workspace_root().join(given) })
+}
+
 fn check_libtorch(value: &str) {
-    use std::path::PathBuf;
-    let given = PathBuf::from(value);
-    let dir = if given.is_absolute() { given } else { workspace_root().join(given) };
+    let dir = libtorch_dir().expect("LIBTORCH is set");
     if std::env::var_os("LIBTORCH_BYPASS_VERSION_CHECK").is_some() {
         return;
     }

@@ -6,8 +6,10 @@
 #      the two CUDA runtime wheels that libtorch_cpu.so itself loads)
 #   3. the symlink .libtorch -> .venv/lib/python3.X/site-packages/torch, which
 #      .cargo/config.toml hands to torch-sys as LIBTORCH
-#   4. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
-#   5. with --dev: TensorBoard into the venv, whose own reader the tests use on the event
+#   4. Gloo's C++ headers from the Debian package libgloo-dev (mlaan-dist compiles c10d's
+#      ProcessGroupGloo header against them; the wheel has c10d's headers but not Gloo's)
+#   5. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
+#   6. with --dev: TensorBoard into the venv, whose own reader the tests use on the event
 #      files a run writes (and which serves them: .venv/bin/tensorboard --logdir runs)
 #
 # Each step checks first and does nothing when already done, so a second run takes well under
@@ -47,6 +49,8 @@ TENSORBOARD_PACKAGES=(
     "typing-extensions==4.16.0"
     "werkzeug==3.1.9"
 )
+GLOO_PACKAGE=libgloo-dev
+GLOO_HEADER=/usr/include/gloo/config.h
 DATA_PACKAGE=dataset-fashion-mnist
 DATA_DIR=/usr/share/datasets/fashion-mnist
 DATA_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
@@ -58,7 +62,7 @@ for arg in "$@"; do
         --data=required | --data=optional | --data=skip) data_mode="${arg#--data=}" ;;
         --dev) dev=1 ;;
         -h | --help)
-            sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -155,7 +159,31 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4. Fashion-MNIST
+# 4. Gloo's headers (every build needs them; GLOO_INCLUDE points elsewhere, see docs/setup.md)
+# ---------------------------------------------------------------------------------------------
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "$@"
+}
+
+if [[ -n "${GLOO_INCLUDE:-}" ]]; then
+    [[ -f "$GLOO_INCLUDE/gloo/config.h" ]] || die "GLOO_INCLUDE=$GLOO_INCLUDE has no gloo/config.h"
+    step "gloo: headers in $GLOO_INCLUDE (GLOO_INCLUDE)"
+elif [[ -f "$GLOO_HEADER" ]]; then
+    step "gloo: headers found ($GLOO_PACKAGE)"
+elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    step "gloo: installing Debian package $GLOO_PACKAGE (Gloo's C++ headers, about 1 MB)"
+    apt_install "$GLOO_PACKAGE"
+    [[ -f "$GLOO_HEADER" ]] || die "$GLOO_PACKAGE is installed but $GLOO_HEADER is missing"
+else
+    die "Gloo's C++ headers are missing ($GLOO_HEADER). Install them with:
+        sudo apt-get update && sudo apt-get install -y $GLOO_PACKAGE
+    or set GLOO_INCLUDE to a directory holding gloo/config.h (see docs/setup.md)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 5. Fashion-MNIST
 # ---------------------------------------------------------------------------------------------
 have_data() {
     local f
@@ -169,9 +197,7 @@ if [[ "$data_mode" != skip ]]; then
         step "data: Fashion-MNIST found in $DATA_DIR"
     elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
         step "data: installing Debian package $DATA_PACKAGE (Fashion-MNIST, about 30 MB)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends "$DATA_PACKAGE"
+        apt_install "$DATA_PACKAGE"
         have_data || die "$DATA_PACKAGE is installed but $DATA_DIR lacks ${DATA_FILES[*]}"
     else
         msg="Fashion-MNIST is not in $DATA_DIR. Install it with:
@@ -186,7 +212,7 @@ if [[ "$data_mode" != skip ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 5. Contributor tools for `make test`: TensorBoard (for the event-file tests), fmt, clippy
+# 6. Contributor tools for `make test`: TensorBoard (for the event-file tests), fmt, clippy
 # ---------------------------------------------------------------------------------------------
 if [[ "$dev" == 1 ]]; then
     [[ -n "${site:-}" ]] || ensure_venv

@@ -2,6 +2,7 @@ use crate::cli::TrainArgs;
 use anyhow::{Context, Result};
 use mlaan_core::config::Method;
 use mlaan_core::device::DeviceSpec;
+use mlaan_train::distributed::World;
 use mlaan_train::session::RunOptions;
 use mlaan_train::trainer::{new_run_dir, train, Outcome};
 use std::sync::atomic::AtomicBool;
@@ -12,20 +13,26 @@ use std::sync::Arc;
 pub const EXIT_INTERRUPTED: i32 = 75;
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let cfg = args.config.resolve()?;
+    let mut cfg = args.config.resolve()?;
     let fault =
         args.inject_fault.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    // Signals first: a SIGTERM during the rendezvous must not kill the process outright.
+    let interrupt = install_signal_handlers()?;
+    let world = Arc::new(World::from_env(&cfg.distributed)?);
+    cfg.distributed.world_size = world.size();
+    world.agree_on_config(&cfg)?;
+    // Rank 0 names the run directory; every replica uses that one.
     let out = match args.out {
         Some(dir) => dir,
-        None => new_run_dir(&cfg)?,
+        None => world.rank0_decides("run directory", || new_run_dir(&cfg))?,
     };
-    let interrupt = install_signal_handlers()?;
     let opts = RunOptions {
         fault,
         save_model: true,
         resume: args.resume.clone(),
         interrupt: Some(interrupt),
         checkpoint_pause: args.checkpoint_pause_ms.map(std::time::Duration::from_millis),
+        world: Some(world.clone()),
     };
     // One e2e module is plain back-propagation on one stage: no schedule applies.
     let how = if cfg.method.name == Method::E2e && cfg.model.k == 1 {
@@ -42,6 +49,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         out.display()
     );
     match train(&cfg, &out, &opts).with_context(|| format!("run {}", out.display()))? {
+        Outcome::Finished(s) if !world.is_leader() => {
+            tracing::info!("rank {} finished at step {}", world.rank(), s.steps);
+            Ok(())
+        }
         Outcome::Finished(s) => {
             println!(
                 "{} {} K={} on {}: test accuracy {:.4} ({} epochs, {} steps), {:.1} images/s, {:.1} s; results in {}",

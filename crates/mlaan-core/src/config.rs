@@ -22,6 +22,7 @@ pub struct RunConfig {
     pub train: TrainConfig,
     pub pipeline: PipelineConfig,
     pub checkpoint: CheckpointConfig,
+    pub distributed: DistributedConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -458,8 +459,9 @@ pub struct PipelineConfig {
     /// Under `on_nonfinite = "skip"`: stop the run when this many batches in a row had a
     /// non-finite loss (0: never).
     pub max_consecutive_skips: usize,
-    /// GPipe baseline (`e2e` with K > 1, `sync`): micro-batches per mini-batch; the stages
-    /// accumulate their gradients over them and step once per mini-batch.
+    /// Micro-batches per mini-batch (`sync` or `sequential`): every module accumulates its
+    /// gradients over them and steps once per mini-batch. With `e2e` and K > 1 this is the
+    /// GPipe baseline; for any method, the single-process reference of data parallelism.
     pub micro_batches: usize,
     /// Trade compute for memory: forward without keeping the module's graph and rebuild it
     /// for the backward passes (one more forward per batch), so that the module's graph and
@@ -496,6 +498,26 @@ pub struct CheckpointConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig { every_steps: 0, at_epoch_end: true, keep_last: 3 }
+    }
+}
+
+/// Data-parallel replicas of the pipeline, one process each (launched by torchrun, SLURM or
+/// `mlaan-pipe launch`, which say how many; see docs/distributed.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Processes (replicas) the run expects; 0 = as many as the launcher started. The
+    /// resolved config records the launched number.
+    pub world_size: usize,
+    /// Seconds a collective or the start-up rendezvous waits for a peer before failing.
+    pub timeout_s: f64,
+    /// Gradients are all-reduced in flat buckets of at most this many MiB.
+    pub bucket_mb: f64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig { world_size: 0, timeout_s: 300.0, bucket_mb: 25.0 }
     }
 }
 
@@ -676,11 +698,12 @@ impl RunConfig {
                 &format!("must be ≥ 1 and divide train.batch_size ({})", self.train.batch_size),
             ));
         }
-        if p.micro_batches > 1 && (m.name != Method::E2e || p.schedule == Schedule::Async) {
+        if p.micro_batches > 1 && p.schedule == Schedule::Async {
             return Err(bad(
                 "pipeline.micro_batches",
                 p.micro_batches,
-                "micro-batching is the GPipe baseline: method e2e with schedule sync",
+                "gradient accumulation over micro-batches (GPipe for e2e) needs schedule sync \
+                 or sequential: async steps on every batch",
             ));
         }
         if m.name == Method::E2e && self.model.k > 1 && p.schedule == Schedule::Async {
@@ -700,6 +723,12 @@ impl RunConfig {
         }
         if self.data.std.as_ref().is_some_and(|s| s.iter().any(|&x| !is_positive(f64::from(x)))) {
             return Err(bad("data.std", &self.data.std, "every entry must be > 0"));
+        }
+        if !is_positive(self.distributed.timeout_s) {
+            return Err(bad("distributed.timeout_s", self.distributed.timeout_s, "must be > 0"));
+        }
+        if !is_positive(self.distributed.bucket_mb) {
+            return Err(bad("distributed.bucket_mb", self.distributed.bucket_mb, "must be > 0"));
         }
         if self.checkpoint.keep_last == 0 {
             return Err(bad("checkpoint.keep_last", self.checkpoint.keep_last, "must be ≥ 1"));

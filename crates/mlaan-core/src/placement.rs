@@ -4,11 +4,11 @@
 //! a fallback, from FLOPs.
 
 use crate::error::PlanError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which modules run on which device: `groups[s]` is the module range of stage `s`, run on
 /// device `s`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     pub groups: Vec<std::ops::Range<usize>>,
 }

@@ -165,8 +165,13 @@ impl Loader {
         &self.cfg
     }
 
-    /// This shard's samples for `epoch`, in order: the epoch permutation cut to a multiple of
-    /// the shard count, rank `r` taking positions `r, r + count, ...`.
+    /// This shard's samples for `epoch`, in order. Every shard cuts the same permutation into
+    /// global batches of `shard_count × batch_size` positions and takes the `shard_rank`-th
+    /// run of `batch_size` of each, then its equal part of the tail: shards are disjoint and
+    /// equally long, and shard r's batch b is exactly micro-batch r of one process's global
+    /// batch b (so R replicas reproduce one process with R micro-batches, BatchNorm included).
+    /// Unlike PyTorch's DistributedSampler, a share is contiguous within its global batch, not
+    /// strided.
     pub fn epoch_samples(&self, epoch: usize) -> Vec<usize> {
         if self.cfg.check().is_err() {
             return Vec::new();
@@ -178,9 +183,19 @@ impl Loader {
                 ChaCha8Rng::seed_from_u64(mix(&[self.cfg.seed, epoch as u64, PERMUTATION]));
             order.shuffle(&mut rng);
         }
-        let count = self.cfg.shard_count;
-        let per_shard = n / count;
-        order.into_iter().skip(self.cfg.shard_rank).step_by(count).take(per_shard).collect()
+        let (count, rank, bs) = (self.cfg.shard_count, self.cfg.shard_rank, self.cfg.batch_size);
+        if count == 1 {
+            return order;
+        }
+        let global = count * bs;
+        let full = n / global;
+        let tail = (n - full * global) / count;
+        let mut mine = Vec::with_capacity(full * bs + tail);
+        for g in 0..full {
+            mine.extend_from_slice(&order[g * global + rank * bs..][..bs]);
+        }
+        mine.extend_from_slice(&order[full * global + rank * tail..][..tail]);
+        mine
     }
 
     /// Batches per epoch for this shard (before `start_batch` is applied).
@@ -188,7 +203,11 @@ impl Loader {
         if self.cfg.check().is_err() {
             return 0;
         }
-        let per_shard = self.dataset.len() / self.cfg.shard_count;
+        let (n, count, bs) = (self.dataset.len(), self.cfg.shard_count, self.cfg.batch_size);
+        let per_shard = match count {
+            1 => n,
+            _ => n / (count * bs) * bs + (n % (count * bs)) / count,
+        };
         if self.cfg.drop_last {
             per_shard / self.cfg.batch_size
         } else {

@@ -120,9 +120,19 @@ fn shards_are_disjoint_equal_and_cover_the_permutation() {
         }
     }
     assert_eq!(sizes, [25; 4]);
-    // Together the shards are the first 100 positions of the unsharded permutation.
-    let whole = Loader::new(ds, Transform::identity(), cfg(5, 1)).epoch_samples(1);
+    // Together the shards are the first 100 positions of the unsharded permutation, and
+    // shard r's batch b is the r-th run of 5 in the b-th global batch of 20.
+    let whole = Loader::new(ds.clone(), Transform::identity(), cfg(5, 1)).epoch_samples(1);
     assert_eq!(seen, whole[..100].iter().copied().collect());
+    for rank in 0..4 {
+        let mut c = cfg(5, 2);
+        c.shard_rank = rank;
+        c.shard_count = 4;
+        let loader = Loader::new(ds.clone(), Transform::identity(), c);
+        for (b, batch) in collect(&loader, 1).into_iter().enumerate() {
+            assert_eq!(batch.sample_ids, whole[b * 20 + rank * 5..][..5], "rank {rank} batch {b}");
+        }
+    }
 }
 
 #[test]

@@ -47,6 +47,9 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A collective among the replicas of a module failed (a peer died, hung or left).
+    #[error("module {module}'s replica group: {cause}")]
+    Replica { module: usize, cause: mlaan_dist::DistError },
     /// A fault injected by a drill (`--inject-fault error@STAGE:BATCH`).
     #[error("injected error at batch {0}")]
     Injected(u64),

@@ -99,8 +99,8 @@ type StageReport = (StageWindow, f64, Vec<(usize, Vec<f64>)>);
 /// `curves.png` at every evaluation.
 pub struct MetricsLog {
     dir: PathBuf,
-    jsonl: JsonlWriter,
-    events: Option<EventWriter>,
+    /// The files written; `None` on a replica other than rank 0, which only keeps the windows.
+    sinks: Option<Sinks>,
     /// Names of each module's loss terms, in the order its stage reports them.
     term_names: Vec<Vec<String>>,
     stages: usize,
@@ -109,6 +109,11 @@ pub struct MetricsLog {
     start: Instant,
     /// Batches dropped for non-finite losses; too many in a row stop the run.
     pub skips: SkipGuard,
+}
+
+struct Sinks {
+    jsonl: JsonlWriter,
+    events: Option<EventWriter>,
 }
 
 impl MetricsLog {
@@ -121,29 +126,11 @@ impl MetricsLog {
         plan: &NetworkPlan,
         stages: usize,
         resume_step: Option<u64>,
+        write: bool,
     ) -> Result<Self> {
-        let path = out.join("metrics.jsonl");
-        let append = resume_step.is_some();
-        if let Some(step) = resume_step {
-            let kept: String = std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| r.step() <= step))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            std::fs::write(&path, kept)?;
-        }
-        let events = if cfg.train.tensorboard {
-            let mut w = EventWriter::create(out)?;
-            w.text(resume_step.unwrap_or(0), "config", &indented(&cfg.to_toml()))?;
-            Some(w)
-        } else {
-            None
-        };
-        Ok(MetricsLog {
+        let mut log = MetricsLog {
             dir: out.to_path_buf(),
-            jsonl: if append { JsonlWriter::append(&path)? } else { JsonlWriter::create(&path)? },
-            events,
+            sinks: None,
             term_names: plan
                 .modules
                 .iter()
@@ -154,7 +141,11 @@ impl MetricsLog {
             last: vec![None; stages],
             start: Instant::now(),
             skips: SkipGuard::new(cfg.pipeline.max_consecutive_skips),
-        })
+        };
+        if write {
+            log.sinks = Some(Sinks::open(out, cfg, resume_step)?);
+        }
+        Ok(log)
     }
 
     pub fn absorb(
@@ -225,8 +216,9 @@ impl MetricsLog {
     }
 
     fn write(&mut self, record: MetricRecord) -> Result<()> {
-        self.jsonl.write(&record)?;
-        if let Some(events) = &mut self.events {
+        let Some(sinks) = &mut self.sinks else { return Ok(()) };
+        sinks.jsonl.write(&record)?;
+        if let Some(events) = &mut sinks.events {
             let scalars = mlaan_report::tensorboard_scalars(&record, &self.term_names);
             events.scalars(record.step(), &scalars)?;
         }
@@ -235,6 +227,9 @@ impl MetricsLog {
 
     /// Redraw `curves.png`. A picture that cannot be drawn is a warning, never a failed run.
     pub fn plot(&self) {
+        if self.sinks.is_none() {
+            return;
+        }
         if let Err(e) = mlaan_report::training_plots(&self.dir.join("metrics.jsonl"), &self.dir) {
             tracing::warn!("curves.png not drawn: {e}");
         }
@@ -242,6 +237,32 @@ impl MetricsLog {
 
     pub fn last_windows(&self) -> Vec<StageWindow> {
         self.last.iter().flatten().cloned().collect()
+    }
+}
+
+impl Sinks {
+    /// `metrics.jsonl` (continued after `resume_step` when resuming) and the event file.
+    fn open(out: &Path, cfg: &RunConfig, resume_step: Option<u64>) -> Result<Sinks> {
+        let path = out.join("metrics.jsonl");
+        let append = resume_step.is_some();
+        if let Some(step) = resume_step {
+            let kept: String = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| serde_json::from_str::<MetricRecord>(l).is_ok_and(|r| r.step() <= step))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&path, kept)?;
+        }
+        let events = if cfg.train.tensorboard {
+            let mut w = EventWriter::create(out)?;
+            w.text(resume_step.unwrap_or(0), "config", &indented(&cfg.to_toml()))?;
+            Some(w)
+        } else {
+            None
+        };
+        let jsonl = if append { JsonlWriter::append(&path)? } else { JsonlWriter::create(&path)? };
+        Ok(Sinks { jsonl, events })
     }
 }
 

@@ -19,6 +19,7 @@ pub fn choose_placement(
     plan: &NetworkPlan,
     devices: &[Device],
     image: ImageSpec,
+    cores: usize,
 ) -> Result<(Placement, Option<Vec<f64>>)> {
     if cfg.pipeline.schedule == Schedule::Sequential || plan.method == Method::E2e && plan.k() == 1
     {
@@ -32,7 +33,6 @@ pub fn choose_placement(
         return Ok((place(&plan.module_macs(), d)?, None));
     }
     // Profile on the first device with the threads each stage will have.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu_stages = devices.iter().filter(|x| **x == Device::Cpu).count();
     let threads = match cfg.pipeline.intra_op_threads {
         0 => cpu_threads_per_stage(cores, cpu_stages),
@@ -73,10 +73,10 @@ pub(crate) fn configure_threads(
     p: &Placement,
     devices: &[Device],
     module_costs: Option<&[f64]>,
+    cores: usize,
 ) -> Vec<usize> {
     let stage_devs = stage_devices(p, devices);
     let cpu: Vec<usize> = (0..p.num_stages()).filter(|&s| stage_devs[s] == Device::Cpu).collect();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let even = cpu_threads_per_stage(cores, cpu.len());
     let mut threads = vec![even; p.num_stages()];
     if cfg.pipeline.intra_op_threads > 0 {

@@ -4,6 +4,7 @@
 
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::devices;
+use crate::distributed::World;
 use crate::evaluate::{evaluate, EvalResult};
 use crate::placement::{choose_placement, configure_threads, stage_devices};
 use anyhow::{bail, Context, Result};
@@ -35,6 +36,15 @@ pub struct RunOptions {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Drills: pause before a checkpoint's marker is written (so a test can kill the writer).
     pub checkpoint_pause: Option<Duration>,
+    /// The data-parallel replicas this process is one of (`None`: it runs alone).
+    pub world: Option<Arc<World>>,
+}
+
+impl RunOptions {
+    /// The world of the run: the one given, or this process alone.
+    pub fn world(&self) -> Arc<World> {
+        self.world.clone().unwrap_or_else(|| Arc::new(World::single()))
+    }
 }
 
 /// A started pipeline with its data: the pieces a run, a test or a benchmark drives.
@@ -56,8 +66,9 @@ pub struct Session {
     /// thread so that the stage's host-to-device copy is asynchronous. `None` on CPUs, or once
     /// pinning has failed.
     pin_for: Option<Device>,
-    /// `pipeline.devices`, resolved once at start.
+    /// This rank's slice of `pipeline.devices`, resolved once at start.
     devices: Vec<Device>,
+    world: Arc<World>,
 }
 
 impl Session {
@@ -73,19 +84,25 @@ impl Session {
         opts: &RunOptions,
         from: Option<Checkpoint>,
     ) -> Result<Session> {
+        let world = opts.world();
         let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
         tracing::info!("{}", data.train.describe());
         tracing::info!("{}", data.test.describe());
         let plan = Arc::new(plan_for(cfg, &data)?);
-        let devices = devices::resolve(&cfg.pipeline.devices)?;
+        let devices = world.local_devices(&devices::resolve(&cfg.pipeline.devices)?)?;
         let image = data.info.image();
-        let (placement, costs) = choose_placement(cfg, &plan, &devices, image)?;
-        let threads = configure_threads(cfg, &placement, &devices, costs.as_deref());
-        let train_loader = Loader::new(
-            data.train.clone(),
-            data.train_transform.clone(),
-            LoaderConfig::train(&cfg.data, cfg.train.batch_size, cfg.train.seed),
-        );
+        let cores = world.local_cores();
+        // Rank 0 places (a measured placement could differ between ranks); all follow it.
+        let (placement, costs) = world
+            .rank0_decides("placement", || choose_placement(cfg, &plan, &devices, image, cores))?;
+        let threads = configure_threads(cfg, &placement, &devices, costs.as_deref(), cores);
+        let loader_cfg = LoaderConfig {
+            shard_rank: world.rank(),
+            shard_count: world.size(),
+            ..LoaderConfig::train(&cfg.data, cfg.train.batch_size, cfg.train.seed)
+        };
+        let train_loader =
+            Loader::new(data.train.clone(), data.train_transform.clone(), loader_cfg);
         let steps_per_epoch = train_loader.num_batches() as u64;
         if steps_per_epoch == 0 {
             bail!(
@@ -97,6 +114,23 @@ impl Session {
         let lr = LrSchedule::new(&cfg.optim, steps_per_epoch, cfg.train.epochs);
         let mut settings = pipeline_settings(cfg, &data, image, lr, opts);
         settings.intra_op_threads = threads;
+        settings.replicas = world.replicas();
+        let steps = world.gather("resume step", &from.as_ref().map(|c| c.meta.step))?;
+        if steps.iter().any(|s| *s != steps[0]) {
+            bail!(
+                "the ranks would resume from different steps ({}): every rank must see the same \
+                 run directory (a shared filesystem) and its checkpoints",
+                steps
+                    .iter()
+                    .enumerate()
+                    .map(|(r, s)| match s {
+                        Some(s) => format!("rank {r}: step {s}"),
+                        None => format!("rank {r}: no checkpoint"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let (states, next_id) = match from {
             Some(c) => {
                 check_compatible(&c, cfg, &plan, steps_per_epoch)?;
@@ -130,6 +164,7 @@ impl Session {
             next_id,
             skipped_samples: 0,
             devices,
+            world,
         })
     }
 
@@ -271,8 +306,17 @@ impl Session {
         Ok(self.pipe.collect()?)
     }
 
-    /// Write a checkpoint of the drained pipeline under `root` (see [`checkpoint`]).
+    /// This process's place among the replicas.
+    pub fn world(&self) -> &Arc<World> {
+        &self.world
+    }
+
+    /// Write a checkpoint of the drained pipeline under `root` (see [`checkpoint`]). Only
+    /// rank 0 writes (every replica holds the same weights); the others return its path.
     pub fn checkpoint(&mut self, root: &Path, pause: Option<Duration>) -> Result<PathBuf> {
+        if !self.world.is_leader() {
+            return Ok(root.join(checkpoint::dir_name(self.next_id)));
+        }
         let modules = self.snapshots()?;
         let meta = CheckpointMeta {
             step: self.next_id,
@@ -351,6 +395,7 @@ pub fn pipeline_settings(
         fault: opts.fault,
         intra_op_threads: Vec::new(),
         recompute: cfg.pipeline.recompute,
+        replicas: None,
     }
 }
 

@@ -35,13 +35,20 @@ pub struct Summary {
     /// Steps this process trained (after `--resume`, those since the checkpoint); the
     /// images/s figure counts these only.
     pub steps_this_run: u64,
+    /// Samples per step on each replica (`train.batch_size`).
     pub batch_size: usize,
+    /// Data-parallel replicas (processes) and the samples of one step over all of them.
+    pub world_size: usize,
+    pub global_batch_size: usize,
     pub test_accuracy: f64,
     pub test_loss: f64,
     /// Accuracy of each module's own classifier head on the test set (`null` where a module
     /// has none, e.g. module 0 under MLAAN or a contrastive head).
     pub module_accuracy: Vec<Option<f64>>,
+    /// Training images per second over all replicas (their sum).
     pub train_images_per_s: f64,
+    /// Each replica's own images/s and training time, by rank (one entry with one process).
+    pub ranks: Vec<RankFigures>,
     pub train_s: f64,
     pub wall_s: f64,
     /// Training samples that could not be read and were skipped (`data.on_bad_sample`).
@@ -52,6 +59,15 @@ pub struct Summary {
     pub peak_live_bytes: Vec<u64>,
     pub peak_rss_bytes: Option<u64>,
     pub gpu_memory: Option<Vec<devices::GpuMemory>>,
+}
+
+/// One replica's throughput.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RankFigures {
+    pub rank: usize,
+    pub host: String,
+    pub images_per_s: f64,
+    pub train_s: f64,
 }
 
 /// How a run ended.
@@ -78,9 +94,14 @@ pub fn find_resume(spec: &str, ckpt_root: &Path) -> Result<Option<Checkpoint>> {
 /// Train `cfg`, writing the run directory `out`.
 pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let wall = Instant::now();
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create run directory {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    let world = opts.world();
+    // Rank 0 writes the run's files; the other replicas only read checkpoints to resume.
+    let leader = world.is_leader();
+    if leader {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create run directory {}", out.display()))?;
+        std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    }
     let ckpt_root = out.join("ckpt");
     let from = match &opts.resume {
         Some(spec) => find_resume(spec, &ckpt_root)?,
@@ -88,9 +109,18 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
     };
     let resumed = from.as_ref().map(|c| c.meta.step);
     let mut s = Session::start_from(cfg, opts, from)?;
-    let mut log = MetricsLog::new(out, cfg, s.plan(), s.num_stages(), resumed)?;
+    let mut log = MetricsLog::new(out, cfg, s.plan(), s.num_stages(), resumed, leader)?;
     let cadence = Cadence::of(cfg, s.steps_per_epoch());
-    let interrupted = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    let signalled = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    // A signal on any rank stops every rank at one agreed step (see `World::stop_step`).
+    let margin = 2 * (s.num_stages() as u64 + 1) * (cfg.pipeline.in_flight as u64 + 1);
+    let mut stop_at: Option<u64> = None;
+    let mut stop_due = |next: u64| -> Result<bool> {
+        if stop_at.is_none() {
+            stop_at = world.stop_step(signalled(), next, margin)?;
+        }
+        Ok(stop_at.is_some_and(|step| next >= step))
+    };
     let bar = progress_bar(cadence.total_steps, "train");
     bar.set_position(s.next_id());
     let mut train_time = Duration::ZERO;
@@ -99,16 +129,18 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
         // Feed up to the next boundary, drain there, then do what the boundary asks.
         let epoch = cadence.epoch_of(s.next_id());
         let t = Instant::now();
-        if !interrupted() {
+        if !stop_due(s.next_id())? {
+            let mut next = s.next_id();
             s.feed_epoch(epoch, cadence.next_stop(s.next_id()), &mut |events| {
                 bar.inc(1);
                 log.absorb(events, epoch, &bar)?;
-                Ok(interrupted())
+                next += 1;
+                stop_due(next)
             })?;
         }
         log.absorb(s.drain()?, epoch, &bar)?;
         train_time += t.elapsed();
-        let stopping = interrupted();
+        let stopping = stop_due(s.next_id())?;
         let at = match stopping {
             true => Boundary { checkpoint: true, ..Boundary::default() },
             false => cadence.at(s.next_id()),
@@ -125,6 +157,7 @@ pub fn train(cfg: &RunConfig, out: &Path, opts: &RunOptions) -> Result<Outcome> 
                 bar.abandon_with_message(format!("interrupted at step {step}"));
                 log.plot();
                 s.finish()?;
+                world.finish()?;
                 return Ok(Outcome::Interrupted { checkpoint, step });
             }
         }
@@ -153,8 +186,9 @@ struct RunTotals {
     skipped_batches: u64,
 }
 
-/// End a finished run: join the stages, write `model.safetensors` (the backbone alone: stem,
-/// blocks, classifier) when asked and `summary.json`.
+/// End a finished run: join the stages, gather every replica's throughput, and (rank 0
+/// only) write `model.safetensors` (the backbone alone: stem, blocks, classifier) when asked
+/// and `summary.json`.
 fn finish(
     mut s: Session,
     cfg: &RunConfig,
@@ -168,18 +202,23 @@ fn finish(
         let n = s.skipped_samples();
         tracing::warn!("{n} training samples could not be read and were skipped");
     }
-    let snapshots = s.snapshots()?;
+    let world = s.world().clone();
+    let snapshots = if world.is_leader() { s.snapshots()? } else { Vec::new() };
     let (steps, skipped_samples, k) = (s.next_id(), s.skipped_samples(), s.plan().k());
     let placement = s.placement().groups.iter().map(|g| [g.start, g.end]).collect();
     let dataset = s.dataset_name().to_string();
     let devices = s.devices().to_vec();
     let final_bytes = s.finish()?;
-    if save_model {
-        let model = out.join("model.safetensors");
-        crate::export::write(&crate::export::backbone_of(&snapshots), &model)?;
-    }
     let steps_this_run = steps - totals.resumed_at;
-    let train_images = steps_this_run * cfg.train.batch_size as u64;
+    let train_s = totals.train_time.as_secs_f64();
+    let mine = RankFigures {
+        rank: world.rank(),
+        host: crate::distributed::this_host(),
+        images_per_s: (steps_this_run * cfg.train.batch_size as u64) as f64 / train_s.max(1e-9),
+        train_s,
+    };
+    let ranks = world.gather("throughput", &mine)?;
+    world.finish()?;
     let summary = Summary {
         method: cfg.method.name.to_string(),
         arch: cfg.model.arch.clone(),
@@ -193,11 +232,14 @@ fn finish(
         steps,
         steps_this_run,
         batch_size: cfg.train.batch_size,
+        world_size: world.size(),
+        global_batch_size: cfg.train.batch_size * world.size(),
         test_accuracy: eval.accuracy(),
         test_loss: eval.loss(),
         module_accuracy: eval.module_accuracy(k),
-        train_images_per_s: train_images as f64 / totals.train_time.as_secs_f64().max(1e-9),
-        train_s: totals.train_time.as_secs_f64(),
+        train_images_per_s: ranks.iter().map(|r| r.images_per_s).sum(),
+        ranks,
+        train_s,
         wall_s: totals.started.elapsed().as_secs_f64(),
         skipped_samples,
         skipped_batches: totals.skipped_batches,
@@ -206,7 +248,13 @@ fn finish(
         peak_rss_bytes: devices::peak_rss_bytes(),
         gpu_memory: gpu_indices(&devices).and_then(|i| devices::gpu_memory(&i)),
     };
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if world.is_leader() {
+        if save_model {
+            let model = out.join("model.safetensors");
+            crate::export::write(&crate::export::backbone_of(&snapshots), &model)?;
+        }
+        std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    }
     Ok(summary)
 }
 

@@ -63,6 +63,11 @@ impl GradBook {
         &self.acc
     }
 
+    /// The accumulators, to average across replicas before the step.
+    pub fn accumulated_mut(&mut self) -> &mut [Option<Tensor>] {
+        &mut self.acc
+    }
+
     pub fn clear(&mut self) {
         self.acc.iter_mut().for_each(|g| *g = None);
     }

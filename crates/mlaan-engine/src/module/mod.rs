@@ -23,8 +23,10 @@ pub mod ema;
 pub mod grads;
 pub mod in_flight;
 pub mod meter;
+pub mod replicas;
 
 pub use ema::{EmaLag, EmaLinks, EmaSnapshot, SourceLink, TwinLink};
+pub use replicas::{ReplicaSync, Replicas, Traffic};
 
 use crate::optim::{LrSchedule, Sgd};
 use crate::{bytes_of, TrainError};
@@ -138,6 +140,8 @@ pub struct LocalModule {
     group: Accumulation,
     /// Present when batches may be dropped (`on_nonfinite = "skip"`).
     running: Option<RunningStats>,
+    /// This module's group across data-parallel replicas, when there are several.
+    replicas: Option<ReplicaSync>,
     /// Optimizer steps taken (positions the learning-rate schedule).
     pub step: u64,
     pub stats: Vec<TermStats>,
@@ -206,6 +210,7 @@ impl LocalModule {
             },
             group: Accumulation { size: s.accumulate.max(1), done: 0 },
             running: s.may_drop.then(|| RunningStats::of(&nets)),
+            replicas: None,
             step: 0,
             stats: vec![TermStats::default(); nets.terms.len()],
             nets,
@@ -448,6 +453,9 @@ impl LocalModule {
     /// Optimizer step with the accumulated gradients (a group of dropped batches has none
     /// and moves nothing), then EMA: publish real blocks, fold snapshots into twins.
     fn step_now(&mut self) -> Result<(), TrainError> {
+        if let Some(sync) = &mut self.replicas {
+            sync.average(self.grads.accumulated_mut(), &self.opt.params)?;
+        }
         let lr = self.lr.at(self.step);
         self.opt.step(self.grads.accumulated(), lr)?;
         self.grads.clear();
@@ -496,6 +504,20 @@ impl LocalModule {
     /// Whether the module has a term of this kind.
     pub fn has_term(&self, kind: TermKind) -> bool {
         self.nets.terms.iter().any(|t| t.spec.kind == kind)
+    }
+
+    /// Join this module's group across the data-parallel replicas and take rank 0's state
+    /// (after any checkpoint is loaded); from then on every step averages gradients first.
+    pub fn join_replicas(&mut self, r: &Replicas) -> Result<(), TrainError> {
+        let mut sync = ReplicaSync::join(r, self.index)?;
+        sync.take_rank0_state(&self.nets.state(), &self.opt.momentum_buffers)?;
+        self.replicas = Some(sync);
+        Ok(())
+    }
+
+    /// What this module's all-reduces have cost so far (`None` without replicas).
+    pub fn replica_traffic(&self) -> Option<Traffic> {
+        self.replicas.as_ref().map(|r| r.traffic)
     }
 
     /// The module's optimizer; its momentum buffers go into checkpoints.

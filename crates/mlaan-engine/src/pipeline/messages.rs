@@ -189,4 +189,6 @@ pub struct PipelineSettings {
     pub recompute: bool,
     /// Intra-op threads of each stage thread, by stage (1 where missing).
     pub intra_op_threads: Vec<usize>,
+    /// Data-parallel replicas of this pipeline in other processes (`None`: this one alone).
+    pub replicas: Option<crate::module::Replicas>,
 }

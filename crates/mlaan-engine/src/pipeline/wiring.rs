@@ -100,6 +100,9 @@ pub fn build_stage(
         };
         let mut module = LocalModule::new(nets, settings);
         module.restore_optimizer(&start.momentum, start.step)?;
+        if let Some(r) = &s.replicas {
+            module.join_replicas(r)?;
+        }
         modules.push(module);
     }
     let first = states[0].module;

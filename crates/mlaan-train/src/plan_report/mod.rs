@@ -280,7 +280,8 @@ fn placement(
             )),
         ),
     };
-    let (p, _) = choose_placement(cfg, plan, &devices, image)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (p, _) = choose_placement(cfg, plan, &devices, image, cores)?;
     let stage_device = |s: usize| specs[s.min(specs.len() - 1)];
     let stages: Vec<StageReport> = p
         .groups

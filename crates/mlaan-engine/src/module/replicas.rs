@@ -1,0 +1,185 @@
+//! Data parallelism for one module: the same module in every replica of the pipeline forms a
+//! Gloo group (c10d, through `mlaan-dist`), and before each optimizer step its gradients —
+//! backbone, auxiliary heads and LAM copies alike, everything its optimizer trains — are
+//! averaged over the group, flattened into buckets of at most `bucket_bytes` (a few calls per
+//! step, not one per tensor). At start every replica takes rank 0's state.
+//!
+//! One group per module, not per stage: a stage thread steps its modules in an order that
+//! depends on when messages arrive, and collectives on one group must come in the same order
+//! on every rank; a module's steps always do.
+//!
+//! A parameter that got no gradient on some rank (a dropped batch, a term with no loss yet)
+//! counts as zero there; one that got none on any rank stays without one, so the optimizer
+//! skips it exactly as in one process. The sum is divided by the world size, as DDP does,
+//! which makes R replicas of batch B equal one process of batch R·B in R micro-batches.
+//! BatchNorm running statistics are not averaged: they stay per replica, as under DDP.
+
+use crate::TrainError;
+use mlaan_dist::{Bind, DistError, Group, Store};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+/// How the modules of this process meet their replicas: shared by every stage.
+#[derive(Clone)]
+pub struct Replicas {
+    pub store: Arc<Store>,
+    pub rank: usize,
+    pub world: usize,
+    /// Where this process's Gloo sockets bind.
+    pub bind: Bind,
+    /// How long a collective waits for a peer before failing.
+    pub timeout: Duration,
+    /// Largest flattened bucket of one all-reduce.
+    pub bucket_bytes: usize,
+}
+
+/// What one module's all-reduces cost: bytes, calls and time (waiting for peers included).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+/// One module's group and its running traffic.
+pub struct ReplicaSync {
+    module: usize,
+    group: Group,
+    bucket_bytes: usize,
+    pub traffic: Traffic,
+}
+
+impl ReplicaSync {
+    /// Join module `module`'s group (every rank must, before any step).
+    pub fn join(r: &Replicas, module: usize) -> Result<ReplicaSync, TrainError> {
+        let name = format!("module{module}");
+        let group = Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout)
+            .map_err(|e| replica_error(module, e))?;
+        Ok(ReplicaSync {
+            module,
+            group,
+            bucket_bytes: r.bucket_bytes.max(1),
+            traffic: Traffic::default(),
+        })
+    }
+
+    /// Make this replica's module rank 0's: every state tensor (parameters, buffers, EMA
+    /// twins) and the momentum buffers. Ranks must agree on which momentum buffers exist
+    /// (all fresh, or all resumed from the same checkpoint).
+    pub fn take_rank0_state(
+        &mut self,
+        state: &[(String, Tensor)],
+        momentum: &[Option<Tensor>],
+    ) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let present = self.agree_on_presence(momentum)?;
+        if present.iter().any(|&n| n != 0 && n != self.group.world()) {
+            return Err(TrainError::State {
+                module: self.module,
+                message: "ranks hold different optimizer state (resumed from different \
+                          checkpoints?)"
+                    .into(),
+            });
+        }
+        let mut tensors: Vec<Tensor> = state.iter().map(|(_, t)| t.shallow_clone()).collect();
+        tensors.extend(momentum.iter().flatten().map(Tensor::shallow_clone));
+        self.coalesced(&tensors, |group, flat| group.broadcast(flat, 0))
+    }
+
+    /// Average `grads` (by optimizer slot; `params` gives each slot's shape) over the group.
+    pub fn average(
+        &mut self,
+        grads: &mut [Option<Tensor>],
+        params: &[(String, Tensor)],
+    ) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        let present = self.agree_on_presence(grads)?;
+        let mut tensors = Vec::new();
+        for ((g, (_, p)), n) in grads.iter_mut().zip(params).zip(present) {
+            if n == 0 {
+                continue;
+            }
+            if g.is_none() {
+                *g = Some(p.f_zeros_like()?);
+            }
+            tensors.extend(g.as_ref().map(Tensor::shallow_clone));
+        }
+        let world = self.group.world() as f64;
+        self.coalesced(&tensors, |group, flat| {
+            group.all_reduce_sum(flat)?;
+            let _ = flat.f_div_scalar_(world).map_err(|e| DistError::BadTensor {
+                op: "average",
+                group: group.name().into(),
+                message: e.to_string(),
+            })?;
+            Ok(())
+        })
+    }
+
+    /// How many ranks hold each entry of `slots` (one small all-reduce).
+    fn agree_on_presence(&mut self, slots: &[Option<Tensor>]) -> Result<Vec<usize>, TrainError> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let flags: Vec<f32> = slots.iter().map(|g| g.is_some() as u8 as f32).collect();
+        let mut t = Tensor::from_slice(&flags);
+        self.timed(t.numel() * 4, |g| g.all_reduce_sum(&mut t))?;
+        let counts: Vec<f32> = Vec::try_from(&t)?;
+        Ok(counts.into_iter().map(|c| c.round() as usize).collect())
+    }
+
+    /// Run `op` on flat buckets of `tensors` (consecutive tensors of one kind and device, at
+    /// most `bucket_bytes` each unless a single tensor is larger), copying the result back.
+    fn coalesced(
+        &mut self,
+        tensors: &[Tensor],
+        mut op: impl FnMut(&Group, &mut Tensor) -> Result<(), DistError>,
+    ) -> Result<(), TrainError> {
+        let mut start = 0;
+        while start < tensors.len() {
+            let (kind, device) = (tensors[start].kind(), tensors[start].device());
+            let elt = kind.elt_size_in_bytes();
+            let mut end = start;
+            let mut bytes = 0;
+            while end < tensors.len()
+                && tensors[end].kind() == kind
+                && tensors[end].device() == device
+                && (end == start || bytes + tensors[end].numel() * elt <= self.bucket_bytes)
+            {
+                bytes += tensors[end].numel() * elt;
+                end += 1;
+            }
+            let bucket = &tensors[start..end];
+            let flats: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
+            let mut flat = Tensor::f_cat(&flats, 0)?;
+            self.timed(bytes, |group| op(group, &mut flat))?;
+            let mut offset = 0;
+            for t in bucket {
+                let n = t.numel() as i64;
+                let mut dst = t.shallow_clone();
+                dst.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(t)?)?;
+                offset += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn timed(
+        &mut self,
+        bytes: usize,
+        f: impl FnOnce(&Group) -> Result<(), DistError>,
+    ) -> Result<(), TrainError> {
+        let t = Instant::now();
+        f(&self.group).map_err(|e| replica_error(self.module, e))?;
+        self.traffic.seconds += t.elapsed().as_secs_f64();
+        self.traffic.bytes += bytes as u64;
+        self.traffic.calls += 1;
+        Ok(())
+    }
+}
+
+fn replica_error(module: usize, cause: DistError) -> TrainError {
+    TrainError::Replica { module, cause }
+}
