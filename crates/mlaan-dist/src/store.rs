@@ -75,7 +75,10 @@ impl Store {
         let rc = unsafe {
             ffi::md_store_set(self.ptr.as_ptr(), k.as_ptr(), value.as_ptr(), value.len(), &mut err)
         };
-        self.check_rc(rc == 0, err, "set", key)
+        if rc != 0 {
+            return Err(self.error("set", key, take_error(err)));
+        }
+        Ok(())
     }
 
     /// The value of `key`, waiting up to `timeout` for some rank to set it.
@@ -120,14 +123,6 @@ impl Store {
 
     pub(crate) fn raw(&self) -> *mut c_void {
         self.ptr.as_ptr()
-    }
-
-    fn check_rc(&self, ok: bool, err: *mut std::ffi::c_char, op: &str, key: &str) -> Result<()> {
-        if ok {
-            Ok(())
-        } else {
-            Err(self.error(op, key, take_error(err)))
-        }
     }
 
     fn error(&self, op: &str, key: &str, message: String) -> DistError {

@@ -37,11 +37,16 @@ impl std::fmt::Debug for World {
 impl World {
     /// One process, no peers.
     pub fn single() -> World {
+        World::alone(&DistributedConfig::default())
+    }
+
+    /// One process, with `cfg`'s settings (they only matter once there are peers).
+    fn alone(cfg: &DistributedConfig) -> World {
         World {
             launch: Launch::single(),
             store: None,
-            timeout: Duration::from_secs(300),
-            bucket_bytes: 25 << 20,
+            timeout: Duration::from_secs_f64(cfg.timeout_s),
+            bucket_bytes: (cfg.bucket_mb * (1 << 20) as f64) as usize,
             bind: Bind::Address("127.0.0.1".into()),
             round: AtomicU64::new(0),
         }
@@ -61,11 +66,11 @@ impl World {
                 launch.world
             );
         }
-        let timeout = Duration::from_secs_f64(cfg.timeout_s);
-        let bucket_bytes = (cfg.bucket_mb * (1 << 20) as f64) as usize;
+        let alone = World::alone(cfg);
         if !launch.is_distributed() {
-            return Ok(World { timeout, bucket_bytes, ..World::single() });
+            return Ok(alone);
         }
+        let timeout = alone.timeout;
         let (host, port) = (launch.master_addr.as_str(), launch.master_port);
         let store = if launch.serves_store() {
             Store::serve(host, port, timeout).with_context(|| {
@@ -81,14 +86,7 @@ impl World {
             _ if is_loopback(host) => Bind::Address("127.0.0.1".into()),
             _ => Bind::Address(this_host()),
         };
-        let world = World {
-            launch,
-            store: Some(Arc::new(store)),
-            timeout,
-            bucket_bytes,
-            bind,
-            round: AtomicU64::new(0),
-        };
+        let world = World { launch, store: Some(Arc::new(store)), bind, ..alone };
         let who = format!("{} (pid {})", this_host(), std::process::id());
         let all = world.gather("hello", &who).context("waiting for every rank to start")?;
         tracing::info!(
@@ -122,10 +120,6 @@ impl World {
         self.launch.rank == 0
     }
 
-    pub fn is_distributed(&self) -> bool {
-        self.store.is_some()
-    }
-
     /// What the engine needs to form the replica groups (`None` with one process).
     pub fn replicas(&self) -> Option<Replicas> {
         Some(Replicas {
@@ -139,10 +133,12 @@ impl World {
     }
 
     /// `value` from every rank, by rank (each rank contributes its own).
-    pub fn gather<T: Serialize + DeserializeOwned>(&self, what: &str, value: &T) -> Result<Vec<T>> {
-        let Some(store) = &self.store else {
-            return Ok(vec![serde_json::from_value(serde_json::to_value(value)?)?]);
-        };
+    pub fn gather<T: Serialize + DeserializeOwned + Clone>(
+        &self,
+        what: &str,
+        value: &T,
+    ) -> Result<Vec<T>> {
+        let Some(store) = &self.store else { return Ok(vec![value.clone()]) };
         let round = self.round.fetch_add(1, Ordering::Relaxed);
         let key = |r: usize| format!("agree/{round}/{what}/{r}");
         store.set(&key(self.rank()), serde_json::to_string(value)?.as_bytes())?;

@@ -1,7 +1,8 @@
 //! A training run around the engine (`mlaan-engine`): the [`trainer`] (session, run loop,
 //! evaluation), the run's boundaries ([`cadence`]), [`checkpoint`]s, metric sinks
 //! ([`metrics`]), run directories ([`run_dir`]), batches skipped for non-finite losses
-//! ([`skips`]), devices ([`devices`]), data-parallel replicas ([`distributed`]), the [`plan_report`], the [`bench`] and [`export`].
+//! ([`skips`]), devices ([`devices`]), data-parallel replicas ([`distributed`]), the
+//! [`plan_report`], the [`bench`] and [`export`].
 
 pub mod bench;
 pub mod cadence;

@@ -26,7 +26,7 @@ pub mod meter;
 pub mod replicas;
 
 pub use ema::{EmaLag, EmaLinks, EmaSnapshot, SourceLink, TwinLink};
-pub use replicas::{ReplicaSync, Replicas, Traffic};
+pub use replicas::{ReplicaSync, Replicas};
 
 use crate::optim::{LrSchedule, Sgd};
 use crate::{bytes_of, TrainError};
@@ -513,11 +513,6 @@ impl LocalModule {
         sync.take_rank0_state(&self.nets.state(), &self.opt.momentum_buffers)?;
         self.replicas = Some(sync);
         Ok(())
-    }
-
-    /// What this module's all-reduces have cost so far (`None` without replicas).
-    pub fn replica_traffic(&self) -> Option<Traffic> {
-        self.replicas.as_ref().map(|r| r.traffic)
     }
 
     /// The module's optimizer; its momentum buffers go into checkpoints.

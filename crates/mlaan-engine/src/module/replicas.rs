@@ -17,7 +17,7 @@
 use crate::TrainError;
 use mlaan_dist::{Bind, DistError, Group, Store};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::Tensor;
 
 /// How the modules of this process meet their replicas: shared by every stage.
@@ -34,20 +34,11 @@ pub struct Replicas {
     pub bucket_bytes: usize,
 }
 
-/// What one module's all-reduces cost: bytes, calls and time (waiting for peers included).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Traffic {
-    pub bytes: u64,
-    pub calls: u64,
-    pub seconds: f64,
-}
-
-/// One module's group and its running traffic.
+/// One module's group.
 pub struct ReplicaSync {
     module: usize,
     group: Group,
     bucket_bytes: usize,
-    pub traffic: Traffic,
 }
 
 impl ReplicaSync {
@@ -56,12 +47,7 @@ impl ReplicaSync {
         let name = format!("module{module}");
         let group = Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout)
             .map_err(|e| replica_error(module, e))?;
-        Ok(ReplicaSync {
-            module,
-            group,
-            bucket_bytes: r.bucket_bytes.max(1),
-            traffic: Traffic::default(),
-        })
+        Ok(ReplicaSync { module, group, bucket_bytes: r.bucket_bytes.max(1) })
     }
 
     /// Make this replica's module rank 0's: every state tensor (parameters, buffers, EMA
@@ -118,13 +104,13 @@ impl ReplicaSync {
     }
 
     /// How many ranks hold each entry of `slots` (one small all-reduce).
-    fn agree_on_presence(&mut self, slots: &[Option<Tensor>]) -> Result<Vec<usize>, TrainError> {
+    fn agree_on_presence(&self, slots: &[Option<Tensor>]) -> Result<Vec<usize>, TrainError> {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
         let flags: Vec<f32> = slots.iter().map(|g| g.is_some() as u8 as f32).collect();
         let mut t = Tensor::from_slice(&flags);
-        self.timed(t.numel() * 4, |g| g.all_reduce_sum(&mut t))?;
+        self.group.all_reduce_sum(&mut t).map_err(|e| replica_error(self.module, e))?;
         let counts: Vec<f32> = Vec::try_from(&t)?;
         Ok(counts.into_iter().map(|c| c.round() as usize).collect())
     }
@@ -132,7 +118,7 @@ impl ReplicaSync {
     /// Run `op` on flat buckets of `tensors` (consecutive tensors of one kind and device, at
     /// most `bucket_bytes` each unless a single tensor is larger), copying the result back.
     fn coalesced(
-        &mut self,
+        &self,
         tensors: &[Tensor],
         mut op: impl FnMut(&Group, &mut Tensor) -> Result<(), DistError>,
     ) -> Result<(), TrainError> {
@@ -153,7 +139,7 @@ impl ReplicaSync {
             let bucket = &tensors[start..end];
             let flats: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
             let mut flat = Tensor::f_cat(&flats, 0)?;
-            self.timed(bytes, |group| op(group, &mut flat))?;
+            op(&self.group, &mut flat).map_err(|e| replica_error(self.module, e))?;
             let mut offset = 0;
             for t in bucket {
                 let n = t.numel() as i64;
@@ -163,19 +149,6 @@ impl ReplicaSync {
             }
             start = end;
         }
-        Ok(())
-    }
-
-    fn timed(
-        &mut self,
-        bytes: usize,
-        f: impl FnOnce(&Group) -> Result<(), DistError>,
-    ) -> Result<(), TrainError> {
-        let t = Instant::now();
-        f(&self.group).map_err(|e| replica_error(self.module, e))?;
-        self.traffic.seconds += t.elapsed().as_secs_f64();
-        self.traffic.bytes += bytes as u64;
-        self.traffic.calls += 1;
         Ok(())
     }
 }
