@@ -4,7 +4,7 @@
 //! multi-process run must turn into prompt, clear errors instead of hangs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
@@ -75,41 +75,76 @@ fn rank_command(a: &[String], rank: usize, world: usize, port: u16) -> Command {
     c
 }
 
-/// Processes that are killed if the test ends (or fails) before they do: no orphans.
-struct Ranks(Vec<Child>);
+/// Processes that are killed if the test ends (or fails) before they do: no orphans. Their
+/// output goes to files (a pipe nobody reads would fill and block a rank that logs a lot).
+struct Ranks {
+    children: Vec<Child>,
+    logs: tempfile::TempDir,
+}
+
+/// How a rank ended.
+struct Ended {
+    status: std::process::ExitStatus,
+    stderr: String,
+    /// When it ended, measured from the start of `Ranks::wait`.
+    after: Duration,
+}
 
 impl Ranks {
     fn start(world: usize, port: u16, args_of: impl Fn(usize) -> Vec<String>) -> Ranks {
-        Ranks(
-            (0..world)
-                .map(|r| {
-                    rank_command(&args_of(r), r, world, port)
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::piped())
-                        .spawn()
-                        .unwrap()
-                })
-                .collect(),
-        )
+        let logs = tempfile::tempdir().unwrap();
+        let children = (0..world)
+            .map(|r| {
+                let file = |name: &str| std::fs::File::create(logs.path().join(name)).unwrap();
+                rank_command(&args_of(r), r, world, port)
+                    .stdout(file(&format!("{r}.out")))
+                    .stderr(file(&format!("{r}.err")))
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        Ranks { children, logs }
+    }
+
+    fn pid(&self, rank: usize) -> u32 {
+        self.children[rank].id()
     }
 
     /// Wait for every rank, at most `limit` in all (then kill them and fail).
-    fn wait(mut self, limit: Duration) -> Vec<Output> {
+    fn wait(mut self, limit: Duration) -> Vec<Ended> {
+        let all: Vec<usize> = (0..self.children.len()).collect();
+        self.wait_for(&all, limit)
+    }
+
+    /// Wait for the ranks `which`, at most `limit` in all; the others are killed on drop.
+    fn wait_for(&mut self, which: &[usize], limit: Duration) -> Vec<Ended> {
         let t = Instant::now();
-        loop {
-            if self.0.iter_mut().all(|c| c.try_wait().unwrap().is_some()) {
-                break;
+        let mut ended: Vec<Option<(std::process::ExitStatus, Duration)>> = vec![None; which.len()];
+        while ended.iter().any(Option::is_none) {
+            for (&r, e) in which.iter().zip(&mut ended) {
+                if e.is_none() {
+                    *e = self.children[r].try_wait().unwrap().map(|s| (s, t.elapsed()));
+                }
             }
-            assert!(t.elapsed() < limit, "ranks still running after {limit:?}");
+            assert!(t.elapsed() < limit, "ranks {which:?} still running after {limit:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::mem::take(&mut self.0).into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+        which
+            .iter()
+            .zip(ended)
+            .map(|(&r, e)| {
+                let (status, after) = e.unwrap();
+                let stderr =
+                    std::fs::read_to_string(self.logs.path().join(format!("{r}.err"))).unwrap();
+                Ended { status, stderr, after }
+            })
+            .collect()
     }
 }
 
 impl Drop for Ranks {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -120,9 +155,26 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn assert_all_ok(outs: &[Output]) {
+/// Send `signal` (a `kill` name: KILL, TERM) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(ok.success(), "kill -{signal} {pid} failed");
+}
+
+/// Wait until rank 0 has logged `steps` training steps in `run` (so a fault lands
+/// mid-epoch, not during start-up).
+fn wait_for_steps(run: &Path, steps: usize) {
+    let t = Instant::now();
+    let metrics = run.join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.matches("\"train\"").count()) < steps {
+        assert!(t.elapsed() < Duration::from_secs(120), "no {steps} steps in {}", run.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_all_ok(outs: &[Ended]) {
     for (r, o) in outs.iter().enumerate() {
-        assert!(o.status.success(), "rank {r} failed:\n{}", stderr(o));
+        assert!(o.status.success(), "rank {r} failed:\n{}", o.stderr);
     }
 }
 
@@ -214,7 +266,7 @@ fn mismatched_configs_fail_naming_the_key() {
     })
     .wait(Duration::from_secs(120));
     for (r, o) in outs.iter().enumerate() {
-        let err = stderr(o);
+        let err = &o.stderr;
         assert!(!o.status.success(), "rank {r} started anyway");
         assert!(err.contains("optim.lr = 0.1 on rank 0 but 0.2 on rank 1"), "rank {r}:\n{err}");
     }
@@ -245,4 +297,123 @@ fn a_world_without_master_address_is_an_error() {
     let err = stderr(&o);
     assert!(!o.status.success());
     assert!(err.contains("MASTER_ADDR is not set"), "{err}");
+}
+
+/// A long run: enough steps that a fault lands mid-epoch.
+fn long_run(run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = args("dgl", 8, run, &["--set", "distributed.timeout_s=10"]);
+    set_epochs(&mut v, 40);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn set_epochs(args: &mut [String], epochs: usize) {
+    let at = args.iter().position(|a| a == "--epochs").unwrap();
+    args[at + 1] = epochs.to_string();
+}
+
+/// `kill -9` of either rank mid-epoch ends the other within the timeout, with an error that
+/// names the module's group and the peer that went away (rank 0 also serves the store: its
+/// death is told apart from a worker's).
+#[test]
+fn a_killed_rank_ends_the_other_promptly_naming_it() {
+    for (victim, blame) in [(1, "peer rank 1 stopped"), (0, "peer rank 0 is gone")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let ranks = Ranks::start(2, free_port(), |_| long_run(&run, &[]));
+        wait_for_steps(&run, 20);
+        signal(ranks.pid(victim), "KILL");
+        let outs = ranks.wait(Duration::from_secs(60));
+        let survivor = &outs[1 - victim];
+        assert!(!survivor.status.success(), "rank {} did not fail", 1 - victim);
+        assert!(survivor.stderr.contains("replica group"), "{}", survivor.stderr);
+        assert!(survivor.stderr.contains(blame), "{}", survivor.stderr);
+    }
+}
+
+/// A rank that hangs (stopped, alive) makes the other fail after `distributed.timeout_s`.
+#[test]
+fn a_hung_rank_times_the_other_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let ranks = Ranks::start(2, free_port(), |_| long_run(&run, &[]));
+    wait_for_steps(&run, 20);
+    let mut ranks = ranks;
+    signal(ranks.pid(1), "STOP");
+    // Rank 1 stays stopped until `ranks` is dropped (SIGKILL ends a stopped process too).
+    let rank0 = ranks.wait_for(&[0], Duration::from_secs(60)).remove(0);
+    assert!(!rank0.status.success());
+    assert!(rank0.after >= Duration::from_secs(9), "failed before the timeout: {:?}", rank0.after);
+    assert!(rank0.stderr.contains("Timed out"), "{}", rank0.stderr);
+    assert!(rank0.stderr.contains("peer rank 1 stopped"), "{}", rank0.stderr);
+}
+
+/// A run of 3 short epochs (40 steps each at a global batch of 16).
+fn short_run(run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = args("dgl", 8, run, &["--set", "data.synthetic_samples=640"]);
+    set_epochs(&mut v, 3);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// SIGTERM to `signalled` ranks mid-run: every rank exits 75 at one agreed step, and rank 0
+/// wrote that step's checkpoint, complete. Returns the step.
+fn stop_by_sigterm(run: &Path, signalled: &[usize]) -> String {
+    let ranks = Ranks::start(2, free_port(), |_| short_run(run, &[]));
+    wait_for_steps(run, 10);
+    for &r in signalled {
+        signal(ranks.pid(r), "TERM");
+    }
+    let outs = ranks.wait(Duration::from_secs(120));
+    let mut steps = Vec::new();
+    for (r, o) in outs.iter().enumerate() {
+        assert_eq!(o.status.code(), Some(75), "rank {r}:\n{}", o.stderr);
+        let line = o.stderr.lines().find(|l| l.starts_with("interrupted at step")).unwrap();
+        steps.push(line.split_whitespace().nth(3).unwrap().trim_end_matches(';').to_string());
+    }
+    assert_eq!(steps[0], steps[1], "ranks stopped at different steps");
+    let ckpt = run.join("ckpt").join(format!("step-{:0>8}", steps[0]));
+    assert!(ckpt.join("COMPLETE").exists(), "{} incomplete", ckpt.display());
+    steps.remove(0)
+}
+
+/// SIGTERM to both ranks (as SLURM signals every task) leaves one consistent checkpoint, and
+/// `--resume auto` with both ranks finishes the run from it.
+#[test]
+fn sigterm_to_both_leaves_one_checkpoint_and_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let step = stop_by_sigterm(&run, &[0, 1]);
+    let outs = Ranks::start(2, free_port(), |_| short_run(&run, &["--resume", "auto"]))
+        .wait(Duration::from_secs(300));
+    assert_all_ok(&outs);
+    assert!(outs[0].stderr.contains(&format!("at step {step}")), "{}", outs[0].stderr);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 3 * 640 / 16);
+}
+
+/// SIGTERM to one rank only (a worker's, not the one that writes) stops both the same way.
+#[test]
+fn sigterm_to_one_rank_stops_both_at_one_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    stop_by_sigterm(&tmp.path().join("run"), &[1]);
+}
+
+/// Resuming with another number of ranks needs the same global batch: at another one a step
+/// covers other images, which the error says.
+#[test]
+fn resume_at_another_global_batch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    stop_by_sigterm(&run, &[0, 1]);
+    let o = command(&short_run(&run, &["--resume", "auto"])).output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("global batch of 16 (2 rank(s)) but this run's is 8"), "{err}");
+    let mut same_global = short_run(&run, &["--resume", "auto"]);
+    let at = same_global.iter().position(|a| a == "--batch-size").unwrap();
+    same_global[at + 1] = "16".into();
+    let o = command(&same_global).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -75,6 +75,14 @@ int md_store_port(void* store) {
 
 void md_store_free(void* store) { delete static_cast<StorePtr*>(store); }
 
+// A second client connection to the same server (a thread that must not queue behind another
+// thread's blocking wait takes its own).
+void* md_store_clone(void* store, char** err) {
+    return guarded<void*>(err, nullptr, [&]() -> void* {
+        return new StorePtr((*static_cast<StorePtr*>(store))->clone());
+    });
+}
+
 int md_store_set(void* store, const char* key, const uint8_t* data, size_t len, char** err) {
     return guarded<int>(err, -1, [&]() {
         std::vector<uint8_t> value(data, data + len);

@@ -14,6 +14,7 @@ extern "C" {
     ) -> *mut c_void;
     pub fn md_store_port(store: *mut c_void) -> c_int;
     pub fn md_store_free(store: *mut c_void);
+    pub fn md_store_clone(store: *mut c_void, err: *mut *mut c_char) -> *mut c_void;
     pub fn md_store_set(
         store: *mut c_void,
         key: *const c_char,

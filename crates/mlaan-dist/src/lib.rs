@@ -12,11 +12,13 @@ pub mod env;
 mod error;
 mod ffi;
 mod group;
+pub mod liveness;
 mod store;
 
 pub use env::{Launch, LaunchSource};
 pub use error::DistError;
 pub use group::{Bind, Group};
+pub use liveness::{Heartbeat, Peers};
 pub use store::Store;
 
 /// Result of a distributed operation.

@@ -51,6 +51,20 @@ impl Store {
         Ok(store)
     }
 
+    /// A connection of its own to the same server, for a thread that must not wait behind
+    /// another thread's blocking `get`.
+    pub fn connection(&self) -> Result<Store> {
+        let mut err = ptr::null_mut();
+        // SAFETY: a live handle; the bridge catches every exception.
+        let raw = unsafe { ffi::md_store_clone(self.ptr.as_ptr(), &mut err) };
+        let ptr = NonNull::new(raw).ok_or_else(|| DistError::Store {
+            addr: self.addr.clone(),
+            op: "connect".into(),
+            message: take_error(err),
+        })?;
+        Ok(Store { ptr, addr: self.addr.clone(), timeout: self.timeout })
+    }
+
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
         // SAFETY: a live handle.

@@ -47,9 +47,10 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
-    /// A collective among the replicas of a module failed (a peer died, hung or left).
-    #[error("module {module}'s replica group: {cause}")]
-    Replica { module: usize, cause: mlaan_dist::DistError },
+    /// A collective among the replicas of a module failed (a peer died, hung or left);
+    /// `peers` is what the heartbeats say about who is to blame.
+    #[error("module {module}'s replica group: {cause}; {peers}")]
+    Replica { module: usize, cause: mlaan_dist::DistError, peers: mlaan_dist::Peers },
     /// A fault injected by a drill (`--inject-fault error@STAGE:BATCH`).
     #[error("injected error at batch {0}")]
     Injected(u64),

@@ -36,10 +36,20 @@ pub struct CheckpointMeta {
     pub k: usize,
     pub schedule: String,
     pub seed: u64,
+    /// Data-parallel replicas that trained it (older checkpoints: one).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Images per step over every replica (older checkpoints: 0, unknown).
+    #[serde(default)]
+    pub global_batch: usize,
     /// Module ranges per stage when it was written (any placement can load it).
     pub placement: Vec<[usize; 2]>,
     /// File name → (bytes, CRC32).
     pub files: BTreeMap<String, (u64, u32)>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl CheckpointMeta {
@@ -307,6 +317,8 @@ mod tests {
             k: 2,
             schedule: "async".into(),
             seed: 0,
+            world_size: 1,
+            global_batch: 8,
             placement: vec![[0, 1], [1, 2]],
             files: BTreeMap::new(),
         }

@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use mlaan_core::config::{DistributedConfig, RunConfig};
-use mlaan_dist::{Bind, Launch, Store};
+use mlaan_dist::{liveness, Bind, Heartbeat, Launch, Store};
 use mlaan_engine::module::Replicas;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -19,6 +19,9 @@ use tch::Device;
 
 /// This process's place in the run, and its connection to the others.
 pub struct World {
+    /// Tells the other ranks this one is alive (see `mlaan_dist::liveness`); declared before
+    /// the store so that it stops before the store goes.
+    _heartbeat: Option<Heartbeat>,
     launch: Launch,
     store: Option<Arc<Store>>,
     timeout: Duration,
@@ -48,6 +51,7 @@ impl World {
             timeout: Duration::from_secs_f64(cfg.timeout_s),
             bucket_bytes: (cfg.bucket_mb * (1 << 20) as f64) as usize,
             bind: Bind::Address("127.0.0.1".into()),
+            _heartbeat: None,
             round: AtomicU64::new(0),
         }
     }
@@ -86,7 +90,14 @@ impl World {
             _ if is_loopback(host) => Bind::Address("127.0.0.1".into()),
             _ => Bind::Address(this_host()),
         };
-        let world = World { launch, store: Some(Arc::new(store)), bind, ..alone };
+        let heartbeat = Heartbeat::start(&store, launch.rank)?;
+        let world = World {
+            launch,
+            store: Some(Arc::new(store)),
+            bind,
+            _heartbeat: Some(heartbeat),
+            ..alone
+        };
         let who = format!("{} (pid {})", this_host(), std::process::id());
         let all = world.gather("hello", &who).context("waiting for every rank to start")?;
         tracing::info!(
@@ -286,9 +297,10 @@ impl World {
             if start.elapsed() > self.timeout {
                 bail!(
                     "{what}: only {done} of {} ranks got there within {:.0} s \
-                     (distributed.timeout_s)",
+                     (distributed.timeout_s); {}",
                     self.size(),
-                    self.timeout.as_secs_f64()
+                    self.timeout.as_secs_f64(),
+                    liveness::diagnose(store, self.size())
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

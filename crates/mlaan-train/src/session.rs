@@ -133,7 +133,7 @@ impl Session {
         }
         let (states, next_id) = match from {
             Some(c) => {
-                check_compatible(&c, cfg, &plan, steps_per_epoch)?;
+                check_compatible(&c, cfg, &plan, steps_per_epoch, world.size())?;
                 tracing::info!("resuming from {} at step {}", c.dir.display(), c.meta.step);
                 (c.modules, c.meta.step)
             }
@@ -326,6 +326,8 @@ impl Session {
             k: self.plan.k(),
             schedule: self.cfg.pipeline.schedule.to_string(),
             seed: self.cfg.train.seed,
+            world_size: self.world.size(),
+            global_batch: self.cfg.train.batch_size * self.world.size(),
             placement: self.placement.groups.iter().map(|g| [g.start, g.end]).collect(),
             files: BTreeMap::new(),
         };
@@ -340,8 +342,30 @@ impl Session {
 }
 
 /// A checkpoint must come from the same network and the same data order.
-fn check_compatible(c: &Checkpoint, cfg: &RunConfig, plan: &NetworkPlan, spe: u64) -> Result<()> {
+/// Whether `c` can continue as this run. Another number of replicas can, at the same global
+/// batch: a step then covers the same images, every rank takes rank 0's weights, and only
+/// BatchNorm's running statistics (per replica) restart from rank 0's.
+fn check_compatible(
+    c: &Checkpoint,
+    cfg: &RunConfig,
+    plan: &NetworkPlan,
+    spe: u64,
+    world: usize,
+) -> Result<()> {
     let m = &c.meta;
+    let global = cfg.train.batch_size * world;
+    if m.global_batch != 0 && m.global_batch != global {
+        bail!(
+            "checkpoint {} was trained with a global batch of {} ({} rank(s)) but this run's is \
+             {global} ({world} rank(s) × {}): a step there is not a step here. Resume with \
+             ranks × batch size = {}",
+            c.dir.display(),
+            m.global_batch,
+            m.world_size,
+            cfg.train.batch_size,
+            m.global_batch
+        );
+    }
     let mismatch = |what: &str, had: String, now: String| {
         anyhow::anyhow!(
             "checkpoint {} has {what} {had} but the config asks for {now}",

@@ -15,7 +15,7 @@
 //! BatchNorm running statistics are not averaged: they stay per replica, as under DDP.
 
 use crate::TrainError;
-use mlaan_dist::{Bind, DistError, Group, Store};
+use mlaan_dist::{liveness, Bind, DistError, Group, Store};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::Tensor;
@@ -38,6 +38,7 @@ pub struct Replicas {
 pub struct ReplicaSync {
     module: usize,
     group: Group,
+    store: Arc<Store>,
     bucket_bytes: usize,
 }
 
@@ -45,9 +46,16 @@ impl ReplicaSync {
     /// Join module `module`'s group (every rank must, before any step).
     pub fn join(r: &Replicas, module: usize) -> Result<ReplicaSync, TrainError> {
         let name = format!("module{module}");
-        let group = Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout)
-            .map_err(|e| replica_error(module, e))?;
-        Ok(ReplicaSync { module, group, bucket_bytes: r.bucket_bytes.max(1) })
+        let group =
+            Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout).map_err(|cause| {
+                TrainError::Replica { module, peers: liveness::diagnose(&r.store, r.world), cause }
+            })?;
+        Ok(ReplicaSync {
+            module,
+            group,
+            store: r.store.clone(),
+            bucket_bytes: r.bucket_bytes.max(1),
+        })
     }
 
     /// Make this replica's module rank 0's: every state tensor (parameters, buffers, EMA
@@ -103,6 +111,12 @@ impl ReplicaSync {
         })
     }
 
+    /// A failed collective, with the heartbeats' word on which peer is to blame.
+    fn error(&self, cause: DistError) -> TrainError {
+        let peers = liveness::diagnose(&self.store, self.group.world());
+        TrainError::Replica { module: self.module, cause, peers }
+    }
+
     /// How many ranks hold each entry of `slots` (one small all-reduce).
     fn agree_on_presence(&self, slots: &[Option<Tensor>]) -> Result<Vec<usize>, TrainError> {
         if slots.is_empty() {
@@ -110,7 +124,7 @@ impl ReplicaSync {
         }
         let flags: Vec<f32> = slots.iter().map(|g| g.is_some() as u8 as f32).collect();
         let mut t = Tensor::from_slice(&flags);
-        self.group.all_reduce_sum(&mut t).map_err(|e| replica_error(self.module, e))?;
+        self.group.all_reduce_sum(&mut t).map_err(|e| self.error(e))?;
         let counts: Vec<f32> = Vec::try_from(&t)?;
         Ok(counts.into_iter().map(|c| c.round() as usize).collect())
     }
@@ -139,7 +153,7 @@ impl ReplicaSync {
             let bucket = &tensors[start..end];
             let flats: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
             let mut flat = Tensor::f_cat(&flats, 0)?;
-            op(&self.group, &mut flat).map_err(|e| replica_error(self.module, e))?;
+            op(&self.group, &mut flat).map_err(|e| self.error(e))?;
             let mut offset = 0;
             for t in bucket {
                 let n = t.numel() as i64;
@@ -151,8 +165,4 @@ impl ReplicaSync {
         }
         Ok(())
     }
-}
-
-fn replica_error(module: usize, cause: DistError) -> TrainError {
-    TrainError::Replica { module, cause }
 }

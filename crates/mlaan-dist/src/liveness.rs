@@ -1,0 +1,96 @@
+//! Which peers are still there. A collective that fails says only that a socket closed or a
+//! wait timed out, not which rank is to blame; so every rank bumps a counter of its own in the
+//! store every [`PERIOD`], and a rank that sees a collective fail reads the counters twice, a
+//! few periods apart, and names the ranks whose counters stood still.
+
+use crate::{DistError, Store};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often a rank's heartbeat counter moves.
+pub const PERIOD: Duration = Duration::from_millis(500);
+
+fn key(rank: usize) -> String {
+    format!("heartbeat/{rank}")
+}
+
+/// This rank's heartbeat: a thread with its own store connection, stopped on drop.
+pub struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    pub fn start(store: &Store, rank: usize) -> Result<Heartbeat, DistError> {
+        let conn = store.connection()?;
+        conn.add(&key(rank), 1)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("heartbeat-{rank}"))
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(PERIOD);
+                    // The server going away ends the run elsewhere; here it only ends the beat.
+                    if conn.add(&key(rank), 1).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| DistError::Env(format!("cannot start the heartbeat thread: {e}")))?;
+        Ok(Heartbeat { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the heartbeats say about the peers of a failed collective.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peers {
+    /// These ranks' heartbeats stopped: dead, or frozen as a whole.
+    Silent(Vec<usize>),
+    /// Every rank still beats: one is alive but stuck, or slower than the timeout.
+    AllAlive,
+    /// The store itself is gone: rank 0, which serves it, died.
+    StoreGone,
+}
+
+impl std::fmt::Display for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peers::Silent(r) => {
+                let list = r.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
+                let s = if r.len() == 1 { "" } else { "s" };
+                write!(f, "peer rank{s} {list} stopped (no heartbeat for {:?})", PERIOD * 4)
+            }
+            Peers::AllAlive => {
+                write!(f, "every rank is alive: a peer is stuck or slower than the timeout")
+            }
+            Peers::StoreGone => write!(f, "peer rank 0 is gone (its rendezvous store is down)"),
+        }
+    }
+}
+
+/// Read every rank's heartbeat twice, four periods apart (long enough for a beat delayed by a
+/// busy machine), and say who stood still.
+pub fn diagnose(store: &Store, world: usize) -> Peers {
+    let read = || -> Option<Vec<i64>> { (0..world).map(|r| store.add(&key(r), 0).ok()).collect() };
+    let Some(before) = read() else { return Peers::StoreGone };
+    std::thread::sleep(PERIOD * 4);
+    let Some(after) = read() else { return Peers::StoreGone };
+    let silent: Vec<usize> = (0..world).filter(|&r| after[r] == before[r]).collect();
+    if silent.is_empty() {
+        Peers::AllAlive
+    } else {
+        Peers::Silent(silent)
+    }
+}
