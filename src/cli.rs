@@ -40,6 +40,39 @@ pub enum Command {
     Plot(PlotArgs),
     /// Compare finished runs (their summary.json): accuracy per method and seed, as Markdown.
     Compare(CompareArgs),
+    /// Start data-parallel replicas of a command on this machine, as torchrun would: N
+    /// processes with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set. Local rank r
+    /// trains on the r-th slice of --gpus. One failing process stops the others.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Example: mlaan-pipe launch --nproc-per-node 2 -- train --gpus 0,1,2,3 \
+                  --method mlaan-dgl --k 2\n(two replicas, each a 2-stage pipeline: rank 0 on \
+                  GPUs 0,1, rank 1 on GPUs 2,3)")]
+pub struct LaunchArgs {
+    /// Processes (replicas) on this node.
+    #[arg(long, default_value_t = 2)]
+    pub nproc_per_node: usize,
+    /// Nodes in all (each runs `mlaan-pipe launch` with its own --node-rank).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index among --nnodes.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Where rank 0 serves the rendezvous store.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// The store's port (default: MASTER_PORT, else a free one; required with --nnodes > 1).
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// After one process fails, how long the others get to fail by themselves (and say
+    /// why) before they are killed.
+    #[arg(long, default_value_t = 10.0)]
+    pub grace_s: f64,
+    /// The mlaan-pipe command each process runs, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -417,3 +417,95 @@ fn resume_at_another_global_batch_is_refused() {
     let o = command(&same_global).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The processes whose parent is `pid` (from /proc: no tool needed).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(pid) {
+            v.push(child);
+        }
+    }
+    v
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').map_or(0, |i| i + 1)..].trim_start().starts_with('Z'))
+}
+
+/// `mlaan-pipe launch` with `command` after `--`, output to files in `logs`.
+fn launch(nproc: usize, command_args: &[String], logs: &Path) -> Child {
+    let file = |name: &str| std::fs::File::create(logs.join(name)).unwrap();
+    command(&["launch".into(), "--nproc-per-node".into(), nproc.to_string(), "--".into()])
+        .args(command_args)
+        .stdout(file("launch.out"))
+        .stderr(file("launch.err"))
+        .spawn()
+        .unwrap()
+}
+
+fn wait_child(c: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > limit {
+            let _ = c.kill();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `launch` starts the replicas as torchrun would: the run is the same 2-rank run.
+#[test]
+fn launch_runs_replicas_like_torchrun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut c = launch(2, &short_run(&run, &[]), tmp.path());
+    let status = wait_child(&mut c, Duration::from_secs(300));
+    let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
+    assert!(status.success(), "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["world_size"], 2);
+    assert_eq!(summary["steps"], 3 * 640 / 16);
+}
+
+/// One replica killed: `launch` stops the other, exits non-zero, and leaves no process behind.
+#[test]
+fn launch_stops_every_rank_when_one_dies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut c = launch(2, &long_run(&run, &[]), tmp.path());
+    wait_for_steps(&run, 20);
+    let ranks = children_of(c.id());
+    assert_eq!(ranks.len(), 2, "launch started {ranks:?}");
+    signal(ranks[1], "KILL");
+    let status = wait_child(&mut c, Duration::from_secs(60));
+    let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("failed (killed by signal 9)"), "{err}");
+    assert!(ranks.iter().all(|&p| !alive(p)), "a rank outlived launch: {ranks:?}");
+}
+
+/// SIGTERM to `launch` reaches every replica once: they stop at one step, checkpoint, and
+/// `launch` exits 75 as they do.
+#[test]
+fn launch_forwards_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut c = launch(2, &long_run(&run, &[]), tmp.path());
+    wait_for_steps(&run, 20);
+    signal(c.id(), "TERM");
+    let status = wait_child(&mut c, Duration::from_secs(120));
+    let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert_eq!(err.matches("interrupted at step").count(), 2, "{err}");
+}

@@ -5,6 +5,7 @@ mod compare;
 mod data;
 mod eval;
 mod export;
+mod launch;
 mod plan;
 mod plot;
 mod train;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Launch(a) => launch::run(a),
     }
 }
 

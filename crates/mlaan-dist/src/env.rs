@@ -69,6 +69,18 @@ impl Launch {
         Ok(Launch::single())
     }
 
+    /// The torchrun variables that describe this process to a child (what `from_env` reads).
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("RANK", self.rank.to_string()),
+            ("WORLD_SIZE", self.world.to_string()),
+            ("LOCAL_RANK", self.local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", self.local_world.to_string()),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.to_string()),
+        ]
+    }
+
     pub fn is_distributed(&self) -> bool {
         self.world > 1
     }

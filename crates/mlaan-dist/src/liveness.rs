@@ -4,8 +4,7 @@
 //! few periods apart, and names the ranks whose counters stood still.
 
 use crate::{DistError, Store};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,9 +15,9 @@ fn key(rank: usize) -> String {
     format!("heartbeat/{rank}")
 }
 
-/// This rank's heartbeat: a thread with its own store connection, stopped on drop.
+/// This rank's heartbeat: a thread with its own store connection, stopped (at once) on drop.
 pub struct Heartbeat {
-    stop: Arc<AtomicBool>,
+    stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -26,27 +25,26 @@ impl Heartbeat {
     pub fn start(store: &Store, rank: usize) -> Result<Heartbeat, DistError> {
         let conn = store.connection()?;
         conn.add(&key(rank), 1)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("heartbeat-{rank}"))
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(PERIOD);
-                    // The server going away ends the run elsewhere; here it only ends the beat.
+                // Beats until the sender is dropped. The server going away ends the run
+                // elsewhere; here it only ends the beat.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(PERIOD) {
                     if conn.add(&key(rank), 1).is_err() {
                         break;
                     }
                 }
             })
             .map_err(|e| DistError::Env(format!("cannot start the heartbeat thread: {e}")))?;
-        Ok(Heartbeat { stop, thread: Some(thread) })
+        Ok(Heartbeat { stop: Some(stop), thread: Some(thread) })
     }
 }
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

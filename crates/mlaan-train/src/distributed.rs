@@ -19,9 +19,9 @@ use tch::Device;
 
 /// This process's place in the run, and its connection to the others.
 pub struct World {
-    /// Tells the other ranks this one is alive (see `mlaan_dist::liveness`); declared before
-    /// the store so that it stops before the store goes.
-    _heartbeat: Option<Heartbeat>,
+    /// Tells the other ranks this one is alive (see `mlaan_dist::liveness`); stopped when
+    /// this rank counts itself out, before rank 0's store goes away.
+    heartbeat: std::sync::Mutex<Option<Heartbeat>>,
     launch: Launch,
     store: Option<Arc<Store>>,
     timeout: Duration,
@@ -51,7 +51,7 @@ impl World {
             timeout: Duration::from_secs_f64(cfg.timeout_s),
             bucket_bytes: (cfg.bucket_mb * (1 << 20) as f64) as usize,
             bind: Bind::Address("127.0.0.1".into()),
-            _heartbeat: None,
+            heartbeat: std::sync::Mutex::new(None),
             round: AtomicU64::new(0),
         }
     }
@@ -95,7 +95,7 @@ impl World {
             launch,
             store: Some(Arc::new(store)),
             bind,
-            _heartbeat: Some(heartbeat),
+            heartbeat: std::sync::Mutex::new(Some(heartbeat)),
             ..alone
         };
         let who = format!("{} (pid {})", this_host(), std::process::id());
@@ -286,6 +286,7 @@ impl World {
     /// never read from the store again).
     fn leave(&self, what: &str) -> Result<()> {
         let Some(store) = &self.store else { return Ok(()) };
+        drop(self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).take());
         let key = format!("leave/{what}");
         let done = store.add(&key, 1)?;
         if !self.is_leader() {
