@@ -509,3 +509,40 @@ fn launch_forwards_sigterm() {
     assert_eq!(status.code(), Some(75), "{err}");
     assert_eq!(err.matches("interrupted at step").count(), 2, "{err}");
 }
+
+/// `bench` runs `ddp` and `CASE*R` as that many processes beside the in-process cases, and
+/// reports each stage's all-reduced bytes per step: for ddp exactly the model's gradients.
+#[test]
+fn bench_measures_replicated_cases_and_their_traffic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let o = command(&[])
+        .args(["bench", "--arch", "resnet8", "--k", "2", "--devices", "cpu,cpu"])
+        .args(["--batch-size", "8", "--cases", "e2e,ddp,dgl:sync*2", "--warmup", "1"])
+        .args(["--steps", "3", "--repeats", "1", "--set", "pipeline.intra_op_threads=1"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["e2e", "ddp", "dgl sync ×2"]);
+    assert_eq!(cases[0]["replicas"], 1);
+    assert_eq!(cases[0]["stages"][0]["allreduce_bytes_per_step"], 0.0);
+    for c in &cases[1..] {
+        assert_eq!(c["replicas"], 2, "{c}");
+        assert!(c["images_per_s"][0].as_f64().unwrap() > 0.0, "{c}");
+        for s in c["stages"].as_array().unwrap() {
+            assert!(s["allreduce_bytes_per_step"].as_f64().unwrap() > 0.0, "{c}");
+        }
+    }
+    // ResNet-8's e2e gradients (float32) plus the presence flags, once per step.
+    let ddp_bytes = cases[1]["stages"][0]["allreduce_bytes_per_step"].as_f64().unwrap();
+    let params_bytes = 4.0 * 78_042.0;
+    assert!((ddp_bytes - params_bytes).abs() / params_bytes < 0.01, "{ddp_bytes}");
+    let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
+    assert!(md.contains("### Data-parallel replicas"), "{md}");
+}

@@ -1,7 +1,9 @@
 use crate::cli::BenchArgs;
 use anyhow::{Context, Result};
 use mlaan_train::bench::{run as run_bench, BenchSpec};
+use mlaan_train::distributed::World;
 use std::path::Path;
+use std::sync::Arc;
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
     if args.config.dataset.is_none() && args.config.config.is_none() {
@@ -18,6 +20,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         args.config.method = Some("dgl".into());
     }
     let base = args.config.resolve()?;
+    // Under a launcher (a replicated case's processes, or the user's torchrun) every case
+    // runs with that many replicas; rank 0 reports.
+    let world = Arc::new(World::from_env(&base.distributed)?);
+    world.agree_on_config(&base)?;
     let spec = BenchSpec {
         base,
         cases: args.cases.clone(),
@@ -25,14 +31,23 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         steps: args.steps,
         repeats: args.repeats,
         micro_batches: args.micro_batches,
+        world: (world.size() > 1).then(|| world.clone()),
+        launcher: std::env::current_exe().ok(),
     };
+    let report = run_bench(&spec, &mut |line| {
+        if world.is_leader() {
+            eprintln!("{line}")
+        }
+    })?;
+    if !world.is_leader() {
+        return world.finish();
+    }
     let out = match &args.out {
         Some(dir) => dir.clone(),
         None => mlaan_train::run_dir::create_run_dir(Path::new("runs"), "bench")
             .context("creating a bench directory under runs/")?,
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let report = run_bench(&spec, &mut |line| eprintln!("{line}"))?;
     mlaan_report::write_atomic(
         &out.join("bench.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -50,5 +65,5 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         );
     }
     eprintln!("results in {}", out.display());
-    Ok(())
+    world.finish()
 }

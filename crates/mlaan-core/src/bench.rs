@@ -17,6 +17,16 @@ pub struct StageShare {
     /// Exact peak of live tensor bytes the stage held (parameters, aux, LAM, EMA, optimizer
     /// state, gradients, inputs and graphs in flight).
     pub peak_live_bytes: u64,
+    /// With replicas: the share of wall time spent averaging gradients (inside `busy`).
+    #[serde(default)]
+    pub allreduce: f64,
+    /// With replicas: bytes this stage all-reduced per step (each rank's buffers).
+    #[serde(default)]
+    pub allreduce_bytes_per_step: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One benchmarked configuration.
@@ -29,6 +39,9 @@ pub struct CaseResult {
     pub devices: Vec<String>,
     pub k: usize,
     pub micro_batches: usize,
+    /// Data-parallel replicas (processes) of the case; throughput is theirs together.
+    #[serde(default = "one")]
+    pub replicas: usize,
     /// Images per second of each repetition (device-synchronised: the pipeline is drained).
     pub images_per_s: Vec<f64>,
     /// Shares of the median repetition.
@@ -47,6 +60,10 @@ impl CaseResult {
     }
     pub fn max(&self) -> f64 {
         self.images_per_s.iter().copied().fold(0.0, f64::max)
+    }
+    /// Devices over all replicas (a CPU device counts once per process that uses it).
+    pub fn devices_used(&self) -> usize {
+        self.devices.len().max(1) * self.replicas.max(1)
     }
     /// Largest per-stage peak of live bytes.
     pub fn max_stage_bytes(&self) -> u64 {
@@ -98,7 +115,7 @@ impl BenchReport {
     }
     /// Speed-up over single-device e2e divided by the number of devices used.
     pub fn scaling_efficiency(&self, case: &CaseResult) -> Option<f64> {
-        self.speedup(case, "e2e").map(|s| s / case.devices.len().max(1) as f64)
+        self.speedup(case, "e2e").map(|s| s / case.devices_used() as f64)
     }
     /// Largest stage's peak live bytes relative to e2e's.
     pub fn memory_ratio(&self, case: &CaseResult) -> Option<f64> {

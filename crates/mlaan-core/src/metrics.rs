@@ -21,6 +21,12 @@ pub struct StageWindow {
     /// Waiting for cascade gradients or EMA snapshots of later stages.
     pub wait_grad_ms: f64,
     pub wall_ms: f64,
+    /// Averaging gradients across data-parallel replicas (inside `busy_ms`).
+    #[serde(default)]
+    pub allreduce_ms: f64,
+    /// Bytes this rank all-reduced (its buffers' sizes) over the window.
+    #[serde(default)]
+    pub allreduce_bytes: u64,
     /// Batches queued at this stage's input when the window closed.
     pub queue_depth: usize,
     /// Batches between the newest forward and the batch whose cascade gradient was last

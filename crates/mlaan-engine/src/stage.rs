@@ -206,6 +206,11 @@ impl Stage {
         self.modules.iter().map(|m| m.live_bytes()).sum()
     }
 
+    /// Gradient averaging across replicas so far, over the stage's modules.
+    pub fn replica_traffic(&self) -> crate::module::Traffic {
+        self.modules.iter().map(|m| m.replica_traffic()).fold(Default::default(), |a, b| a + b)
+    }
+
     /// After a call on module `i`: what the stage holds now plus what the call held and
     /// freed, so the peak counts graphs that live only inside one call.
     fn probe(&mut self, i: usize) {

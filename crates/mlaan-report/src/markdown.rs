@@ -137,7 +137,7 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                 o,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(&case.name),
-                case.devices.len(),
+                case.devices_used(),
                 throughput(case),
                 ratio(r.speedup(case, "e2e")),
                 ratio(r.speedup(case, "gpipe")),
@@ -154,6 +154,36 @@ pub fn bench_markdown(r: &BenchReport) -> String {
              × e2e per device used; × e2e memory: largest stage peak relative to e2e's; shares \
              are fractions of each stage's wall time in the median repetition.\n\n",
         );
+
+        let replicated: Vec<&CaseResult> = r.cases.iter().filter(|c| c.replicas > 1).collect();
+        if !replicated.is_empty() {
+            o.push_str("### Data-parallel replicas\n\n");
+            o.push_str(
+                "| case | replicas | global batch | all-reduced MiB per step, per stage \
+                 | all-reduce % of wall, per stage |\n|---|--:|--:|--:|--:|\n",
+            );
+            for case in replicated {
+                let per_stage = |f: &dyn Fn(&StageShare) -> String| {
+                    case.stages.iter().map(f).collect::<Vec<_>>().join(" / ")
+                };
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} |",
+                    cell(&case.name),
+                    case.replicas,
+                    case.replicas * r.batch_size,
+                    per_stage(&|s| format!(
+                        "{:.2}",
+                        s.allreduce_bytes_per_step / (1u64 << 20) as f64
+                    )),
+                    per_stage(&|s| pct(s.allreduce)),
+                );
+            }
+            o.push_str(
+                "\nImages/s of a replicated case are all replicas' together; bytes are what one \
+                 rank puts into its all-reduces (Gloo's ring moves about twice that per rank).\n\n",
+            );
+        }
 
         o.push_str("### Stages\n\n");
         for case in &r.cases {

@@ -21,6 +21,7 @@ fn stage(i: usize, device: &str, busy: f64, wi: f64, wo: f64, wg: f64, mib: u64)
         wait_output: wo,
         wait_grad: wg,
         peak_live_bytes: mib * MIB,
+        ..Default::default()
     }
 }
 
@@ -34,6 +35,7 @@ fn case(name: &str, ips: &[f64], stages: Vec<StageShare>) -> CaseResult {
         devices,
         k: stages.len(),
         micro_batches: 4,
+        replicas: 1,
         images_per_s: ips.to_vec(),
         stages,
         gpu_peak_bytes: vec![],

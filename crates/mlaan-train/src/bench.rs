@@ -7,8 +7,16 @@
 //! `gpipe` is micro-batched pipelined backprop over all devices, a local method defaults to
 //! `async` over all devices, and `:sequential` runs every module on the first device. A
 //! `+recompute` suffix (`mlaan-dgl:sync+recompute`) trades a second forward for memory.
+//!
+//! Data parallelism: `ddp` is e2e with one replica per device (D processes, gradients
+//! all-reduced: what users would otherwise run), and `CASE*R` is any case with R replicas, each
+//! the whole case on its devices. Those run as R processes (`mlaan-pipe launch ... bench`, one
+//! repetition per launch, still interleaved with the others); their throughput is all
+//! replicas' together, and each stage reports what it all-reduced per step and the share of
+//! its time that took.
 
 use crate::devices::{self, GpuPeakSampler};
+use crate::distributed::World;
 use crate::session::{to_tensors, RunOptions, Session};
 use anyhow::{bail, Context, Result};
 use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
@@ -17,6 +25,8 @@ use mlaan_core::device::DeviceSpec;
 use mlaan_data::{Loader, LoaderConfig};
 use mlaan_engine::module::BatchTargets;
 use mlaan_engine::pipeline::Event;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
@@ -31,11 +41,31 @@ pub struct BenchSpec {
     pub repeats: usize,
     /// Micro-batches of the GPipe case.
     pub micro_batches: usize,
+    /// The replicas this process is one of (`None`: alone). Set when the bench itself runs
+    /// under a launcher, as it does for the replicated cases.
+    pub world: Option<Arc<World>>,
+    /// The mlaan-pipe binary that starts the processes of a replicated case.
+    pub launcher: Option<PathBuf>,
+}
+
+/// `CASE*R` → (`CASE`, Some(R)); `ddp` → (`ddp`, Some(devices)); else (case, None).
+fn split_replicas<'a>(spec: &BenchSpec, case: &'a str) -> Result<(&'a str, Option<usize>)> {
+    if case == "ddp" {
+        return Ok((case, Some(spec.base.pipeline.devices.len().max(2))));
+    }
+    match case.rsplit_once('*') {
+        Some((inner, r)) => match r.parse::<usize>() {
+            Ok(r) if r >= 1 => Ok((inner, Some(r))),
+            _ => bail!("case `{case}`: `*{r}` is not a number of replicas (1 or more)"),
+        },
+        None => Ok((case, None)),
+    }
 }
 
 /// The run config of one case.
 pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
     let mut c = spec.base.clone();
+    let (case, _) = split_replicas(spec, case)?;
     let (core, recompute) = split_recompute(case);
     c.pipeline.recompute = recompute || c.pipeline.recompute;
     let (method, schedule) = match core.split_once(':') {
@@ -44,6 +74,16 @@ pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
     };
     let first = vec![c.pipeline.devices[0]];
     match method {
+        // One device per replica: a node's GPUs are sliced among its processes (one each),
+        // CPU processes share the machine.
+        "ddp" => {
+            c.method.name = Method::E2e;
+            c.model.k = 1;
+            c.pipeline.schedule = Schedule::Sequential;
+            if !c.pipeline.devices.iter().all(|d| d.is_cuda()) {
+                c.pipeline.devices = first;
+            }
+        }
         "e2e" => {
             c.method.name = Method::E2e;
             c.model.k = 1;
@@ -68,7 +108,7 @@ pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
             };
         }
     }
-    if method == "e2e" || method == "gpipe" {
+    if matches!(method, "e2e" | "gpipe" | "ddp") {
         if let Some(s) = schedule {
             bail!("case `{case}`: `{method}` takes no schedule (`:{s}`)");
         }
@@ -89,21 +129,28 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     let batches = sample_batches(&spec.base, spec.warmup + spec.steps)?;
     let mut results: Vec<CaseResult> = configs
         .iter()
-        .map(|(name, c)| CaseResult {
-            name: name.clone(),
-            method: c.method.name.to_string(),
-            schedule: c.pipeline.schedule.to_string(),
-            devices: DeviceSpec::names(&c.pipeline.devices),
-            k: c.model.k,
-            micro_batches: c.pipeline.micro_batches,
-            ..Default::default()
+        .zip(&spec.cases)
+        .map(|((name, c), case)| {
+            Ok(CaseResult {
+                name: name.clone(),
+                method: c.method.name.to_string(),
+                schedule: c.pipeline.schedule.to_string(),
+                devices: DeviceSpec::names(&c.pipeline.devices),
+                k: c.model.k,
+                micro_batches: c.pipeline.micro_batches,
+                replicas: split_replicas(spec, case)?.1.unwrap_or(world_size(spec)),
+                ..Default::default()
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut per_rep: Vec<Vec<Measurement>> = configs.iter().map(|_| Vec::new()).collect();
     for rep in 0..spec.repeats {
-        for (i, (name, cfg)) in configs.iter().enumerate() {
-            let m = measure(cfg, &batches, spec.warmup, spec.steps)
-                .with_context(|| format!("benchmark case `{name}`"))?;
+        for (i, ((name, cfg), case)) in configs.iter().zip(&spec.cases).enumerate() {
+            let m = match split_replicas(spec, case)? {
+                (inner, Some(r)) if world_size(spec) == 1 => launch_case(spec, inner, r),
+                _ => measure(cfg, &batches, spec.warmup, spec.steps, spec.world.clone()),
+            }
+            .with_context(|| format!("benchmark case `{name}`"))?;
             progress(&format!(
                 "rep {}/{}  {name:<24} {:>9.1} images/s",
                 rep + 1,
@@ -163,17 +210,67 @@ fn split_recompute(case: &str) -> (&str, bool) {
 }
 
 fn display_name(case: &str) -> String {
+    let (case, replicas) = match case.rsplit_once('*') {
+        Some((inner, r)) => (inner, Some(r)),
+        None => (case, None),
+    };
     let (core, recompute) = split_recompute(case);
-    let name = match core.split_once(':') {
+    let mut name = match core.split_once(':') {
         Some((m, s)) => format!("{m} {s}"),
-        None if core == "e2e" || core == "gpipe" => core.to_string(),
+        None if matches!(core, "e2e" | "gpipe" | "ddp") => core.to_string(),
         None => format!("{core} async"),
     };
     if recompute {
-        format!("{name} +recompute")
-    } else {
-        name
+        name.push_str(" +recompute");
     }
+    if let Some(r) = replicas {
+        name.push_str(&format!(" ×{r}"));
+    }
+    name
+}
+
+fn world_size(spec: &BenchSpec) -> usize {
+    spec.world.as_ref().map_or(1, |w| w.size())
+}
+
+/// One repetition of `case` as `replicas` processes: `mlaan-pipe launch` runs this bench with
+/// that case alone, and rank 0's report comes back.
+fn launch_case(spec: &BenchSpec, case: &str, replicas: usize) -> Result<Measurement> {
+    let exe = spec.launcher.as_ref().context("a replicated case needs the mlaan-pipe binary")?;
+    let tmp = tempfile::tempdir().context("creating a directory for a replicated case")?;
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, spec.base.to_toml())?;
+    let out = tmp.path().join("out");
+    let n = |v: usize| v.to_string();
+    let o = std::process::Command::new(exe)
+        .args(["launch", "--nproc-per-node", &n(replicas), "--grace-s", "5", "--", "bench"])
+        .arg("--config")
+        .arg(&config)
+        .args(["--cases", case, "--warmup", &n(spec.warmup), "--steps", &n(spec.steps)])
+        .args(["--repeats", "1", "--micro-batches", &n(spec.micro_batches), "--quiet"])
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    if !o.status.success() {
+        bail!(
+            "{replicas} replica processes failed ({}):\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim_end()
+        );
+    }
+    let path = out.join("bench.json");
+    let report: BenchReport = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    let c = report.cases.into_iter().next().context("the replicas reported no case")?;
+    Ok(Measurement {
+        images_per_s: c.images_per_s.first().copied().unwrap_or(0.0),
+        stages: c.stages,
+        gpu_peak_bytes: c.gpu_peak_bytes,
+    })
 }
 
 /// Batches from the base config's training data, held in memory.
@@ -205,8 +302,10 @@ fn measure(
     batches: &[(Tensor, BatchTargets)],
     warmup: usize,
     steps: usize,
+    world: Option<Arc<World>>,
 ) -> Result<Measurement> {
-    let mut s = Session::start(cfg, &RunOptions::default())?;
+    let replicas = world.as_ref().map_or(1, |w| w.size());
+    let mut s = Session::start(cfg, &RunOptions { world, ..RunOptions::default() })?;
     let feed = |s: &mut Session, i: usize| -> Result<Vec<Event>> {
         let (x, t) = &batches[i % batches.len()];
         let image_u8 = s.needs_image().then(|| x.shallow_clone());
@@ -245,6 +344,8 @@ fn measure(
             st.wait_input += w.wait_input_ms;
             st.wait_output += w.wait_output_ms;
             st.wait_grad += w.wait_grad_ms;
+            st.allreduce += w.allreduce_ms;
+            st.allreduce_bytes_per_step += w.allreduce_bytes as f64 / steps.max(1) as f64;
             wall[stage] += w.wall_ms;
         }
     }
@@ -254,10 +355,11 @@ fn measure(
         st.wait_input /= w;
         st.wait_output /= w;
         st.wait_grad /= w;
+        st.allreduce /= w;
         st.peak_live_bytes = peak;
     }
     Ok(Measurement {
-        images_per_s: (steps * cfg.train.batch_size) as f64 / elapsed,
+        images_per_s: (steps * cfg.train.batch_size * replicas) as f64 / elapsed,
         stages,
         gpu_peak_bytes,
     })

@@ -28,6 +28,8 @@ fn every_case_is_measured() {
         steps: 4,
         repeats: 2,
         micro_batches: 2,
+        world: None,
+        launcher: None,
     };
     let r = run(&spec, &mut |_| {}).unwrap();
     assert_eq!(r.cases.len(), 7);
@@ -57,6 +59,8 @@ fn bad_cases_are_named() {
         steps: 1,
         repeats: 1,
         micro_batches: 3,
+        world: None,
+        launcher: None,
     };
     let e = case_config(&spec, "mlaan-dgl:fast").unwrap_err().to_string();
     assert!(e.contains("fast"), "{e}");

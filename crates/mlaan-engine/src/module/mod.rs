@@ -26,7 +26,7 @@ pub mod meter;
 pub mod replicas;
 
 pub use ema::{EmaLag, EmaLinks, EmaSnapshot, SourceLink, TwinLink};
-pub use replicas::{ReplicaSync, Replicas};
+pub use replicas::{ReplicaSync, Replicas, Traffic};
 
 use crate::optim::{LrSchedule, Sgd};
 use crate::{bytes_of, TrainError};
@@ -504,6 +504,11 @@ impl LocalModule {
     /// Whether the module has a term of this kind.
     pub fn has_term(&self, kind: TermKind) -> bool {
         self.nets.terms.iter().any(|t| t.spec.kind == kind)
+    }
+
+    /// What averaging this module's gradients across replicas has cost so far.
+    pub fn replica_traffic(&self) -> Traffic {
+        self.replicas.as_ref().map(ReplicaSync::traffic).unwrap_or_default()
     }
 
     /// Join this module's group across the data-parallel replicas and take rank 0's state

@@ -34,12 +34,36 @@ pub struct Replicas {
     pub bucket_bytes: usize,
 }
 
+/// What a module's gradient averaging has cost so far (cumulative; windows take differences).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    /// Bytes this rank sent into all-reduces (its buffer sizes, as DDP counts them).
+    pub bytes: u64,
+    /// Time inside averaging: flattening, the all-reduces and copying back.
+    pub time: std::time::Duration,
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, o: Traffic) -> Traffic {
+        Traffic { bytes: self.bytes + o.bytes, time: self.time + o.time }
+    }
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, o: Traffic) -> Traffic {
+        Traffic { bytes: self.bytes - o.bytes, time: self.time.saturating_sub(o.time) }
+    }
+}
+
 /// One module's group.
 pub struct ReplicaSync {
     module: usize,
     group: Group,
     store: Arc<Store>,
     bucket_bytes: usize,
+    traffic: Traffic,
 }
 
 impl ReplicaSync {
@@ -55,6 +79,7 @@ impl ReplicaSync {
             group,
             store: r.store.clone(),
             bucket_bytes: r.bucket_bytes.max(1),
+            traffic: Traffic::default(),
         })
     }
 
@@ -88,6 +113,7 @@ impl ReplicaSync {
         params: &[(String, Tensor)],
     ) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
+        let start = std::time::Instant::now();
         let present = self.agree_on_presence(grads)?;
         let mut tensors = Vec::new();
         for ((g, (_, p)), n) in grads.iter_mut().zip(params).zip(present) {
@@ -100,7 +126,9 @@ impl ReplicaSync {
             tensors.extend(g.as_ref().map(Tensor::shallow_clone));
         }
         let world = self.group.world() as f64;
+        let mut bytes = (grads.len() * 4) as u64; // the presence flags
         self.coalesced(&tensors, |group, flat| {
+            bytes += (flat.numel() * flat.kind().elt_size_in_bytes()) as u64;
             group.all_reduce_sum(flat)?;
             let _ = flat.f_div_scalar_(world).map_err(|e| DistError::BadTensor {
                 op: "average",
@@ -108,7 +136,14 @@ impl ReplicaSync {
                 message: e.to_string(),
             })?;
             Ok(())
-        })
+        })?;
+        self.traffic = self.traffic + Traffic { bytes, time: start.elapsed() };
+        Ok(())
+    }
+
+    /// Gradient averaging's cost since the group formed.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
     }
 
     /// A failed collective, with the heartbeats' word on which peer is to blame.

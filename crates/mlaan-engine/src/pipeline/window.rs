@@ -2,6 +2,7 @@
 //! joined with the port's waits into the [`StageWindow`] the coordinator logs.
 
 use super::port::Waits;
+use crate::module::Traffic;
 use crate::stage::Stage;
 use mlaan_core::metrics::StageWindow;
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ pub struct Window {
     pub peak_live: u64,
     /// Batches between the newest forward and the batch of the last late gradient (async).
     pub last_lag: u64,
+    /// The stage's replica traffic when the window opened.
+    traffic_at_start: Option<Traffic>,
 }
 
 impl Default for Window {
@@ -25,6 +28,7 @@ impl Default for Window {
             images: 0,
             peak_live: 0,
             last_lag: 0,
+            traffic_at_start: None,
         }
     }
 }
@@ -45,6 +49,9 @@ impl Window {
         let now = Instant::now();
         let wall = now - self.start;
         let c = std::mem::take(self);
+        let traffic = v.stage.replica_traffic();
+        let reduced = traffic - c.traffic_at_start.unwrap_or_default();
+        self.traffic_at_start = Some(traffic);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         StageWindow {
             stage: v.index,
@@ -58,6 +65,8 @@ impl Window {
             wait_output_ms: ms(v.waits.output),
             wait_grad_ms: ms(v.waits.grad),
             wall_ms: ms(wall),
+            allreduce_ms: ms(reduced.time),
+            allreduce_bytes: reduced.bytes,
             queue_depth: v.queue_depth,
             grad_lag: c.last_lag,
             live_bytes: v.stage.live_bytes() + v.queued_bytes,
