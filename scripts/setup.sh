@@ -10,7 +10,9 @@
 #      ProcessGroupGloo header against them; the wheel has c10d's headers but not Gloo's)
 #   5. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
 #   6. with --dev: TensorBoard into the venv, whose own reader the tests use on the event
-#      files a run writes (and which serves them: .venv/bin/tensorboard --logdir runs)
+#      files a run writes (and which serves them: .venv/bin/tensorboard --logdir runs), and
+#      Debian's SLURM and munge, which tests/slurm.rs runs as a one-machine cluster
+#      (deploy/slurm/local_cluster.sh) to submit the batch scripts to
 #
 # Each step checks first and does nothing when already done, so a second run takes well under
 # a second and touches no network. See docs/setup.md.
@@ -51,6 +53,7 @@ TENSORBOARD_PACKAGES=(
 )
 GLOO_PACKAGE=libgloo-dev
 GLOO_HEADER=/usr/include/gloo/config.h
+SLURM_PACKAGES=(slurmctld slurmd slurm-client munge)
 DATA_PACKAGE=dataset-fashion-mnist
 DATA_DIR=/usr/share/datasets/fashion-mnist
 DATA_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
@@ -226,6 +229,16 @@ if [[ "$dev" == 1 ]]; then
         "$VENV/bin/python" -c 'from tensorboard.backend.event_processing import event_accumulator' ||
             die "tensorboard is installed in $VENV but its event reader does not import"
         printf '%s\n' "$want_tb" >"$TB_STAMP"
+    fi
+    if [[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] &&
+        command -v sbatch >/dev/null; then
+        step "slurm: slurmctld, slurmd, sbatch and munged present"
+    elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        step "slurm: installing Debian packages ${SLURM_PACKAGES[*]} (a one-machine cluster for tests/slurm.rs, about 30 MB)"
+        apt_install "${SLURM_PACKAGES[@]}"
+    else
+        note "slurm: not installed, so tests/slurm.rs skips its tests; to run them:
+        sudo apt-get update && sudo apt-get install -y ${SLURM_PACKAGES[*]}"
     fi
     missing=()
     cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)

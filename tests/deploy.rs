@@ -190,7 +190,7 @@ fn sbatch_directives_are_known_and_complete() {
     let files = sbatch_files();
     let names: Vec<String> =
         files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["single_node.sbatch", "sweep_array.sbatch", "bench.sbatch"] {
+    for want in ["single_node.sbatch", "multi_node.sbatch", "sweep_array.sbatch", "bench.sbatch"] {
         assert!(names.iter().any(|n| n == want), "deploy/slurm/{want} is missing: {names:?}");
     }
     for f in &files {
@@ -203,9 +203,14 @@ fn sbatch_directives_are_known_and_complete() {
             assert!(seen.insert(opt.clone(), val.clone()).is_none(), "{}: {opt} twice", rel(f));
         }
         let get = |o: &str| seen.get(o).cloned();
-        for o in ["--job-name", "--nodes", "--ntasks", "--gres", "--time", "--output"] {
+        for o in ["--job-name", "--nodes", "--gres", "--time", "--output"] {
             assert!(get(o).is_some(), "{}: no #SBATCH {o}", rel(f));
         }
+        assert!(
+            get("--ntasks").is_some() || get("--ntasks-per-node").is_some(),
+            "{}: neither #SBATCH --ntasks nor --ntasks-per-node",
+            rel(f)
+        );
         let output = get("--output").flatten().unwrap();
         let array = get("--array").is_some();
         let pattern = if array { "%x-%A_%a" } else { "%x-%j" };

@@ -21,6 +21,9 @@
 #   REQUEUE        1 (default): requeue after a checkpointed stop; 0: never requeue
 #   MAX_REQUEUES   stop requeueing once SLURM_RESTART_COUNT reaches this (default 100)
 #   MLAAN_SCONTROL scontrol command (default scontrol; tests put a stub here or on PATH)
+#   MLAAN_TASKS    words put before the trainer to start one process per task, e.g.
+#                  "srun --kill-on-bad-exit=1" (multi_node.sbatch); empty: the batch shell's
+#                  own process is the one replica
 # A file named NO_REQUEUE in the run directory also prevents the requeue: touch it, then
 # `scancel --batch --signal=USR1 JOBID` stops a run cleanly at a checkpoint.
 
@@ -246,7 +249,12 @@ mlaan_train_job() {
     if [[ -n ${EXTRA_ARGS:-} ]]; then
         read -r -a extra <<<"$EXTRA_ARGS"
     fi
-    cmd=("$bin" train --config "$config" --resume auto --out "$run_dir" "${MLAAN_DEVICE_ARGS[@]}")
+    local -a tasks=()
+    if [[ -n ${MLAAN_TASKS:-} ]]; then
+        read -r -a tasks <<<"$MLAAN_TASKS"
+    fi
+    cmd=(${tasks[@]+"${tasks[@]}"} "$bin" train --config "$config" --resume auto --out "$run_dir"
+        "${MLAAN_DEVICE_ARGS[@]}")
     if [[ -n ${DATA_DIR:-} ]]; then
         cmd+=(--data-dir "$(mlaan_abspath "$DATA_DIR")")
     fi
