@@ -188,7 +188,15 @@ impl ReplicaSync {
             let bucket = &tensors[start..end];
             let flats: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
             let mut flat = Tensor::f_cat(&flats, 0)?;
-            op(&self.group, &mut flat).map_err(|e| self.error(e))?;
+            if device.is_cuda() {
+                // Gloo reduces host memory: a CUDA bucket goes through it (NCCL, which would
+                // reduce on the device, is not wired in yet).
+                let mut host = flat.f_to(tch::Device::Cpu)?;
+                op(&self.group, &mut host).map_err(|e| self.error(e))?;
+                flat.f_copy_(&host)?;
+            } else {
+                op(&self.group, &mut flat).map_err(|e| self.error(e))?;
+            }
             let mut offset = 0;
             for t in bucket {
                 let n = t.numel() as i64;
