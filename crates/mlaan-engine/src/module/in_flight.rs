@@ -13,10 +13,12 @@ pub struct Pending {
     pub x: Tensor,
     pub h: Tensor,
     pub targets: BatchTargets,
-    /// Σ of every gradient part on h (for the parameter pass).
-    pub g_params: Option<Tensor>,
-    /// Parts with reach left ≥ 1 not yet propagated to the input, by reach.
-    pub g_unsent: BTreeMap<usize, Tensor>,
+    /// Every gradient part on h, with its reach left, for the parameter pass; summed by
+    /// [`Pending::param_grad`] in a fixed order (see there).
+    pub param_parts: Vec<(usize, Tensor)>,
+    /// Parts with reach left ≥ 1 not yet propagated to the input, by reach (summed when
+    /// taken, see [`Pending::take_unsent`]).
+    pub g_unsent: BTreeMap<usize, Vec<Tensor>>,
     pub graph_bytes: u64,
     /// Whether `h` carries its autograd graph (not yet, in recompute mode).
     pub has_graph: bool,
@@ -36,7 +38,7 @@ impl Pending {
             x,
             h,
             targets,
-            g_params: None,
+            param_parts: Vec::new(),
             g_unsent: BTreeMap::new(),
             graph_bytes,
             has_graph,
@@ -49,24 +51,61 @@ impl Pending {
         bytes_of(&self.x)
             + bytes_of(&self.h)
             + self.graph_bytes
-            + self.g_params.as_ref().map_or(0, bytes_of)
-            + self.g_unsent.values().map(bytes_of).sum::<u64>()
+            + self.param_parts.iter().map(|(_, g)| bytes_of(g)).sum::<u64>()
+            + self.g_unsent.values().flatten().map(bytes_of).sum::<u64>()
             + self.stats_before.iter().flatten().map(bytes_of).sum::<u64>()
     }
 
     /// Add gradient parts on h: all of them to the parameter pass, those that reach further
     /// back (and can: `has_input_grad`) to the unsent parts by reach.
     pub fn add(&mut self, parts: Vec<GradPart>, has_input_grad: bool) -> Result<(), TrainError> {
+        // Parts are kept as they came and summed into fresh tensors when used: a part may
+        // sit both here and in the unsent parts, so adding into it in place would corrupt
+        // the other.
         for part in parts {
             if part.reach_left >= 1 && has_input_grad {
-                let mut acc = self.g_unsent.remove(&part.reach_left);
-                crate::module::grads::add_into(&mut acc, part.grad.shallow_clone())?;
-                self.g_unsent.insert(part.reach_left, acc.expect("just set"));
+                self.g_unsent.entry(part.reach_left).or_default().push(part.grad.shallow_clone());
             }
-            crate::module::grads::add_into(&mut self.g_params, part.grad)?;
+            self.param_parts.push((part.reach_left, part.grad));
         }
         Ok(())
     }
+
+    /// The unsent parts, one sum per reach left (in arrival order: a reach's parts come from
+    /// one term), leaving none.
+    pub fn take_unsent(&mut self) -> Result<Vec<(usize, Tensor)>, TrainError> {
+        let mut out = Vec::new();
+        for (reach, parts) in std::mem::take(&mut self.g_unsent) {
+            if let Some(sum) = sum_of(&parts)? {
+                out.push((reach, sum));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Σ of the parts for the parameter pass, added in order of reach left, then of arrival.
+    /// Floating-point addition is not associative, and which parts arrive together depends on
+    /// the schedule and the placement (a part from a later stage comes in its own message);
+    /// a fixed order makes the sum, and so every schedule, bitwise the sequential one. Parts
+    /// that share a reach left come from one term in every plan the methods make (the term
+    /// that distance back with that reach), and local terms always come first.
+    pub fn param_grad(&self) -> Result<Option<Tensor>, TrainError> {
+        let mut order: Vec<&(usize, Tensor)> = self.param_parts.iter().collect();
+        order.sort_by_key(|(reach, _)| *reach);
+        sum_of(order.into_iter().map(|(_, g)| g))
+    }
+}
+
+/// Σ `parts` in their order, as a new tensor (one part: itself, unchanged); `None` if empty.
+fn sum_of<'a>(parts: impl IntoIterator<Item = &'a Tensor>) -> Result<Option<Tensor>, TrainError> {
+    let mut it = parts.into_iter();
+    let Some(first) = it.next() else { return Ok(None) };
+    let Some(second) = it.next() else { return Ok(Some(first.shallow_clone())) };
+    let mut sum = first.f_add(second)?;
+    for g in it {
+        let _ = sum.f_add_(g)?;
+    }
+    Ok(Some(sum))
 }
 
 /// A batch in progress: being worked on, or dropped.

@@ -333,7 +333,7 @@ impl LocalModule {
         self.ensure_graph(id)?;
         let combined = self.rules.all_continue && !self.grads.backbone.is_empty();
         let Some(Entry::Live(p)) = self.batches.entry_mut(id) else { unreachable!("checked") };
-        let unsent = std::mem::take(&mut p.g_unsent);
+        let unsent = p.take_unsent()?;
         let mut out = Vec::with_capacity(unsent.len());
         for (reach, g) in unsent {
             let mut inputs: Vec<&Tensor> = vec![&p.x];
@@ -346,7 +346,7 @@ impl LocalModule {
         }
         if combined {
             // Every part went back with its parameter gradient: nothing left for `finish`.
-            p.g_params = None;
+            p.param_parts.clear();
         }
         Ok(out)
     }
@@ -354,13 +354,13 @@ impl LocalModule {
     /// The parameter pass of batch `id`; steps when the accumulation group is complete.
     /// With `keep_input`, the input is kept for late gradients (async).
     pub fn finish(&mut self, id: u64, keep_input: bool) -> Result<(), TrainError> {
-        if matches!(self.entry(id, "finish")?, Entry::Live(p) if p.g_params.is_some()) {
+        if matches!(self.entry(id, "finish")?, Entry::Live(p) if !p.param_parts.is_empty()) {
             self.ensure_graph(id)?;
         }
         match self.batches.take(id).expect("checked above") {
             Entry::Live(p) => {
-                if let Some(g) = &p.g_params {
-                    self.param_pass(&p.h, g)?;
+                if let Some(g) = p.param_grad()? {
+                    self.param_pass(&p.h, &g)?;
                 }
                 self.meter.note_transient(p.bytes());
                 if keep_input {
@@ -413,8 +413,8 @@ impl LocalModule {
         self.add_grads(id, parts)?;
         let back = self.propagate(id)?;
         let Some(Entry::Live(p)) = self.batches.take(id) else { unreachable!("begun above") };
-        if let Some(g) = &p.g_params {
-            self.param_pass(&p.h, g)?;
+        if let Some(g) = p.param_grad()? {
+            self.param_pass(&p.h, &g)?;
         }
         self.meter.note_transient(p.bytes());
         if !last {
