@@ -175,7 +175,9 @@ pub struct ConfigArgs {
     /// Devices, e.g. `cpu` or `cpu,cpu` (one stage per device).
     #[arg(long, conflicts_with = "gpus")]
     pub devices: Option<String>,
-    /// GPU indices, e.g. `0,1,2,3` (as CUDA_VISIBLE_DEVICES numbers them).
+    /// GPU indices, e.g. `0,1,2,3` (as CUDA_VISIBLE_DEVICES numbers them): the node's GPUs.
+    /// With L processes per node (launch, torchrun, srun), local rank r takes the r-th of L
+    /// equal slices: `0,1,2,3` with 2 processes gives rank 0 GPUs 0,1 and rank 1 GPUs 2,3.
     #[arg(long)]
     pub gpus: Option<String>,
 }
@@ -259,6 +261,10 @@ pub struct TrainArgs {
 pub struct PlanArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// Data-parallel processes per node (default: LOCAL_WORLD_SIZE, else 1): shows each local
+    /// rank's slice of the devices, and places one replica on its slice.
+    #[arg(long)]
+    pub nproc_per_node: Option<usize>,
     /// Machine-readable output: JSON on stdout, or into FILE when one is given.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     pub json: Option<PathBuf>,

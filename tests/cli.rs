@@ -115,6 +115,23 @@ fn plan_shows_split_chains_and_placement() {
     }
 }
 
+/// `plan --nproc-per-node` shows each local rank's slice of `--gpus` and places one replica
+/// on its slice; a list that does not split is an error naming the numbers.
+#[test]
+fn plan_shows_each_local_rank_its_gpu_slice() {
+    let base = ["plan", "--dataset", "synthetic", "--arch", "resnet20", "--method", "dgl"];
+    let out =
+        ok(&[&base[..], &["--k", "2", "--gpus", "0,1,2,3", "--nproc-per-node", "2"]].concat());
+    assert!(out.contains("local rank 0: cuda:0,cuda:1 · 1: cuda:2,cuda:3"), "{out}");
+    assert!(out.contains("placement on cuda:0,cuda:1"), "{out}");
+    let err =
+        fails(&[&base[..], &["--k", "2", "--gpus", "0,1,2", "--nproc-per-node", "2"]].concat());
+    assert!(
+        err.contains("3 GPU(s) in pipeline.devices cannot be split evenly among the 2"),
+        "{err}"
+    );
+}
+
 #[test]
 fn plan_errors_name_the_numbers() {
     let err = fails(&[

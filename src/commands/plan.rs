@@ -7,7 +7,11 @@ use mlaan_train::plan_report::{build, render};
 
 pub fn run(args: PlanArgs) -> Result<()> {
     let cfg = args.config.resolve()?;
-    let report = build(&cfg)?;
+    let per_node = match args.nproc_per_node {
+        Some(n) => n,
+        None => std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+    };
+    let report = build(&cfg, per_node)?;
     match &args.json {
         Some(to) => super::emit(to, &serde_json::to_string_pretty(&report)?)?,
         None => print!("{}", render(&report, &cfg)),

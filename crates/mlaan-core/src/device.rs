@@ -56,6 +56,29 @@ impl DeviceSpec {
         matches!(self, DeviceSpec::Cuda(_))
     }
 
+    /// The devices of local rank `rank` of `per_node` processes on a node, out of the node's
+    /// list: GPUs are split, rank r taking the r-th of `per_node` equal consecutive slices
+    /// (`0,1,2,3` over 2 processes: `0,1` and `2,3`); CPU devices are shared, every rank
+    /// getting the whole list. A GPU list that does not split evenly is an error.
+    pub fn node_slice(
+        devices: &[DeviceSpec],
+        rank: usize,
+        per_node: usize,
+    ) -> Result<Vec<DeviceSpec>, String> {
+        if per_node <= 1 || !devices.iter().all(|d| d.is_cuda()) {
+            return Ok(devices.to_vec());
+        }
+        if devices.len() < per_node || devices.len() % per_node != 0 {
+            return Err(format!(
+                "{} GPU(s) in pipeline.devices cannot be split evenly among the {per_node} \
+                 processes of this node (LOCAL_WORLD_SIZE); give a multiple of {per_node}",
+                devices.len()
+            ));
+        }
+        let per = devices.len() / per_node;
+        Ok(devices[rank * per..][..per].to_vec())
+    }
+
     /// The devices as a config writes them (`["cpu", "cuda:1"]`), for reports.
     pub fn names(devices: &[DeviceSpec]) -> Vec<String> {
         devices.iter().map(ToString::to_string).collect()
@@ -134,5 +157,20 @@ mod tests {
         assert_eq!(cpu_threads_by_cost(2, &[0.3, 0.3]), vec![1, 1]);
         assert_eq!(cpu_threads_by_cost(16, &[1.0, 3.0]), vec![4, 12]);
         assert_eq!(cpu_threads_by_cost(2, &[0.0, 0.0]), vec![1, 1]);
+    }
+
+    #[test]
+    fn a_node_slices_gpus_among_its_processes_and_shares_cpus() {
+        let gpus = DeviceSpec::gpus("0,1,2,3").unwrap();
+        let slice = |r, l| DeviceSpec::names(&DeviceSpec::node_slice(&gpus, r, l).unwrap());
+        assert_eq!(slice(0, 2), ["cuda:0", "cuda:1"]);
+        assert_eq!(slice(1, 2), ["cuda:2", "cuda:3"]);
+        assert_eq!(slice(3, 4), ["cuda:3"]);
+        assert_eq!(slice(0, 1), ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]);
+        let e = DeviceSpec::node_slice(&gpus, 0, 3).unwrap_err();
+        assert!(e.contains("cannot be split evenly among the 3") && e.contains("LOCAL_WORLD_SIZE"));
+        assert!(DeviceSpec::node_slice(&gpus[..1], 0, 2).is_err());
+        let cpus = vec![DeviceSpec::Cpu; 2];
+        assert_eq!(DeviceSpec::node_slice(&cpus, 1, 2).unwrap(), cpus);
     }
 }

@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use mlaan_core::config::{DistributedConfig, RunConfig};
+use mlaan_core::device::DeviceSpec;
 use mlaan_dist::{liveness, Bind, Heartbeat, Launch, Store};
 use mlaan_engine::module::Replicas;
 use serde::de::DeserializeOwned;
@@ -15,7 +16,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tch::Device;
 
 /// This process's place in the run, and its connection to the others.
 pub struct World {
@@ -231,23 +231,11 @@ impl World {
         Ok(())
     }
 
-    /// The devices this rank's pipeline runs on. GPUs are split among the processes of a
-    /// node: local rank r of L takes the r-th of L equal consecutive slices of `devices` (the
-    /// node's list, `--gpus`). CPU devices are shared: every rank gets the whole list.
-    pub fn local_devices(&self, devices: &[Device]) -> Result<Vec<Device>> {
-        let l = self.local_size();
-        if l == 1 || !devices.iter().all(|d| d.is_cuda()) {
-            return Ok(devices.to_vec());
-        }
-        if devices.len() < l || devices.len() % l != 0 {
-            bail!(
-                "{} GPU(s) in pipeline.devices cannot be split evenly among the {l} processes \
-                 of this node (LOCAL_WORLD_SIZE); give a multiple of {l}",
-                devices.len()
-            );
-        }
-        let per = devices.len() / l;
-        Ok(devices[self.local_rank() * per..][..per].to_vec())
+    /// The devices this rank's pipeline runs on: its slice of the node's list (see
+    /// `DeviceSpec::node_slice`).
+    pub fn local_devices(&self, devices: &[DeviceSpec]) -> Result<Vec<DeviceSpec>> {
+        DeviceSpec::node_slice(devices, self.local_rank(), self.local_size())
+            .map_err(anyhow::Error::msg)
     }
 
     /// Cores this process may use: the machine's, shared among the processes of the node.

@@ -89,7 +89,7 @@ impl Session {
         tracing::info!("{}", data.train.describe());
         tracing::info!("{}", data.test.describe());
         let plan = Arc::new(plan_for(cfg, &data)?);
-        let devices = world.local_devices(&devices::resolve(&cfg.pipeline.devices)?)?;
+        let devices = devices::resolve(&world.local_devices(&cfg.pipeline.devices)?)?;
         let image = data.info.image();
         let cores = world.local_cores();
         // Rank 0 places (a measured placement could differ between ranks); all follow it.

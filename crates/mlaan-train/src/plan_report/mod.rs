@@ -106,6 +106,14 @@ pub struct PlacementReport {
     pub intra_op_threads: usize,
 }
 
+/// How a node's processes split its devices (with more than one per node).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicasReport {
+    pub per_node: usize,
+    /// Each local rank's devices; the placement shown is of local rank 0's.
+    pub slices: Vec<Vec<String>>,
+}
+
 /// Everything `plan` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanReport {
@@ -135,10 +143,11 @@ pub struct PlanReport {
     /// `ArchSpec::total_params` for this input and class count (equals `total.backbone`).
     pub arch_params: usize,
     pub placement: PlacementReport,
+    pub replicas: Option<ReplicasReport>,
 }
 
-/// Derive the plan of `cfg` and measure it.
-pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
+/// Derive the plan of `cfg` and measure it, for `per_node` data-parallel processes per node.
+pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
     let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
     let plan = plan_for(cfg, &data)?;
     let image = data.info.image();
@@ -186,7 +195,19 @@ pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
     for m in &modules {
         total.add(&m.params);
     }
-    let placement = placement(cfg, &plan, &modules, image)?;
+    let per_node = per_node.max(1);
+    let slices = (0..per_node)
+        .map(|r| DeviceSpec::node_slice(&cfg.pipeline.devices, r, per_node))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let mut replica_cfg = cfg.clone();
+    replica_cfg.pipeline.devices = slices[0].clone();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let placement = placement(&replica_cfg, &plan, &modules, image, (cores / per_node).max(1))?;
+    let replicas = (per_node > 1).then(|| ReplicasReport {
+        per_node,
+        slices: slices.iter().map(|s| DeviceSpec::names(s)).collect(),
+    });
     Ok(PlanReport {
         arch: plan.arch.name.clone(),
         family: plan.arch.family,
@@ -210,6 +231,7 @@ pub fn build(cfg: &RunConfig) -> Result<PlanReport> {
         total,
         arch_params: plan.arch.total_params(plan.input.c, plan.num_classes),
         placement,
+        replicas,
     })
 }
 
@@ -263,6 +285,7 @@ fn placement(
     plan: &NetworkPlan,
     modules: &[ModuleReport],
     image: ImageSpec,
+    cores: usize,
 ) -> Result<PlacementReport> {
     let specs = &cfg.pipeline.devices;
     let (devices, note) = match crate::devices::resolve(specs) {
@@ -280,7 +303,6 @@ fn placement(
             )),
         ),
     };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (p, _) = choose_placement(cfg, plan, &devices, image, cores)?;
     let stage_device = |s: usize| specs[s.min(specs.len() - 1)];
     let stages: Vec<StageReport> = p
@@ -302,7 +324,6 @@ fn placement(
         })
         .collect();
     let cpu_stages = (0..stages.len()).filter(|&s| stage_device(s) == DeviceSpec::Cpu).count();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let intra_op_threads = match cfg.pipeline.intra_op_threads {
         0 => cpu_threads_per_stage(cores, cpu_stages),
         n => n,

@@ -317,6 +317,23 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
     // Placement.
     let p = &r.placement;
     let _ = writeln!(o);
+    if let Some(rep) = &r.replicas {
+        let slices: Vec<String> =
+            rep.slices.iter().enumerate().map(|(i, d)| format!("{i}: {}", d.join(","))).collect();
+        let shared = rep.slices.windows(2).all(|w| w[0] == w[1]);
+        let _ = writeln!(
+            o,
+            "replicas      {} processes per node, each a whole pipeline; local rank {}{}",
+            rep.per_node,
+            slices.join(" · "),
+            if shared {
+                " (CPU devices are shared; each process gets its share of the cores)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(o, "              the placement below is each replica's (local rank 0's)");
+    }
     let _ = writeln!(
         o,
         "placement on {} ({})",
