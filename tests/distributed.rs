@@ -92,11 +92,22 @@ struct Ended {
 
 impl Ranks {
     fn start(world: usize, port: u16, args_of: impl Fn(usize) -> Vec<String>) -> Ranks {
+        Ranks::start_with(world, port, &[], args_of)
+    }
+
+    /// As `start`, with more environment variables for every rank.
+    fn start_with(
+        world: usize,
+        port: u16,
+        env: &[(&str, &str)],
+        args_of: impl Fn(usize) -> Vec<String>,
+    ) -> Ranks {
         let logs = tempfile::tempdir().unwrap();
         let children = (0..world)
             .map(|r| {
                 let file = |name: &str| std::fs::File::create(logs.path().join(name)).unwrap();
                 rank_command(&args_of(r), r, world, port)
+                    .envs(env.iter().copied())
                     .stdout(file(&format!("{r}.out")))
                     .stderr(file(&format!("{r}.err")))
                     .spawn()
@@ -178,6 +189,11 @@ fn assert_all_ok(outs: &[Ended]) {
     }
 }
 
+/// A finished run's summary.json.
+fn summary_of(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
 /// Every tensor of a run's last checkpoint, by file and name.
 fn checkpoint_tensors(run: &Path) -> Vec<(String, Tensor)> {
     let ckpt = run.join("ckpt");
@@ -245,9 +261,7 @@ fn two_replicas_equal_one_process_accumulating_two_micro_batches() {
         assert!(compared > 30, "{method}: only {compared} tensors compared");
         eprintln!("{method}: {compared} tensors agree, worst relative difference {worst:e}");
 
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(two.join("summary.json")).unwrap())
-                .unwrap();
+        let summary = summary_of(&two);
         assert_eq!(summary["world_size"], 2);
         assert_eq!(summary["global_batch_size"], 16);
         assert_eq!(summary["steps"], 20);
@@ -388,8 +402,7 @@ fn sigterm_to_both_leaves_one_checkpoint_and_resume_finishes() {
         .wait(Duration::from_secs(300));
     assert_all_ok(&outs);
     assert!(outs[0].stderr.contains(&format!("at step {step}")), "{}", outs[0].stderr);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let summary = summary_of(&run);
     assert_eq!(summary["steps"], 3 * 640 / 16);
 }
 
@@ -472,8 +485,7 @@ fn launch_runs_replicas_like_torchrun() {
     let status = wait_child(&mut c, Duration::from_secs(300));
     let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
     assert!(status.success(), "{err}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let summary = summary_of(&run);
     assert_eq!(summary["world_size"], 2);
     assert_eq!(summary["steps"], 3 * 640 / 16);
 }
@@ -545,4 +557,20 @@ fn bench_measures_replicated_cases_and_their_traffic() {
     assert!((ddp_bytes - params_bytes).abs() / params_bytes < 0.01, "{ddp_bytes}");
     let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("### Data-parallel replicas"), "{md}");
+}
+
+/// Under torchrun's elastic agent (`TORCHELASTIC_USE_AGENT_STORE=True`) the agent serves the
+/// store and rank 0 connects like every other rank: here the test serves it, as the agent
+/// would, and the two ranks train one run through it.
+#[test]
+fn ranks_use_the_agent_store_under_torchrun() {
+    let store = mlaan_dist::Store::serve("127.0.0.1", 0, Duration::from_secs(60)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let agent = [("TORCHELASTIC_USE_AGENT_STORE", "True")];
+    let outs = Ranks::start_with(2, store.port(), &agent, |_| short_run(&run, &[]))
+        .wait(Duration::from_secs(300));
+    assert_all_ok(&outs);
+    assert_eq!(summary_of(&run)["world_size"], 2);
+    drop(store);
 }
