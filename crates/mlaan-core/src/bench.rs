@@ -23,6 +23,9 @@ pub struct StageShare {
     /// With replicas: bytes this stage all-reduced per step (each rank's buffers).
     #[serde(default)]
     pub allreduce_bytes_per_step: f64,
+    /// Shares of wall time by compute phase (inside `busy`; see `StageWindow::phases_ms`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub phases: std::collections::BTreeMap<String, f64>,
 }
 
 fn one() -> usize {

@@ -27,6 +27,10 @@ pub struct StageWindow {
     /// Bytes this rank all-reduced (its buffers' sizes) over the window.
     #[serde(default)]
     pub allreduce_bytes: u64,
+    /// Compute time by phase (forward, terms, backward_input, backward_params, optimizer,
+    /// ema; inside `busy_ms`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub phases_ms: std::collections::BTreeMap<String, f64>,
     /// Batches queued at this stage's input when the window closed.
     pub queue_depth: usize,
     /// Batches between the newest forward and the batch whose cascade gradient was last

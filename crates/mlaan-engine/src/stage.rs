@@ -206,6 +206,11 @@ impl Stage {
         self.modules.iter().map(|m| m.live_bytes()).sum()
     }
 
+    /// Time spent per phase so far, over the stage's modules.
+    pub fn phase_times(&self) -> crate::module::clock::PhaseTimes {
+        self.modules.iter().fold(Default::default(), |a, m| a.plus(&m.phase_times()))
+    }
+
     /// Gradient averaging across replicas so far, over the stage's modules.
     pub fn replica_traffic(&self) -> crate::module::Traffic {
         self.modules.iter().map(|m| m.replica_traffic()).fold(Default::default(), |a, b| a + b)

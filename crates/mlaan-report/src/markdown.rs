@@ -185,6 +185,42 @@ pub fn bench_markdown(r: &BenchReport) -> String {
             );
         }
 
+        if r.cases.iter().any(|c| c.stages.iter().any(|s| !s.phases.is_empty())) {
+            o.push_str("### Where the time goes\n\n");
+            o.push_str(
+                "| case | stage | forward | loss terms | backward to input | backward to \
+                 parameters | optimizer | EMA | all-reduce | other busy | waiting |\n\
+                 |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+            );
+            const PHASES: [&str; 6] =
+                ["forward", "terms", "backward_input", "backward_params", "optimizer", "ema"];
+            for case in &r.cases {
+                for s in &case.stages {
+                    let share = |p: &str| s.phases.get(p).copied().unwrap_or(0.0);
+                    let named: f64 = PHASES.iter().map(|p| share(p)).sum::<f64>() + s.allreduce;
+                    let cells: Vec<String> = PHASES.iter().map(|p| pct(share(p))).collect();
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} | {} | {} | {} | {} |",
+                        cell(&case.name),
+                        s.stage,
+                        cells.join(" | "),
+                        pct(s.allreduce),
+                        pct((s.busy - named).max(0.0)),
+                        pct(total_wait(s)),
+                    );
+                }
+            }
+            o.push_str(
+                "\nPercent of each stage's wall time in the median repetition. Loss terms include \
+                 heads, decoders and LAM chains, forward and backward. A module whose every \
+                 gradient travels on gets its parameter gradients in the same pass as its input \
+                 gradient, counted under backward to input. Other busy is the stage's own work \
+                 between them (messages, memory accounting, bookkeeping). On CUDA these are host \
+                 times.\n\n",
+            );
+        }
+
         o.push_str("### Stages\n\n");
         for case in &r.cases {
             let _ = write!(o, "**{}**", cell(&case.name));

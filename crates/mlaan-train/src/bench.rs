@@ -345,6 +345,9 @@ fn measure(
             st.wait_output += w.wait_output_ms;
             st.wait_grad += w.wait_grad_ms;
             st.allreduce += w.allreduce_ms;
+            for (phase, ms) in &w.phases_ms {
+                *st.phases.entry(phase.clone()).or_default() += ms;
+            }
             st.allreduce_bytes_per_step += w.allreduce_bytes as f64 / steps.max(1) as f64;
             wall[stage] += w.wall_ms;
         }
@@ -356,6 +359,7 @@ fn measure(
         st.wait_output /= w;
         st.wait_grad /= w;
         st.allreduce /= w;
+        st.phases.values_mut().for_each(|ms| *ms /= w);
         st.peak_live_bytes = peak;
     }
     Ok(Measurement {

@@ -43,8 +43,15 @@ fn every_case_is_measured() {
             let total = s.busy + s.wait_input + s.wait_output + s.wait_grad;
             assert!(s.busy > 0.0 && total <= 1.05, "{} stage {}: shares {total}", c.name, s.stage);
             assert!(s.peak_live_bytes > 0, "{} stage {}", c.name, s.stage);
+            // The phases are parts of the busy time, and every stage runs forwards.
+            let phases: f64 = s.phases.values().sum();
+            assert!(phases <= s.busy + 1e-9, "{} stage {}: phases {phases}", c.name, s.stage);
+            assert!(s.phases["forward"] > 0.0, "{} stage {}: {:?}", c.name, s.stage, s.phases);
         }
     }
+    // End-to-end backprop: one backward pass to the parameters, one optimizer step per batch.
+    let phases = &r.cases[0].stages[0].phases;
+    assert!(phases["backward_params"] > 0.0 && phases["optimizer"] > 0.0, "{phases:?}");
     let e2e = r.cases.iter().find(|c| c.name == "e2e").unwrap();
     assert_eq!(r.speedup(e2e, "e2e"), Some(1.0));
     assert!(r.memory_ratio(&r.cases[2]).unwrap() < 1.0, "a DGL stage holds less than e2e");

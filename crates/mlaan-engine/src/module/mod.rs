@@ -19,6 +19,7 @@
 //! not finite can be dropped ([`LocalModule::drop_batch`]): later calls on it do nothing, and
 //! it still counts in its accumulation group, so step counts stay aligned across modules.
 
+pub mod clock;
 pub mod ema;
 pub mod grads;
 pub mod in_flight;
@@ -30,6 +31,7 @@ pub use replicas::{ReplicaSync, Replicas, Traffic};
 
 use crate::optim::{LrSchedule, Sgd};
 use crate::{bytes_of, TrainError};
+use clock::{Phase, PhaseTimes};
 use grads::{vjp, GradBook};
 use in_flight::{Entry, InFlight, Kept, Pending};
 use meter::MemoryMeter;
@@ -37,6 +39,7 @@ use mlaan_core::plan::TermKind;
 use mlaan_models::layers::{count_saved, Mode};
 use mlaan_models::losses;
 use mlaan_models::module::{LocalNets, Targets};
+use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// A gradient with respect to the receiving module's output, and how many more modules it
@@ -142,6 +145,8 @@ pub struct LocalModule {
     running: Option<RunningStats>,
     /// This module's group across data-parallel replicas, when there are several.
     replicas: Option<ReplicaSync>,
+    /// Time spent per phase so far.
+    clock: PhaseTimes,
     /// Optimizer steps taken (positions the learning-rate schedule).
     pub step: u64,
     pub stats: Vec<TermStats>,
@@ -211,6 +216,7 @@ impl LocalModule {
             group: Accumulation { size: s.accumulate.max(1), done: 0 },
             running: s.may_drop.then(|| RunningStats::of(&nets)),
             replicas: None,
+            clock: PhaseTimes::default(),
             step: 0,
             stats: vec![TermStats::default(); nets.terms.len()],
             nets,
@@ -219,6 +225,15 @@ impl LocalModule {
 
     /// h_i = M_i(x) in training mode; keeps what the later operations need.
     pub fn forward(
+        &mut self,
+        id: u64,
+        x: &Tensor,
+        targets: BatchTargets,
+    ) -> Result<Tensor, TrainError> {
+        self.timed(Phase::Forward, |m| m.forward_keeping(id, x, targets))
+    }
+
+    fn forward_keeping(
         &mut self,
         id: u64,
         x: &Tensor,
@@ -244,6 +259,10 @@ impl LocalModule {
     /// Returns the unweighted losses. A non-finite loss fails before anything is accumulated:
     /// the batch can then be dropped and leaves no trace.
     pub fn local_losses(&mut self, id: u64) -> Result<Vec<f64>, TrainError> {
+        self.timed(Phase::Terms, |m| m.term_losses(id))
+    }
+
+    fn term_losses(&mut self, id: u64) -> Result<Vec<f64>, TrainError> {
         let p = self.live(id, "local losses of")?;
         let hd = p.h.detach().set_requires_grad(true);
         let image = p.targets.image_u8.as_ref().map(|t| t.to_kind(Kind::Float) / 255.0);
@@ -302,6 +321,10 @@ impl LocalModule {
     /// Rebuild the graph of a batch forwarded without one (recompute mode): the same values,
     /// batch statistics untouched.
     fn ensure_graph(&mut self, id: u64) -> Result<(), TrainError> {
+        self.timed(Phase::Forward, |m| m.rebuild_graph(id))
+    }
+
+    fn rebuild_graph(&mut self, id: u64) -> Result<(), TrainError> {
         let nets = &self.nets;
         let Some(Entry::Live(p)) = self.batches.entry_mut(id) else { return Ok(()) };
         if !p.has_graph {
@@ -331,6 +354,11 @@ impl LocalModule {
             return Ok(Vec::new());
         }
         self.ensure_graph(id)?;
+        self.timed(Phase::BackwardInput, |m| m.send_back(id))
+    }
+
+    /// The backward passes of `propagate`, on a batch with unsent parts and its graph.
+    fn send_back(&mut self, id: u64) -> Result<Vec<GradPart>, TrainError> {
         let combined = self.rules.all_continue && !self.grads.backbone.is_empty();
         let Some(Entry::Live(p)) = self.batches.entry_mut(id) else { unreachable!("checked") };
         let unsent = p.take_unsent()?;
@@ -381,9 +409,24 @@ impl LocalModule {
         if self.grads.backbone.is_empty() || !h.requires_grad() {
             return Ok(());
         }
-        let inputs: Vec<&Tensor> = self.grads.backbone.iter().map(|(_, t)| t).collect();
-        let grads = vjp(h, g, &inputs, false)?;
-        self.grads.add_backbone(grads)
+        self.timed(Phase::BackwardParams, |m| {
+            let inputs: Vec<&Tensor> = m.grads.backbone.iter().map(|(_, t)| t).collect();
+            let grads = vjp(h, g, &inputs, false)?;
+            m.grads.add_backbone(grads)
+        })
+    }
+
+    /// Run `f`, adding its wall time to `phase`.
+    fn timed<T>(&mut self, phase: Phase, f: impl FnOnce(&mut Self) -> T) -> T {
+        let start = Instant::now();
+        let out = f(self);
+        self.clock.add(phase, start.elapsed());
+        out
+    }
+
+    /// Time spent per phase so far.
+    pub fn phase_times(&self) -> PhaseTimes {
+        self.clock
     }
 
     /// A late gradient for a finished batch (async): recompute the module on the kept input
@@ -407,7 +450,8 @@ impl LocalModule {
             None => return Err(self.unknown("late gradient for", id)),
         };
         let x = self.graph_input(&x0);
-        let (h, graph_bytes) = count_saved(|| self.nets.forward(&x, Mode::Recompute));
+        let (h, graph_bytes) =
+            self.timed(Phase::Forward, |m| count_saved(|| m.nets.forward(&x, Mode::Recompute)));
         let no_targets = BatchTargets { labels: Tensor::new(), image_u8: None };
         self.batches.begin(id, Pending::new(x, h, no_targets, graph_bytes, true));
         self.add_grads(id, parts)?;
@@ -457,12 +501,12 @@ impl LocalModule {
             sync.average(self.grads.accumulated_mut(), &self.opt.params)?;
         }
         let lr = self.lr.at(self.step);
-        self.opt.step(self.grads.accumulated(), lr)?;
+        self.timed(Phase::Optimizer, |m| m.opt.step(m.grads.accumulated(), lr))?;
         self.grads.clear();
         self.group.done = 0;
         let step = self.step;
         self.step += 1;
-        self.ema.after_step(step)
+        self.timed(Phase::Ema, |m| m.ema.after_step(step))
     }
 
     fn entry(&self, id: u64, what: &str) -> Result<&Entry, TrainError> {

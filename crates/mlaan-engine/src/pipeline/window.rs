@@ -2,6 +2,7 @@
 //! joined with the port's waits into the [`StageWindow`] the coordinator logs.
 
 use super::port::Waits;
+use crate::module::clock::PhaseTimes;
 use crate::module::Traffic;
 use crate::stage::Stage;
 use mlaan_core::metrics::StageWindow;
@@ -15,8 +16,9 @@ pub struct Window {
     pub peak_live: u64,
     /// Batches between the newest forward and the batch of the last late gradient (async).
     pub last_lag: u64,
-    /// The stage's replica traffic when the window opened.
+    /// The stage's replica traffic and phase times when the window opened.
     traffic_at_start: Option<Traffic>,
+    phases_at_start: PhaseTimes,
 }
 
 impl Default for Window {
@@ -29,6 +31,7 @@ impl Default for Window {
             peak_live: 0,
             last_lag: 0,
             traffic_at_start: None,
+            phases_at_start: PhaseTimes::default(),
         }
     }
 }
@@ -52,6 +55,9 @@ impl Window {
         let traffic = v.stage.replica_traffic();
         let reduced = traffic - c.traffic_at_start.unwrap_or_default();
         self.traffic_at_start = Some(traffic);
+        let phases = v.stage.phase_times();
+        let spent = phases.since(&c.phases_at_start);
+        self.phases_at_start = phases;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         StageWindow {
             stage: v.index,
@@ -67,6 +73,7 @@ impl Window {
             wall_ms: ms(wall),
             allreduce_ms: ms(reduced.time),
             allreduce_bytes: reduced.bytes,
+            phases_ms: spent.to_ms(),
             queue_depth: v.queue_depth,
             grad_lag: c.last_lag,
             live_bytes: v.stage.live_bytes() + v.queued_bytes,
