@@ -115,6 +115,34 @@ fn plan_shows_split_chains_and_placement() {
     }
 }
 
+/// The counted arithmetic: the MACs counted while running the backbone equal the architecture's
+/// formula (written apart from the layers), an e2e step is 6 × its forward MACs in FLOPs
+/// (forward, backward to activations, backward to weights), and MLAAN's terms add their LAM
+/// chains on top.
+#[test]
+fn plan_counts_training_flops() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plan.json");
+    let base = ["plan", "--dataset", "synthetic", "--arch", "resnet20", "--devices", "cpu"];
+    let e2e = ["--method", "e2e", "--k", "1", "--schedule", "sequential", "--json"];
+    ok(&[&base[..], &e2e[..], &[file.to_str().unwrap()]].concat());
+    let m = &json(&file)["modules"][0];
+    let formula = m["macs_per_sample"].as_f64().unwrap();
+    let counted = m["flops"]["backbone_macs"].as_f64().unwrap();
+    assert!((counted - formula).abs() / formula < 0.01, "counted {counted}, formula {formula}");
+    let train = m["flops"]["train_flops"].as_f64().unwrap();
+    let expected = 6.0 * (counted + m["flops"]["term_macs"].as_f64().unwrap());
+    assert!((train - expected).abs() / expected < 1e-9, "{train} vs {expected}");
+
+    ok(&[&base[..], &["--method", "mlaan-dgl", "--k", "3", "--json", file.to_str().unwrap()]]
+        .concat());
+    // Module 0 has no loss of its own; module 1's cascade runs a LAM chain.
+    let m = &json(&file)["modules"][1];
+    let f = &m["flops"];
+    assert!(f["term_macs"].as_f64().unwrap() > f["backbone_macs"].as_f64().unwrap(), "{f}");
+    assert!(f["train_flops"].as_f64().unwrap() > 6.0 * f["backbone_macs"].as_f64().unwrap());
+}
+
 /// `plan --nproc-per-node` shows each local rank's slice of `--gpus` and places one replica
 /// on its slice; a list that does not split is an error naming the numbers.
 #[test]

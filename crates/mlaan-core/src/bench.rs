@@ -23,6 +23,10 @@ pub struct StageShare {
     /// With replicas: bytes this stage all-reduced per step (each rank's buffers).
     #[serde(default)]
     pub allreduce_bytes_per_step: f64,
+    /// Training arithmetic achieved: the stage's FLOPs per sample (counted, see `plan`) times
+    /// the case's images/s per replica, in GFLOP/s.
+    #[serde(default)]
+    pub gflop_per_s: f64,
     /// Shares of wall time by compute phase (inside `busy`; see `StageWindow::phases_ms`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub phases: std::collections::BTreeMap<String, f64>,

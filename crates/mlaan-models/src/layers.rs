@@ -2,7 +2,7 @@
 //! for recomputed forwards (MLAAN recomputes modules; their running statistics must move once
 //! per batch, not once per forward).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use tch::nn::{self, Init};
 use tch::Tensor;
@@ -10,6 +10,27 @@ use tch::Tensor;
 thread_local! {
     /// Storages saved for backward by the ops run since `count_saved` started, by address.
     static SAVED: RefCell<Option<HashMap<usize, u64>>> = const { RefCell::new(None) };
+}
+
+thread_local! {
+    /// Multiply-accumulates of the convolutions and linear layers run since `count_macs`
+    /// started.
+    static MACS: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+fn note_macs(n: u64) {
+    MACS.with(|m| m.set(m.get().map(|c| c + n)));
+}
+
+/// Run `f` and return the multiply-accumulates its convolutions and linear layers did: the
+/// arithmetic of a forward pass, counted as it runs (heads, decoders and LAM chains alike).
+pub fn count_macs<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let outer = MACS.with(|m| m.replace(Some(0)));
+    let out = f();
+    let inner = MACS.with(|m| m.take()).unwrap_or(0);
+    // A region counted inside another is part of the outer one too.
+    MACS.with(|m| m.set(outer.map(|o| o + inner)));
+    (out, inner)
 }
 
 /// Note that autograd keeps `t` alive for the backward pass (counted once per storage).
@@ -88,14 +109,18 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         saved(x);
-        x.conv2d(
+        let y = x.conv2d(
             &self.weight,
             self.bias.as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
             1,
-        )
+        );
+        // Each output element: C_in · k · k multiply-accumulates.
+        let per_output = self.weight.numel() / self.weight.size()[0].max(1) as usize;
+        note_macs((y.numel() * per_output) as u64);
+        y
     }
 }
 
@@ -178,7 +203,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         saved(x);
-        x.linear(&self.weight, Some(&self.bias))
+        let y = x.linear(&self.weight, Some(&self.bias));
+        note_macs((y.numel() * self.weight.size()[1] as usize) as u64);
+        y
     }
 }
 

@@ -188,9 +188,9 @@ pub fn bench_markdown(r: &BenchReport) -> String {
         if r.cases.iter().any(|c| c.stages.iter().any(|s| !s.phases.is_empty())) {
             o.push_str("### Where the time goes\n\n");
             o.push_str(
-                "| case | stage | forward | loss terms | backward to input | backward to \
+                "| case | stage | GFLOP/s | forward | loss terms | backward to input | backward to \
                  parameters | optimizer | EMA | all-reduce | other busy | waiting |\n\
-                 |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+                 |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
             );
             const PHASES: [&str; 6] =
                 ["forward", "terms", "backward_input", "backward_params", "optimizer", "ema"];
@@ -201,9 +201,10 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                     let cells: Vec<String> = PHASES.iter().map(|p| pct(share(p))).collect();
                     let _ = writeln!(
                         o,
-                        "| {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {:.1} | {} | {} | {} | {} |",
                         cell(&case.name),
                         s.stage,
+                        s.gflop_per_s,
                         cells.join(" | "),
                         pct(s.allreduce),
                         pct((s.busy - named).max(0.0)),
@@ -212,7 +213,9 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                 }
             }
             o.push_str(
-                "\nPercent of each stage's wall time in the median repetition. Loss terms include \
+                "\nGFLOP/s: the stage's training FLOPs per sample (as `plan` counts them) times the \
+                 case's images/s per replica. The other columns: percent of each stage's wall time \
+                 in the median repetition. Loss terms include \
                  heads, decoders and LAM chains, forward and backward. A module whose every \
                  gradient travels on gets its parameter gradients in the same pass as its input \
                  gradient, counted under backward to input. Other busy is the stage's own work \

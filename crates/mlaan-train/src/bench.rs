@@ -17,11 +17,13 @@
 
 use crate::devices::{self, GpuPeakSampler};
 use crate::distributed::World;
+use crate::flops::module_flops;
 use crate::session::{to_tensors, RunOptions, Session};
 use anyhow::{bail, Context, Result};
 use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
 use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
+use mlaan_core::plan::NetworkPlan;
 use mlaan_data::{Loader, LoaderConfig};
 use mlaan_engine::module::BatchTargets;
 use mlaan_engine::pipeline::Event;
@@ -169,6 +171,17 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
             .expect("at least one repetition");
         r.stages = pick.stages;
         r.gpu_peak_bytes = pick.gpu_peak_bytes;
+    }
+    let image =
+        mlaan_data::open(&spec.base.data).context("opening the benchmark data")?.info.image();
+    for (r, (_, cfg)) in results.iter_mut().zip(&configs) {
+        let plan = NetworkPlan::new(cfg, image.chw(), image.classes)?;
+        let flops = module_flops(&plan, image, cfg.pipeline.recompute)?;
+        let per_replica = r.median() / r.replicas.max(1) as f64;
+        for st in &mut r.stages {
+            let per_sample: f64 = st.modules.iter().map(|&m| flops[m].train_flops).sum();
+            st.gflop_per_s = per_sample * per_replica / 1e9;
+        }
     }
     let b = &spec.base;
     let first = &batches[0].0;

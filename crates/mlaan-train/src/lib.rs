@@ -11,6 +11,7 @@ pub mod devices;
 pub mod distributed;
 pub mod evaluate;
 pub mod export;
+pub mod flops;
 pub mod metrics;
 pub mod placement;
 pub mod plan_report;

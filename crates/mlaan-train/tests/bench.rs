@@ -47,6 +47,7 @@ fn every_case_is_measured() {
             let phases: f64 = s.phases.values().sum();
             assert!(phases <= s.busy + 1e-9, "{} stage {}: phases {phases}", c.name, s.stage);
             assert!(s.phases["forward"] > 0.0, "{} stage {}: {:?}", c.name, s.stage, s.phases);
+            assert!(s.gflop_per_s > 0.0, "{} stage {}", c.name, s.stage);
         }
     }
     // End-to-end backprop: one backward pass to the parameters, one optimizer step per batch.

@@ -8,6 +8,7 @@ mod render;
 
 pub use render::render;
 
+use crate::flops::{module_flops, ModuleFlops};
 use crate::placement::choose_placement;
 use crate::session::plan_for;
 use anyhow::{Context, Result};
@@ -79,6 +80,8 @@ pub struct ModuleReport {
     pub activation_bytes: u64,
     /// Backbone multiply-accumulates per sample.
     pub macs_per_sample: f64,
+    /// Counted arithmetic of a training step (see `crate::flops`).
+    pub flops: ModuleFlops,
     pub params: Params,
     pub terms: Vec<TermReport>,
     pub trained_by: Vec<TrainedBy>,
@@ -91,6 +94,8 @@ pub struct StageReport {
     /// First and one-past-last module.
     pub modules: [usize; 2],
     pub macs_per_sample: f64,
+    /// Training FLOPs per sample of the stage's modules.
+    pub train_flops_per_sample: f64,
     pub params: Params,
 }
 
@@ -153,6 +158,7 @@ pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
     let image = data.info.image();
     let batch = cfg.train.batch_size as u64;
     let macs = plan.module_macs();
+    let flops = module_flops(&plan, image, cfg.pipeline.recompute)?;
     let mut modules = Vec::with_capacity(plan.k());
     for (m, spec) in plan.modules.iter().enumerate() {
         let params = {
@@ -186,6 +192,7 @@ pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
             output: spec.output,
             activation_bytes: spec.output.numel() as u64 * batch * 4,
             macs_per_sample: macs[m],
+            flops: flops[m],
             params,
             terms,
             trained_by: trained_by(&plan, m),
@@ -319,6 +326,10 @@ fn placement(
                 device: stage_device(s).to_string(),
                 modules: [g.start, g.end],
                 macs_per_sample: modules[g.clone()].iter().map(|m| m.macs_per_sample).sum(),
+                train_flops_per_sample: modules[g.clone()]
+                    .iter()
+                    .map(|m| m.flops.train_flops)
+                    .sum(),
                 params,
             }
         })

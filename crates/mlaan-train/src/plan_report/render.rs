@@ -199,18 +199,28 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
     let bw = blocks.iter().map(|b| b.len()).max().unwrap_or(0).max(6);
     let _ = writeln!(
         o,
-        "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>11}  {:>9}  {:>9}  {:>9}",
-        "module", "blocks", "h_i", "h_i/batch", "MACs/sample", "backbone", "aux", "LAM", "EMA"
+        "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>13}  {:>11}  {:>9}  {:>9}  {:>9}",
+        "module",
+        "blocks",
+        "h_i",
+        "h_i/batch",
+        "MACs/sample",
+        "train FLOP/s.",
+        "backbone",
+        "aux",
+        "LAM",
+        "EMA"
     );
     for (md, b) in r.modules.iter().zip(&blocks) {
         let _ = writeln!(
             o,
-            "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>11}  {:>9}  {:>9}  {:>9}",
+            "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>13}  {:>11}  {:>9}  {:>9}  {:>9}",
             md.index,
             b,
             shape_text(md.output),
             bytes_text(md.activation_bytes),
             macs_text(md.macs_per_sample),
+            macs_text(md.flops.train_flops),
             count_text(md.params.backbone),
             count_text(md.params.aux),
             count_text(md.params.lam),
@@ -218,14 +228,16 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         );
     }
     let total_macs: f64 = r.modules.iter().map(|m| m.macs_per_sample).sum();
+    let total_flops: f64 = r.modules.iter().map(|m| m.flops.train_flops).sum();
     let _ = writeln!(
         o,
-        "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>11}  {:>9}  {:>9}  {:>9}",
+        "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>13}  {:>11}  {:>9}  {:>9}  {:>9}",
         "total",
         "",
         "",
         "",
         macs_text(total_macs),
+        macs_text(total_flops),
         count_text(r.total.backbone),
         count_text(r.total.aux),
         count_text(r.total.lam),
@@ -238,6 +250,12 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         r.batch_size,
         count_text(r.arch_params),
         if r.arch_params == r.total.backbone { " (equal)" } else { " (MISMATCH)" }
+    );
+    let _ = writeln!(
+        o,
+        "  MACs/sample: the backbone's forward; train FLOP/s.: a training step per sample, forward \
+         and backward, loss terms (heads, decoders, LAM chains) included, counted by running them \
+         (2 FLOPs per MAC, each backward pass priced as its forward)"
     );
 
     // Losses and gradient routes.
@@ -355,11 +373,12 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         let share = if total_macs > 0.0 { 100.0 * s.macs_per_sample / total_macs } else { 0.0 };
         let _ = writeln!(
             o,
-            "  stage {:<2} {:<7} modules {:<6} {:>10} MACs/sample ({share:>5.1}%)  params {} + aux {} + LAM {} + EMA {}",
+            "  stage {:<2} {:<7} modules {:<6} {:>10} MACs/sample ({share:>5.1}%), {} training FLOP/sample  params {} + aux {} + LAM {} + EMA {}",
             s.stage,
             s.device,
             modules_text(s.modules[0]..s.modules[1]),
             macs_text(s.macs_per_sample),
+            macs_text(s.train_flops_per_sample),
             count_text(s.params.backbone),
             count_text(s.params.aux),
             count_text(s.params.lam),
