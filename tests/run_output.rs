@@ -134,6 +134,9 @@ fn tensorboard_reads_every_tag_with_one_point_per_record() {
         ] {
             per_train_record.push(format!("{m}/stage{s}"));
         }
+        for p in ["forward", "terms", "backward_input", "backward_params", "optimizer", "ema"] {
+            per_train_record.push(format!("phase/{p}/stage{s}"));
+        }
     }
     let per_eval_record =
         ["eval/accuracy", "eval/loss", "eval/module1/accuracy", "eval/module2/accuracy"];

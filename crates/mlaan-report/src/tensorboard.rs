@@ -123,6 +123,13 @@ pub fn scalars(record: &MetricRecord, term_names: &[Vec<String>]) -> Vec<(String
                     (format!("grad_lag/stage{s}"), w.grad_lag as f64),
                     (format!("live_bytes/stage{s}"), w.live_bytes as f64),
                 ]);
+                for (phase, ms) in &w.phases_ms {
+                    out.push((format!("phase/{phase}/stage{s}"), share(*ms)));
+                }
+                if w.allreduce_bytes > 0 {
+                    out.push((format!("allreduce/stage{s}"), share(w.allreduce_ms)));
+                    out.push((format!("allreduce_bytes/stage{s}"), w.allreduce_bytes as f64));
+                }
             }
             out
         }
