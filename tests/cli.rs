@@ -143,6 +143,18 @@ fn plan_counts_training_flops() {
     assert!(f["train_flops"].as_f64().unwrap() > 6.0 * f["backbone_macs"].as_f64().unwrap());
 }
 
+/// `bench` with nothing but devices and cases: synthetic CIFAR-shaped data, ResNet-32, K = 4.
+#[test]
+fn bench_runs_with_its_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let args = ["bench", "--devices", "cpu,cpu", "--cases", "e2e,dgl:sync", "--batch-size", "8"];
+    let timing = ["--warmup", "0", "--steps", "1", "--repeats", "1", "--out"];
+    let o = ok(&[&args[..], &timing[..], &[out.to_str().unwrap()]].concat());
+    assert!(o.contains("resnet32") && o.contains("K = 4"), "{o}");
+    assert!(out.join("bench.json").is_file());
+}
+
 /// `plan --nproc-per-node` shows each local rank's slice of `--gpus` and places one replica
 /// on its slice; a list that does not split is an error naming the numbers.
 #[test]

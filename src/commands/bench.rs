@@ -19,6 +19,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         // The cases choose their methods; the base only has to be a valid K-module config.
         args.config.method = Some("dgl".into());
     }
+    if args.config.k.is_none() && args.config.config.is_none() {
+        // The standard benchmark's split (docs/benchmarks.md): ResNet-32 in 4 modules.
+        args.config.k = Some(4);
+    }
     let base = args.config.resolve()?;
     // Under a launcher (a replicated case's processes, or the user's torchrun) every case
     // runs with that many replicas; rank 0 reports.
