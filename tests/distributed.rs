@@ -574,3 +574,27 @@ fn ranks_use_the_agent_store_under_torchrun() {
     assert_eq!(summary_of(&run)["world_size"], 2);
     drop(store);
 }
+
+/// With replicas every rank evaluates its share of the test set after taking rank 0's
+/// BatchNorm statistics, and the counts are summed: the result is rank 0's saved model on the
+/// whole set, which `mlaan-pipe eval` in one process reproduces.
+#[test]
+fn sharded_evaluation_is_rank_0s_model_on_the_whole_test_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // 10 steps: short enough that the accuracy is not 1 (a loss to compare, too).
+    let outs = Ranks::start(2, free_port(), |_| {
+        args("dgl", 8, &run, &["--set", "data.synthetic_samples=160"])
+    })
+    .wait(Duration::from_secs(300));
+    assert_all_ok(&outs);
+    let summary = summary_of(&run);
+    let o = command(&["eval".into(), "--model".into(), run.display().to_string(), "--json".into()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let one: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(one["test_accuracy"], summary["test_accuracy"], "{one} vs {summary}");
+    let (a, b) = (one["test_loss"].as_f64().unwrap(), summary["test_loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "test loss {a} alone, {b} sharded");
+}

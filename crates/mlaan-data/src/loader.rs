@@ -170,6 +170,8 @@ impl Loader {
     /// run of `batch_size` of each, then its equal part of the tail: shards are disjoint and
     /// equally long, and shard r's batch b is exactly micro-batch r of one process's global
     /// batch b (so R replicas reproduce one process with R micro-batches, BatchNorm included).
+    /// Without `drop_last` (evaluation) the last `n mod R` samples go one each to the first
+    /// shards, so that together the shards hold every sample once.
     /// Unlike PyTorch's DistributedSampler, a share is contiguous within its global batch, not
     /// strided.
     pub fn epoch_samples(&self, epoch: usize) -> Vec<usize> {
@@ -195,6 +197,10 @@ impl Loader {
             mine.extend_from_slice(&order[g * global + rank * bs..][..bs]);
         }
         mine.extend_from_slice(&order[full * global + rank * tail..][..tail]);
+        let rest = full * global + count * tail;
+        if !self.cfg.drop_last && rest + rank < n {
+            mine.push(order[rest + rank]);
+        }
         mine
     }
 
@@ -206,7 +212,11 @@ impl Loader {
         let (n, count, bs) = (self.dataset.len(), self.cfg.shard_count, self.cfg.batch_size);
         let per_shard = match count {
             1 => n,
-            _ => n / (count * bs) * bs + (n % (count * bs)) / count,
+            _ => {
+                let tail = n % (count * bs);
+                let extra = !self.cfg.drop_last && self.cfg.shard_rank < tail % count;
+                n / (count * bs) * bs + tail / count + usize::from(extra)
+            }
         };
         if self.cfg.drop_last {
             per_shard / self.cfg.batch_size

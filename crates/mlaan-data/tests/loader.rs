@@ -102,6 +102,7 @@ fn ordered_delivery_and_unordered_mode_cover_the_same_batches() {
     );
 }
 
+/// Training shards (`drop_last`): every rank the same number of samples and steps.
 #[test]
 fn shards_are_disjoint_equal_and_cover_the_permutation() {
     let ds = set(103);
@@ -109,6 +110,7 @@ fn shards_are_disjoint_equal_and_cover_the_permutation() {
     let mut sizes = vec![];
     for rank in 0..4 {
         let mut c = cfg(5, 2);
+        c.drop_last = true;
         c.shard_rank = rank;
         c.shard_count = 4;
         let loader = Loader::new(ds.clone(), Transform::identity(), c);
@@ -126,6 +128,7 @@ fn shards_are_disjoint_equal_and_cover_the_permutation() {
     assert_eq!(seen, whole[..100].iter().copied().collect());
     for rank in 0..4 {
         let mut c = cfg(5, 2);
+        c.drop_last = true;
         c.shard_rank = rank;
         c.shard_count = 4;
         let loader = Loader::new(ds.clone(), Transform::identity(), c);
@@ -133,6 +136,30 @@ fn shards_are_disjoint_equal_and_cover_the_permutation() {
             assert_eq!(batch.sample_ids, whole[b * 20 + rank * 5..][..5], "rank {rank} batch {b}");
         }
     }
+}
+
+/// Evaluation shards (no `drop_last`): together every sample exactly once, the last `n mod R`
+/// one each to the first shards.
+#[test]
+fn evaluation_shards_hold_every_sample_once() {
+    let ds = set(103);
+    let mut seen = BTreeSet::new();
+    let mut sizes = vec![];
+    for rank in 0..4 {
+        let mut c = cfg(5, 2);
+        c.shuffle = false;
+        c.shard_rank = rank;
+        c.shard_count = 4;
+        let loader = Loader::new(ds.clone(), Transform::identity(), c);
+        let ids: Vec<usize> = collect(&loader, 0).into_iter().flat_map(|b| b.sample_ids).collect();
+        assert_eq!(loader.num_batches(), ids.len().div_ceil(5), "rank {rank}");
+        sizes.push(ids.len());
+        for id in ids {
+            assert!(seen.insert(id), "sample {id} in two shards");
+        }
+    }
+    assert_eq!(sizes, [26, 26, 26, 25]);
+    assert_eq!(seen, (0..103).collect());
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! `train` (at its boundaries) and `mlaan-pipe eval` (a saved backbone on one stage) both use
 //! it; the bench measures throughput and evaluates nothing.
 
+use crate::distributed::World;
 use crate::session::{pipeline_settings, to_tensors, RunOptions};
 use anyhow::{Context, Result};
 use mlaan_core::config::RunConfig;
@@ -43,22 +44,58 @@ impl EvalResult {
 }
 
 /// Run the test set through the pipeline (after a drain) and gather every stage's counts.
-pub fn evaluate(pipe: &mut Pipeline, data: &Datasets, cfg: &RunConfig) -> Result<EvalResult> {
+/// With replicas, every rank first takes rank 0's buffers (BatchNorm statistics differ between
+/// replicas), evaluates its share of the test set, and the counts are summed: the result is
+/// rank 0's model on the whole set, in 1/R of the time.
+pub fn evaluate(
+    pipe: &mut Pipeline,
+    data: &Datasets,
+    cfg: &RunConfig,
+    world: &World,
+) -> Result<EvalResult> {
     let bs = match cfg.train.eval_batch_size {
         0 => cfg.train.batch_size,
         n => n,
     };
-    let loader = Loader::new(
-        data.test.clone(),
-        data.eval_transform.clone(),
-        LoaderConfig::eval(&cfg.data, bs),
-    );
+    if world.size() > 1 {
+        pipe.take_rank0_buffers()?;
+    }
+    let loader_cfg = LoaderConfig {
+        shard_rank: world.rank(),
+        shard_count: world.size(),
+        ..LoaderConfig::eval(&cfg.data, bs)
+    };
+    let loader = Loader::new(data.test.clone(), data.eval_transform.clone(), loader_cfg);
     for batch in loader.epoch(0) {
         let batch = batch.context("loading a test batch")?;
         let (x, t) = to_tensors(&batch, false);
         pipe.send(Forward::Eval { x, labels: t.labels })?;
     }
-    Ok(EvalResult { modules: pipe.end_eval()? })
+    let mine = pipe.end_eval()?;
+    if world.size() == 1 {
+        return Ok(EvalResult { modules: mine });
+    }
+    // A rank whose share is empty reports no modules, so the counts go by module index.
+    let counts: Vec<(usize, i64, i64, f64, bool)> =
+        mine.iter().map(|e| (e.module, e.correct, e.seen, e.loss_sum, e.has_head)).collect();
+    let mut modules: Vec<ModuleEval> = Vec::new();
+    for theirs in world.gather("evaluation counts", &counts)? {
+        for (module, correct, seen, loss_sum, has_head) in theirs {
+            let at = match modules.iter().position(|e| e.module == module) {
+                Some(i) => i,
+                None => {
+                    modules.push(ModuleEval { module, ..Default::default() });
+                    modules.len() - 1
+                }
+            };
+            let e = &mut modules[at];
+            e.correct += correct;
+            e.seen += seen;
+            e.loss_sum += loss_sum;
+            e.has_head |= has_head;
+        }
+    }
+    Ok(EvalResult { modules })
 }
 
 /// The test set through a one-stage pipeline holding `state`, the one module of `plan`: how
@@ -76,7 +113,7 @@ pub fn evaluate_module(
     let placement = Placement { groups: std::iter::once(0..plan.k()).collect() };
     let states = vec![ModuleSnapshot::initial(0, state)];
     let mut pipe = Pipeline::start(Arc::new(plan), settings, states, &placement, &[device])?;
-    let result = evaluate(&mut pipe, data, cfg);
+    let result = evaluate(&mut pipe, data, cfg, &World::single());
     pipe.finish()?;
     result
 }

@@ -298,7 +298,7 @@ impl Session {
 
     /// Test-set accuracy of the backbone and of each module's head (after a drain).
     pub fn evaluate(&mut self) -> Result<EvalResult> {
-        evaluate(&mut self.pipe, &self.data, &self.cfg)
+        evaluate(&mut self.pipe, &self.data, &self.cfg, &self.world)
     }
 
     /// CPU copies of every module (after a drain).

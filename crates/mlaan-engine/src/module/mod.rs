@@ -550,6 +550,23 @@ impl LocalModule {
         self.nets.terms.iter().any(|t| t.spec.kind == kind)
     }
 
+    /// Take rank 0's values of every state tensor the optimizer does not train (BatchNorm
+    /// running statistics and EMA twins, which differ between replicas); nothing without
+    /// replicas. Trained parameters are equal on every rank already.
+    pub fn take_rank0_buffers(&mut self) -> Result<(), TrainError> {
+        let Some(sync) = &mut self.replicas else { return Ok(()) };
+        let trained: std::collections::HashSet<String> =
+            self.opt.params.iter().map(|(n, _)| n.clone()).collect();
+        let buffers: Vec<Tensor> = self
+            .nets
+            .state()
+            .into_iter()
+            .filter(|(n, _)| !trained.contains(n))
+            .map(|(_, t)| t)
+            .collect();
+        sync.broadcast_from_rank0(&buffers)
+    }
+
     /// What averaging this module's gradients across replicas has cost so far.
     pub fn replica_traffic(&self) -> Traffic {
         self.replicas.as_ref().map(ReplicaSync::traffic).unwrap_or_default()

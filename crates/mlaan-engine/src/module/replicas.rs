@@ -103,7 +103,13 @@ impl ReplicaSync {
         }
         let mut tensors: Vec<Tensor> = state.iter().map(|(_, t)| t.shallow_clone()).collect();
         tensors.extend(momentum.iter().flatten().map(Tensor::shallow_clone));
-        self.coalesced(&tensors, |group, flat| group.broadcast(flat, 0))
+        self.broadcast_from_rank0(&tensors)
+    }
+
+    /// Overwrite `tensors` with rank 0's, in place (every rank passes the same list).
+    pub fn broadcast_from_rank0(&mut self, tensors: &[Tensor]) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        self.coalesced(tensors, |group, flat| group.broadcast(flat, 0))
     }
 
     /// Average `grads` (by optimizer slot; `params` gives each slot's shape) over the group.

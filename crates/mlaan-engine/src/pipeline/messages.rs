@@ -21,6 +21,9 @@ pub enum Forward {
     Eval { x: Tensor, labels: Tensor },
     /// Report evaluation counts and reset them.
     EvalEnd,
+    /// Make every module's buffers (BatchNorm running statistics, EMA twins') rank 0's across
+    /// the data-parallel replicas, so that they all evaluate rank 0's model; then pass on.
+    TakeRank0Buffers,
     /// Apply every outstanding gradient, then pass on; the last stage reports `Drained`.
     Drain { tag: u64 },
     /// Send a CPU copy of every module's state to the coordinator (after a drain).

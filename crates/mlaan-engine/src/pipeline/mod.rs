@@ -276,6 +276,13 @@ impl Pipeline {
         Ok(got)
     }
 
+    /// Every replica takes rank 0's module buffers (before a sharded evaluation; call after
+    /// `drain`, on every rank). Messages keep their order, so evaluation batches sent after
+    /// this see the new buffers.
+    pub fn take_rank0_buffers(&mut self) -> Result<(), TrainError> {
+        self.send(Forward::TakeRank0Buffers)
+    }
+
     /// End an evaluation (after the `Forward::Eval` batches): every module's counts.
     pub fn end_eval(&mut self) -> Result<Vec<ModuleEval>, TrainError> {
         self.send(Forward::EvalEnd)?;

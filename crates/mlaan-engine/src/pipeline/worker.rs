@@ -387,6 +387,12 @@ impl StageWorker {
                 let _ = self.events.send(Event::Eval { stage: self.index, modules });
                 self.port.send_forward(Forward::EvalEnd)?;
             }
+            Forward::TakeRank0Buffers => {
+                for m in &mut self.stage.modules {
+                    m.take_rank0_buffers()?;
+                }
+                self.port.send_forward(Forward::TakeRank0Buffers)?;
+            }
             Forward::Collect => {
                 let modules =
                     self.stage.modules.iter_mut().map(snapshot).collect::<Result<Vec<_>, _>>()?;
