@@ -451,41 +451,61 @@ fn alive(pid: u32) -> bool {
         .is_ok_and(|s| !s[s.rfind(')').map_or(0, |i| i + 1)..].trim_start().starts_with('Z'))
 }
 
-/// `mlaan-pipe launch` with `command` after `--`, output to files in `logs`.
-fn launch(nproc: usize, command_args: &[String], logs: &Path) -> Child {
-    let file = |name: &str| std::fs::File::create(logs.join(name)).unwrap();
-    command(&["launch".into(), "--nproc-per-node".into(), nproc.to_string(), "--".into()])
-        .args(command_args)
-        .stdout(file("launch.out"))
-        .stderr(file("launch.err"))
-        .spawn()
-        .unwrap()
+/// `mlaan-pipe launch --nproc-per-node 2` running one training run, its output in files.
+struct Launched {
+    tmp: tempfile::TempDir,
+    run: PathBuf,
+    child: Child,
 }
 
-fn wait_child(c: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s;
-        }
-        if t.elapsed() > limit {
-            let _ = c.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+impl Launched {
+    /// Start `launch` on the run `run_args` makes of the run directory.
+    fn start(run_args: fn(&Path, &[&str]) -> Vec<String>) -> Launched {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let file = |name: &str| std::fs::File::create(tmp.path().join(name)).unwrap();
+        let child = command(&["launch".into(), "--nproc-per-node".into(), "2".into(), "--".into()])
+            .args(run_args(&run, &[]))
+            .stdout(file("launch.out"))
+            .stderr(file("launch.err"))
+            .spawn()
+            .unwrap();
+        Launched { tmp, run, child }
+    }
+
+    /// Wait at most `limit` for `launch` to end (then kill it and fail): its status and
+    /// stderr.
+    fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, std::fs::read_to_string(self.tmp.path().join("launch.err")).unwrap())
+    }
+}
+
+/// A test that fails does not leave `launch` behind (its replicas die with it).
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 /// `launch` starts the replicas as torchrun would: the run is the same 2-rank run.
 #[test]
 fn launch_runs_replicas_like_torchrun() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let mut c = launch(2, &short_run(&run, &[]), tmp.path());
-    let status = wait_child(&mut c, Duration::from_secs(300));
-    let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
+    let mut l = Launched::start(short_run);
+    let (status, err) = l.wait(Duration::from_secs(300));
     assert!(status.success(), "{err}");
-    let summary = summary_of(&run);
+    let summary = summary_of(&l.run);
     assert_eq!(summary["world_size"], 2);
     assert_eq!(summary["steps"], 3 * 640 / 16);
 }
@@ -493,15 +513,12 @@ fn launch_runs_replicas_like_torchrun() {
 /// One replica killed: `launch` stops the other, exits non-zero, and leaves no process behind.
 #[test]
 fn launch_stops_every_rank_when_one_dies() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let mut c = launch(2, &long_run(&run, &[]), tmp.path());
-    wait_for_steps(&run, 20);
-    let ranks = children_of(c.id());
+    let mut l = Launched::start(long_run);
+    wait_for_steps(&l.run, 20);
+    let ranks = children_of(l.child.id());
     assert_eq!(ranks.len(), 2, "launch started {ranks:?}");
     signal(ranks[1], "KILL");
-    let status = wait_child(&mut c, Duration::from_secs(60));
-    let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
+    let (status, err) = l.wait(Duration::from_secs(60));
     assert!(!status.success(), "{err}");
     assert!(err.contains("failed (killed by signal 9)"), "{err}");
     assert!(ranks.iter().all(|&p| !alive(p)), "a rank outlived launch: {ranks:?}");
@@ -511,13 +528,10 @@ fn launch_stops_every_rank_when_one_dies() {
 /// `launch` exits 75 as they do.
 #[test]
 fn launch_forwards_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    let mut c = launch(2, &long_run(&run, &[]), tmp.path());
-    wait_for_steps(&run, 20);
-    signal(c.id(), "TERM");
-    let status = wait_child(&mut c, Duration::from_secs(120));
-    let err = std::fs::read_to_string(tmp.path().join("launch.err")).unwrap();
+    let mut l = Launched::start(long_run);
+    wait_for_steps(&l.run, 20);
+    signal(l.child.id(), "TERM");
+    let (status, err) = l.wait(Duration::from_secs(120));
     assert_eq!(status.code(), Some(75), "{err}");
     assert_eq!(err.matches("interrupted at step").count(), 2, "{err}");
 }

@@ -19,7 +19,8 @@ use super::train::EXIT_INTERRUPTED;
 
 pub fn run(args: LaunchArgs) -> Result<()> {
     let ranks = plan(&args)?;
-    let children: Arc<Mutex<Vec<Child>>> = Arc::new(Mutex::new(Vec::new()));
+    // (rank, process) of every child still running.
+    let children: Arc<Mutex<Vec<(usize, Child)>>> = Arc::new(Mutex::new(Vec::new()));
     forward_signals(children.clone())?;
     let exe = std::env::current_exe().context("cannot find the mlaan-pipe executable")?;
     for l in &ranks {
@@ -37,7 +38,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             });
         }
         let child = c.spawn().with_context(|| format!("cannot start rank {}", l.rank))?;
-        children.lock().unwrap().push(child);
+        children.lock().unwrap().push((l.rank, child));
     }
     let first = ranks[0].rank;
     tracing::info!(
@@ -48,7 +49,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         ranks[0].master_addr,
         ranks[0].master_port
     );
-    let code = supervise(&children, first, Duration::from_secs_f64(args.grace_s.max(0.0)));
+    let code = supervise(&children, Duration::from_secs_f64(args.grace_s.max(0.0)));
     if code != 0 {
         std::process::exit(code);
     }
@@ -96,12 +97,12 @@ fn free_port() -> Result<u16> {
 }
 
 /// Pass each SIGINT, SIGTERM and SIGUSR1 the launcher gets on to every child still running.
-fn forward_signals(children: Arc<Mutex<Vec<Child>>>) -> Result<()> {
+fn forward_signals(children: Arc<Mutex<Vec<(usize, Child)>>>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     std::thread::Builder::new().name("launch-signals".into()).spawn(move || {
         for sig in signals.forever() {
-            for c in children.lock().unwrap().iter() {
+            for (_, c) in children.lock().unwrap().iter() {
                 // SAFETY: kill(2) on a child's pid; a child already reaped is not signalled
                 // (`supervise` only reaps under this lock, and drops reaped children).
                 unsafe { libc::kill(c.id() as i32, sig) };
@@ -114,52 +115,55 @@ fn forward_signals(children: Arc<Mutex<Vec<Child>>>) -> Result<()> {
 /// Wait for every child; the launcher's exit code (see the module doc).
 // A child is removed only after `try_wait` reaped it, which the lint cannot see.
 #[allow(clippy::zombie_processes)]
-fn supervise(children: &Mutex<Vec<Child>>, first_rank: usize, grace: Duration) -> i32 {
-    let total = children.lock().unwrap().len();
-    let mut ended: Vec<(usize, ExitStatus)> = Vec::new();
-    let mut failure: Option<(usize, i32, Instant)> = None;
-    let mut ranks: Vec<usize> = (first_rank..first_rank + total).collect();
-    while ended.len() < total {
+fn supervise(children: &Mutex<Vec<(usize, Child)>>, grace: Duration) -> i32 {
+    let mut failure: Option<(i32, Instant)> = None;
+    let mut interrupted = false;
+    let mut killed = false;
+    loop {
         {
             let mut live = children.lock().unwrap();
             let mut i = 0;
             while i < live.len() {
-                match live[i].try_wait() {
+                let waited = live[i].1.try_wait();
+                match waited {
                     Ok(Some(status)) => {
-                        live.remove(i);
-                        let rank = ranks.remove(i);
-                        ended.push((rank, status));
+                        let (rank, _) = live.remove(i);
                         let code = exit_code(status);
+                        interrupted |= code == EXIT_INTERRUPTED;
                         if code != 0 && code != EXIT_INTERRUPTED && failure.is_none() {
                             tracing::error!(
                                 "launch: rank {rank} failed ({}); stopping the other {} rank(s)",
                                 describe(status),
                                 live.len()
                             );
-                            failure = Some((rank, code, Instant::now()));
+                            failure = Some((code, Instant::now()));
                         }
                     }
                     Ok(None) => i += 1,
                     Err(e) => {
-                        tracing::error!("launch: cannot wait for rank {}: {e}", ranks[i]);
+                        tracing::error!("launch: cannot wait for rank {}: {e}", live[i].0);
                         i += 1;
                     }
                 }
             }
-            if let Some((_, _, at)) = failure {
+            if live.is_empty() {
+                break;
+            }
+            if let Some((_, at)) = failure.filter(|_| !killed) {
                 if at.elapsed() >= grace {
-                    for (c, rank) in live.iter_mut().zip(&ranks) {
+                    for (rank, c) in live.iter_mut() {
                         tracing::warn!("launch: killing rank {rank} (pid {})", c.id());
                         let _ = c.kill();
                     }
+                    killed = true;
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     match failure {
-        Some((_, code, _)) => code,
-        None if ended.iter().any(|(_, s)| exit_code(*s) == EXIT_INTERRUPTED) => EXIT_INTERRUPTED,
+        Some((code, _)) => code,
+        None if interrupted => EXIT_INTERRUPTED,
         None => 0,
     }
 }

@@ -3,6 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The compute phases of a module's work that [`StageWindow::phases_ms`] reports, in the
+/// engine's order (`mlaan_engine::module::clock::Phase`).
+pub const PHASES: [&str; 6] =
+    ["forward", "terms", "backward_input", "backward_params", "optimizer", "ema"];
+
 /// Per-stage counters over one logging window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageWindow {

@@ -102,37 +102,46 @@ fn ordered_delivery_and_unordered_mode_cover_the_same_batches() {
     );
 }
 
+/// Shard `rank` of 4 of `ds` in batches of 5, `drop_last` as given (training: true).
+fn shard(ds: &Arc<TestSet>, rank: usize, drop_last: bool) -> Loader {
+    let mut c = cfg(5, 2);
+    c.drop_last = drop_last;
+    c.shard_rank = rank;
+    c.shard_count = 4;
+    Loader::new(ds.clone(), Transform::identity(), c)
+}
+
+/// The samples of every shard of `ds` in epoch `epoch`, by rank, checking they are disjoint.
+fn disjoint_shards(ds: &Arc<TestSet>, drop_last: bool, epoch: usize) -> Vec<Vec<usize>> {
+    let mut seen = BTreeSet::new();
+    (0..4)
+        .map(|rank| {
+            let loader = shard(ds, rank, drop_last);
+            let ids: Vec<usize> =
+                collect(&loader, epoch).into_iter().flat_map(|b| b.sample_ids).collect();
+            assert_eq!(ids, loader.epoch_samples(epoch), "rank {rank}");
+            assert_eq!(loader.num_batches(), ids.len().div_ceil(5), "rank {rank}");
+            for &id in &ids {
+                assert!(seen.insert(id), "sample {id} in two shards");
+            }
+            ids
+        })
+        .collect()
+}
+
 /// Training shards (`drop_last`): every rank the same number of samples and steps.
 #[test]
 fn shards_are_disjoint_equal_and_cover_the_permutation() {
     let ds = set(103);
-    let mut seen = BTreeSet::new();
-    let mut sizes = vec![];
-    for rank in 0..4 {
-        let mut c = cfg(5, 2);
-        c.drop_last = true;
-        c.shard_rank = rank;
-        c.shard_count = 4;
-        let loader = Loader::new(ds.clone(), Transform::identity(), c);
-        let ids: Vec<usize> = collect(&loader, 1).into_iter().flat_map(|b| b.sample_ids).collect();
-        assert_eq!(ids, loader.epoch_samples(1));
-        sizes.push(ids.len());
-        for id in ids {
-            assert!(seen.insert(id), "sample {id} in two shards");
-        }
-    }
-    assert_eq!(sizes, [25; 4]);
+    let shards = disjoint_shards(&ds, true, 1);
+    assert_eq!(shards.iter().map(Vec::len).collect::<Vec<_>>(), [25; 4]);
     // Together the shards are the first 100 positions of the unsharded permutation, and
     // shard r's batch b is the r-th run of 5 in the b-th global batch of 20.
     let whole = Loader::new(ds.clone(), Transform::identity(), cfg(5, 1)).epoch_samples(1);
+    let seen: BTreeSet<usize> = shards.iter().flatten().copied().collect();
     assert_eq!(seen, whole[..100].iter().copied().collect());
     for rank in 0..4 {
-        let mut c = cfg(5, 2);
-        c.drop_last = true;
-        c.shard_rank = rank;
-        c.shard_count = 4;
-        let loader = Loader::new(ds.clone(), Transform::identity(), c);
-        for (b, batch) in collect(&loader, 1).into_iter().enumerate() {
+        for (b, batch) in collect(&shard(&ds, rank, true), 1).into_iter().enumerate() {
             assert_eq!(batch.sample_ids, whole[b * 20 + rank * 5..][..5], "rank {rank} batch {b}");
         }
     }
@@ -143,22 +152,9 @@ fn shards_are_disjoint_equal_and_cover_the_permutation() {
 #[test]
 fn evaluation_shards_hold_every_sample_once() {
     let ds = set(103);
-    let mut seen = BTreeSet::new();
-    let mut sizes = vec![];
-    for rank in 0..4 {
-        let mut c = cfg(5, 2);
-        c.shuffle = false;
-        c.shard_rank = rank;
-        c.shard_count = 4;
-        let loader = Loader::new(ds.clone(), Transform::identity(), c);
-        let ids: Vec<usize> = collect(&loader, 0).into_iter().flat_map(|b| b.sample_ids).collect();
-        assert_eq!(loader.num_batches(), ids.len().div_ceil(5), "rank {rank}");
-        sizes.push(ids.len());
-        for id in ids {
-            assert!(seen.insert(id), "sample {id} in two shards");
-        }
-    }
-    assert_eq!(sizes, [26, 26, 26, 25]);
+    let shards = disjoint_shards(&ds, false, 0);
+    assert_eq!(shards.iter().map(Vec::len).collect::<Vec<_>>(), [26, 26, 26, 25]);
+    let seen: BTreeSet<usize> = shards.iter().flatten().copied().collect();
     assert_eq!(seen, (0..103).collect());
 }
 

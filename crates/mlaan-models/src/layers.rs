@@ -18,8 +18,13 @@ thread_local! {
     static MACS: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
-fn note_macs(n: u64) {
-    MACS.with(|m| m.set(m.get().map(|c| c + n)));
+/// Add `n()` to the count when one is running (training runs without: no work then).
+fn note_macs(n: impl FnOnce() -> u64) {
+    MACS.with(|m| {
+        if let Some(c) = m.get() {
+            m.set(Some(c + n()));
+        }
+    });
 }
 
 /// Run `f` and return the multiply-accumulates its convolutions and linear layers did: the
@@ -118,8 +123,10 @@ impl Conv2d {
             1,
         );
         // Each output element: C_in · k · k multiply-accumulates.
-        let per_output = self.weight.numel() / self.weight.size()[0].max(1) as usize;
-        note_macs((y.numel() * per_output) as u64);
+        note_macs(|| {
+            let per_output = self.weight.numel() / self.weight.size()[0].max(1) as usize;
+            (y.numel() * per_output) as u64
+        });
         y
     }
 }
@@ -204,7 +211,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         saved(x);
         let y = x.linear(&self.weight, Some(&self.bias));
-        note_macs((y.numel() * self.weight.size()[1] as usize) as u64);
+        note_macs(|| (y.numel() * self.weight.size()[1] as usize) as u64);
         y
     }
 }

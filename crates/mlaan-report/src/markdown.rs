@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
+use mlaan_core::metrics::PHASES;
 
 use crate::draw::mib;
 
@@ -192,8 +193,6 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                  parameters | optimizer | EMA | all-reduce | other busy | waiting |\n\
                  |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
             );
-            const PHASES: [&str; 6] =
-                ["forward", "terms", "backward_input", "backward_params", "optimizer", "ema"];
             for case in &r.cases {
                 for s in &case.stages {
                     let share = |p: &str| s.phases.get(p).copied().unwrap_or(0.0);

@@ -24,7 +24,7 @@ use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
 use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_core::plan::NetworkPlan;
-use mlaan_data::{Loader, LoaderConfig};
+use mlaan_data::{Datasets, Loader, LoaderConfig};
 use mlaan_engine::module::BatchTargets;
 use mlaan_engine::pipeline::Event;
 use std::path::PathBuf;
@@ -128,28 +128,30 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         .iter()
         .map(|c| Ok((display_name(c), case_config(spec, c)?)))
         .collect::<Result<_>>()?;
-    let batches = sample_batches(&spec.base, spec.warmup + spec.steps)?;
+    // (case as run, replicas it needs launched) of each case.
+    let replicated: Vec<(&str, Option<usize>)> =
+        spec.cases.iter().map(|c| split_replicas(spec, c)).collect::<Result<_>>()?;
+    let data = mlaan_data::open(&spec.base.data).context("opening the benchmark data")?;
+    let batches = sample_batches(&data, &spec.base, spec.warmup + spec.steps)?;
     let mut results: Vec<CaseResult> = configs
         .iter()
-        .zip(&spec.cases)
-        .map(|((name, c), case)| {
-            Ok(CaseResult {
-                name: name.clone(),
-                method: c.method.name.to_string(),
-                schedule: c.pipeline.schedule.to_string(),
-                devices: DeviceSpec::names(&c.pipeline.devices),
-                k: c.model.k,
-                micro_batches: c.pipeline.micro_batches,
-                replicas: split_replicas(spec, case)?.1.unwrap_or(world_size(spec)),
-                ..Default::default()
-            })
+        .zip(&replicated)
+        .map(|((name, c), (_, replicas))| CaseResult {
+            name: name.clone(),
+            method: c.method.name.to_string(),
+            schedule: c.pipeline.schedule.to_string(),
+            devices: DeviceSpec::names(&c.pipeline.devices),
+            k: c.model.k,
+            micro_batches: c.pipeline.micro_batches,
+            replicas: replicas.unwrap_or(world_size(spec)),
+            ..Default::default()
         })
-        .collect::<Result<_>>()?;
+        .collect();
     let mut per_rep: Vec<Vec<Measurement>> = configs.iter().map(|_| Vec::new()).collect();
     for rep in 0..spec.repeats {
-        for (i, ((name, cfg), case)) in configs.iter().zip(&spec.cases).enumerate() {
-            let m = match split_replicas(spec, case)? {
-                (inner, Some(r)) if world_size(spec) == 1 => launch_case(spec, inner, r),
+        for (i, ((name, cfg), &(inner, replicas))) in configs.iter().zip(&replicated).enumerate() {
+            let m = match replicas {
+                Some(r) if world_size(spec) == 1 => launch_case(spec, inner, r),
                 _ => measure(cfg, &batches, spec.warmup, spec.steps, spec.world.clone()),
             }
             .with_context(|| format!("benchmark case `{name}`"))?;
@@ -172,8 +174,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         r.stages = pick.stages;
         r.gpu_peak_bytes = pick.gpu_peak_bytes;
     }
-    let image =
-        mlaan_data::open(&spec.base.data).context("opening the benchmark data")?.info.image();
+    let image = data.info.image();
     for (r, (_, cfg)) in results.iter_mut().zip(&configs) {
         let plan = NetworkPlan::new(cfg, image.chw(), image.classes)?;
         let flops = module_flops(&plan, image, cfg.pipeline.recompute)?;
@@ -287,8 +288,11 @@ fn launch_case(spec: &BenchSpec, case: &str, replicas: usize) -> Result<Measurem
 }
 
 /// Batches from the base config's training data, held in memory.
-fn sample_batches(cfg: &RunConfig, n: usize) -> Result<Vec<(Tensor, BatchTargets)>> {
-    let data = mlaan_data::open(&cfg.data).context("opening the benchmark data")?;
+fn sample_batches(
+    data: &Datasets,
+    cfg: &RunConfig,
+    n: usize,
+) -> Result<Vec<(Tensor, BatchTargets)>> {
     let loader = Loader::new(
         data.train.clone(),
         data.train_transform.clone(),

@@ -35,14 +35,7 @@ impl Phase {
 
     /// The phase's key in metrics and reports.
     pub fn name(self) -> &'static str {
-        match self {
-            Phase::Forward => "forward",
-            Phase::Terms => "terms",
-            Phase::BackwardInput => "backward_input",
-            Phase::BackwardParams => "backward_params",
-            Phase::Optimizer => "optimizer",
-            Phase::Ema => "ema",
-        }
+        mlaan_core::metrics::PHASES[self as usize]
     }
 }
 

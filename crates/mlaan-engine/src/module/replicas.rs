@@ -70,10 +70,8 @@ impl ReplicaSync {
     /// Join module `module`'s group (every rank must, before any step).
     pub fn join(r: &Replicas, module: usize) -> Result<ReplicaSync, TrainError> {
         let name = format!("module{module}");
-        let group =
-            Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout).map_err(|cause| {
-                TrainError::Replica { module, peers: liveness::diagnose(&r.store, r.world), cause }
-            })?;
+        let group = Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout)
+            .map_err(|cause| replica_error(&r.store, r.world, module, cause))?;
         Ok(ReplicaSync {
             module,
             group,
@@ -91,7 +89,6 @@ impl ReplicaSync {
         state: &[(String, Tensor)],
         momentum: &[Option<Tensor>],
     ) -> Result<(), TrainError> {
-        let _guard = tch::no_grad_guard();
         let present = self.agree_on_presence(momentum)?;
         if present.iter().any(|&n| n != 0 && n != self.group.world()) {
             return Err(TrainError::State {
@@ -152,10 +149,8 @@ impl ReplicaSync {
         self.traffic
     }
 
-    /// A failed collective, with the heartbeats' word on which peer is to blame.
     fn error(&self, cause: DistError) -> TrainError {
-        let peers = liveness::diagnose(&self.store, self.group.world());
-        TrainError::Replica { module: self.module, cause, peers }
+        replica_error(&self.store, self.group.world(), self.module, cause)
     }
 
     /// How many ranks hold each entry of `slots` (one small all-reduce).
@@ -214,4 +209,10 @@ impl ReplicaSync {
         }
         Ok(())
     }
+}
+
+/// A failed collective of `module`'s group, with the heartbeats' word on which peer is to
+/// blame.
+fn replica_error(store: &Store, world: usize, module: usize, cause: DistError) -> TrainError {
+    TrainError::Replica { module, peers: liveness::diagnose(store, world), cause }
 }

@@ -17,7 +17,7 @@ pub struct Window {
     /// Batches between the newest forward and the batch of the last late gradient (async).
     pub last_lag: u64,
     /// The stage's replica traffic and phase times when the window opened.
-    traffic_at_start: Option<Traffic>,
+    traffic_at_start: Traffic,
     phases_at_start: PhaseTimes,
 }
 
@@ -30,7 +30,7 @@ impl Default for Window {
             images: 0,
             peak_live: 0,
             last_lag: 0,
-            traffic_at_start: None,
+            traffic_at_start: Traffic::default(),
             phases_at_start: PhaseTimes::default(),
         }
     }
@@ -53,8 +53,8 @@ impl Window {
         let wall = now - self.start;
         let c = std::mem::take(self);
         let traffic = v.stage.replica_traffic();
-        let reduced = traffic - c.traffic_at_start.unwrap_or_default();
-        self.traffic_at_start = Some(traffic);
+        let reduced = traffic - c.traffic_at_start;
+        self.traffic_at_start = traffic;
         let phases = v.stage.phase_times();
         let spent = phases.since(&c.phases_at_start);
         self.phases_at_start = phases;
