@@ -204,18 +204,25 @@ fn a_requeued_job_resumes_from_its_checkpoint() {
     let o = cluster.command("scancel").args(["--batch", "--signal=USR1", &job]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let mut released = false;
+    let mut requeued_at: Option<Instant> = None;
     let state = cluster.wait(&job, Duration::from_secs(400), |s| {
-        // SLURM holds a requeued job back for a while; start it at once instead, once the
-        // node has cleaned up after the first start.
-        if s == "PENDING" && !released && cluster.node_idle() {
-            let info = cluster.job(&job);
-            if field(&info, "Restarts").is_some_and(|r| r != "0") {
-                let _ = cluster
-                    .command("scontrol")
-                    .args(["update", &format!("JobId={job}"), "StartTime=now"])
-                    .output();
-                released = true;
-            }
+        // SLURM holds a requeued job back for a while; start it sooner instead. Not at once:
+        // slurmd refuses a batch job started again within a moment of its cancellation ("Job
+        // credential revoked"), which is what the hold protects against.
+        if s != "PENDING" || released {
+            return;
+        }
+        if requeued_at.is_none() && field(&cluster.job(&job), "Restarts").is_some_and(|r| r != "0")
+        {
+            requeued_at = Some(Instant::now());
+        }
+        if requeued_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && cluster.node_idle()
+        {
+            let _ = cluster
+                .command("scontrol")
+                .args(["update", &format!("JobId={job}"), "StartTime=now"])
+                .output();
+            released = true;
         }
     });
     let log = cluster.log(&job);
