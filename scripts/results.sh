@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# Rebuilds docs/results.md: e2e, dgl, mlaan-dgl, infopro and mlaan-infopro on the full
-# Fashion-MNIST (ResNet-32, K=8, same epochs, batch, learning rate and seed for all), then the
-# table from the runs' summary.json files. Runs that already have a summary are kept, so the
-# script can be stopped and started again.
+# Rebuilds docs/results.md from the runs' summary.json files, in two sections:
 #
-#   scripts/results.sh                 # 1 epoch, seed 0
-#   EPOCHS=2 SEEDS="0 1" scripts/results.sh
-#   JOBS=2 SEEDS="0 1" scripts/results.sh   # two trainings at once, the cores shared out
+#   methods   e2e, dgl, mlaan-dgl, infopro and mlaan-infopro on the full Fashion-MNIST
+#             (ResNet-32, K=8, the same epochs, batch, learning rate and seeds for all);
+#   ablation  mlaan-dgl at K=8 under sequential, sync and async (2 CPU stages), EMA twins
+#             `all` against `last`, and one module per block (K=15) for dgl and mlaan-dgl,
+#             beside e2e.
 #
-# RUNS lists what to train, longest first so that parallel lanes finish close together; an
-# entry `method:d=N` is that MLAAN method with cascade depth N (the reference code's InfoPro
-# variant uses d=3, its DGL variant d=2, the default here).
+# Runs that already have a summary are kept (a run shared by both sections trains once), so
+# the script can be stopped and started again; each section is rewritten from its own runs
+# only, the rest of the page is kept.
+#
+#   scripts/results.sh                         # 1 epoch, seed 0, both sections
+#   SEEDS="0 1" PARTS=ablation scripts/results.sh
+#   JOBS=2 SEEDS="0 1" scripts/results.sh      # two trainings at once, the cores shared out
+#
+# An entry is `method[:option,option...]`; the options:
+#   d=N          MLAAN cascade depth N (the reference code's InfoPro variant uses 3)
+#   k=N          N modules (default 8; e2e is always 1)
+#   split=NAME   the split (default the config's, InfoPro's K=8 split)
+#   lam=SOURCE   where MLAAN's LAM chains come from (`official`: the official code's tables)
+#   schedule=S   sync or async over 2 CPU stages (default sequential, one thread of work)
+#   ema=RULE     method.ema_update (all, last, none)
+# Entries are listed longest first so that parallel lanes finish close together.
 #
 # With JOBS > 1 each training gets cores/JOBS intra-op threads and writes its log to
 # <run dir>.log; the arithmetic of a run does not depend on its thread count beyond float
@@ -24,7 +36,10 @@ OUT=${OUT:-runs/results}
 CONFIG=${CONFIG:-configs/results-fashion-resnet32.toml}
 BIN=${MLAAN_PIPE:-target/release/mlaan-pipe}
 JOBS=${JOBS:-1}
-RUNS=${RUNS:-"dgl mlaan-infopro mlaan-dgl infopro e2e mlaan-infopro:d=3"}
+PARTS=${PARTS:-"methods ablation"}
+METHODS=${METHODS:-"dgl mlaan-infopro mlaan-dgl infopro e2e mlaan-infopro:d=3"}
+ABLATION=${ABLATION:-"mlaan-dgl:k=15,split=every-block,lam=official mlaan-dgl:schedule=sync mlaan-dgl:schedule=async mlaan-dgl:ema=last mlaan-dgl dgl:k=15,split=every-block e2e"}
+PAGE=${PAGE:-docs/results.md}
 
 [ -x "$BIN" ] || make build
 
@@ -34,34 +49,68 @@ if [ "$JOBS" -gt 1 ]; then
     extra=(--set "pipeline.intra_op_threads=$(( threads > 0 ? threads : 1 ))")
 fi
 
-train() { # method[:d=N] seed dir
-    local method=${1%%:*} k=8 depth=()
-    [ "$method" = e2e ] && k=1
-    [ "$1" != "$method" ] && depth=(--set "method.cascade_depth=${1##*:d=}")
-    "$BIN" train --config "$CONFIG" --method "$method" --k "$k" --seed "$2" \
-        --epochs "$EPOCHS" --out "$3" "${extra[@]}" "${depth[@]}"
+run_dir() { # entry seed
+    local name=${1//:/-}
+    name=${name//,/-}
+    echo "$OUT/e${EPOCHS}/${name//=/}-seed$2"
 }
+
+train() { # entry seed dir
+    local method=${1%%:*} opts="" k=8 args=()
+    [[ "$1" == *:* ]] && opts=${1#*:}
+    local opt
+    for opt in ${opts//,/ }; do
+        case "$opt" in
+            d=*) args+=(--set "method.cascade_depth=${opt#d=}") ;;
+            k=*) k=${opt#k=} ;;
+            split=*) args+=(--set "model.split=\"${opt#split=}\"") ;;
+            lam=*) args+=(--set "method.lam.source=\"${opt#lam=}\"") ;;
+            schedule=*) args+=(--schedule "${opt#schedule=}" --devices cpu,cpu) ;;
+            ema=*) args+=(--set "method.ema_update=\"${opt#ema=}\"") ;;
+            *) echo "results.sh: unknown option \`$opt\` in \`$1\`" >&2; return 2 ;;
+        esac
+    done
+    [ "$method" = e2e ] && k=1
+    "$BIN" train --config "$CONFIG" --method "$method" --k "$k" --seed "$2" \
+        --epochs "$EPOCHS" --out "$3" "${extra[@]}" "${args[@]}"
+}
+
+entries() { # part
+    case "$1" in
+        methods) echo "$METHODS" ;;
+        ablation) echo "$ABLATION" ;;
+        *) echo "results.sh: unknown part \`$1\` (methods, ablation)" >&2; exit 2 ;;
+    esac
+}
+
+# Every entry of the chosen parts once, in order, then each seed.
+todo=()
+for part in $PARTS; do
+    for entry in $(entries "$part"); do
+        [[ " ${todo[*]-} " == *" $entry "* ]] || todo+=("$entry")
+    done
+done
 
 running=0
 for seed in $SEEDS; do
-    for run in $RUNS; do
-        dir="$OUT/e${EPOCHS}/${run/:d=/-d}-seed$seed"
+    for entry in "${todo[@]}"; do
+        dir=$(run_dir "$entry" "$seed")
         if [ -f "$dir/summary.json" ]; then
             echo "== $dir done"
             continue
         fi
         if [ "$JOBS" -le 1 ]; then
-            echo "== $run seed $seed ($EPOCHS epochs) -> $dir"
-            train "$run" "$seed" "$dir"
+            echo "== $entry seed $seed ($EPOCHS epochs) -> $dir"
+            train "$entry" "$seed" "$dir"
             continue
         fi
         if [ "$running" -ge "$JOBS" ]; then
             wait -n
             running=$((running - 1))
         fi
-        echo "== $run seed $seed ($EPOCHS epochs) -> $dir (log: $dir.log)"
+        echo "== $entry seed $seed ($EPOCHS epochs) -> $dir (log: $dir.log)"
         mkdir -p "$(dirname "$dir")"
-        train "$run" "$seed" "$dir" >"$dir.log" 2>&1 &
+        train "$entry" "$seed" "$dir" >"$dir.log" 2>&1 &
         running=$((running + 1))
     done
 done
@@ -71,6 +120,17 @@ while [ "$running" -gt 0 ]; do
     running=$((running - 1))
 done
 
-"$BIN" compare "$OUT/e${EPOCHS}"/*/ --markdown docs/results.md \
-    --title "Local learning on Fashion-MNIST: ResNet-32, K=8, $EPOCHS epoch(s)" \
-    --command "$([ "$JOBS" -gt 1 ] && echo "JOBS=$JOBS ")EPOCHS=$EPOCHS SEEDS=\"$SEEDS\" scripts/results.sh"
+command="$([ "$JOBS" -gt 1 ] && echo "JOBS=$JOBS ")EPOCHS=$EPOCHS SEEDS=\"$SEEDS\""
+for part in $PARTS; do
+    dirs=()
+    for entry in $(entries "$part"); do
+        for seed in $SEEDS; do dirs+=("$(run_dir "$entry" "$seed")"); done
+    done
+    case "$part" in
+        methods) title="Methods: ResNet-32, K=8, $EPOCHS epoch(s)" ;;
+        ablation) title="Ablation of mlaan-dgl: schedule, EMA twins, one module per block ($EPOCHS epoch(s))" ;;
+    esac
+    "$BIN" compare "${dirs[@]}" --markdown "$PAGE" --section "$part" --title "$title" \
+        --command "$command PARTS=$part scripts/results.sh" >/dev/null
+    echo "== $PAGE: section $part from ${#dirs[@]} runs"
+done

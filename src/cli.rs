@@ -95,6 +95,11 @@ pub struct CompareArgs {
     /// The command that reproduces the runs, quoted in the table's header.
     #[arg(long, default_value = "mlaan-pipe compare")]
     pub command: String,
+    /// Write the table as the section NAME of the Markdown file (a `##` heading between
+    /// `<!-- NAME -->` and `<!-- /NAME -->`), replacing that section and keeping the rest of
+    /// the file, so that tables made from different runs can share one page.
+    #[arg(long, value_name = "NAME", requires = "markdown")]
+    pub section: Option<String>,
 }
 
 #[derive(Args, Debug)]

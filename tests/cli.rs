@@ -408,3 +408,37 @@ fn compare_tables_seeds_and_cascade_depth_variants() {
     let err = fails(&["compare", missing.to_str().unwrap()]);
     assert!(err.contains("summary.json"), "{err}");
 }
+
+#[test]
+fn compare_writes_its_section_of_a_page_and_names_schedule_and_ema_variants() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = |extra: &str| format!("[model]\nk = 8\n[method]\nname = \"mlaan-dgl\"\n{extra}");
+    fake_run(&d.join("seq"), "mlaan-dgl", 8, 0, 0.88, Some(&config("")));
+    let asynchronous = config("[pipeline]\nschedule = \"async\"\ndevices = [\"cpu\", \"cpu\"]\n");
+    fake_run(&d.join("async"), "mlaan-dgl", 8, 0, 0.87, Some(&asynchronous));
+    fake_run(&d.join("last"), "mlaan-dgl", 8, 0, 0.86, Some(&config("ema_update = \"last\"\n")));
+    let md = d.join("results.md");
+    let page = "# Page\n\n<!-- methods -->\nthe methods table\n<!-- /methods -->\n";
+    std::fs::write(&md, page).unwrap();
+    let compare = |runs: &[&str]| {
+        let mut args = vec!["compare", "-q", "--markdown", md.to_str().unwrap()];
+        args.extend(["--section", "ablation", "--title", "Ablation"]);
+        let dirs: Vec<String> = runs.iter().map(|r| d.join(r).to_str().unwrap().into()).collect();
+        args.extend(dirs.iter().map(String::as_str));
+        ok(&args);
+        std::fs::read_to_string(&md).unwrap()
+    };
+    let text = compare(&["seq", "async", "last"]);
+    assert!(text.starts_with(page.trim_end()), "{text}");
+    assert!(text.contains("<!-- ablation -->\n## Ablation\n"), "{text}");
+    assert!(text.contains("| mlaan-dgl (async, 2 stages) | 8 |"), "{text}");
+    assert!(text.contains("- mlaan-dgl (async, 2 stages) vs mlaan-dgl: -1.00 points"), "{text}");
+    assert!(text.contains("| mlaan-dgl (ema_update=last) | 8 |"), "{text}");
+    assert!(text.trim_end().ends_with("<!-- /ablation -->"), "{text}");
+    // Written again from fewer runs, the section is replaced, not appended.
+    let again = compare(&["seq", "async"]);
+    assert_eq!(again.matches("<!-- ablation -->").count(), 1, "{again}");
+    assert!(!again.contains("ema_update=last"), "{again}");
+    assert!(again.contains("the methods table"), "{again}");
+}

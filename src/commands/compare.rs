@@ -1,11 +1,13 @@
 use crate::cli::CompareArgs;
 use anyhow::{Context, Result};
-use mlaan_core::config::{MethodConfig, RunConfig};
+use mlaan_core::config::{MethodConfig, RunConfig, Schedule};
 use mlaan_report::ResultRow;
 use std::path::Path;
 
-/// What sets a run apart from its method's defaults, read from the run's `config.toml`:
-/// today the MLAAN cascade depth, the one setting the method comparison varies.
+/// What sets a run apart from the comparison's reference settings, read from the run's
+/// `config.toml`: a schedule other than `sequential` over several stages, and for MLAAN a
+/// cascade depth or EMA rule other than the defaults, or the official code's LAM chains.
+/// Runs with different variants are rows of their own.
 fn variant(dir: &Path) -> Result<Option<String>> {
     let path = dir.join("config.toml");
     if !path.exists() {
@@ -13,9 +15,26 @@ fn variant(dir: &Path) -> Result<Option<String>> {
     }
     let cfg =
         RunConfig::load(Some(&path), &[]).with_context(|| format!("reading {}", path.display()))?;
-    let depth = cfg.method.cascade_depth;
-    Ok((cfg.method.name.is_mlaan() && depth != MethodConfig::default().cascade_depth)
-        .then(|| format!("d={depth}")))
+    let defaults = MethodConfig::default();
+    let m = &cfg.method;
+    let mut parts = Vec::new();
+    // One stage holds every module, and then every schedule computes what `sequential` does.
+    let stages = cfg.pipeline.devices.len();
+    if stages > 1 && cfg.pipeline.schedule != Schedule::Sequential {
+        parts.push(format!("{}, {stages} stages", cfg.pipeline.schedule));
+    }
+    if m.name.is_mlaan() {
+        if m.cascade_depth != defaults.cascade_depth {
+            parts.push(format!("d={}", m.cascade_depth));
+        }
+        if m.ema_update != defaults.ema_update {
+            parts.push(format!("ema_update={}", m.ema_update.name()));
+        }
+        if m.lam.source == "official" {
+            parts.push("official chains".to_string());
+        }
+    }
+    Ok((!parts.is_empty()).then(|| parts.join(", ")))
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
@@ -46,9 +65,22 @@ pub fn run(args: CompareArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let md = mlaan_report::results_markdown(&args.title, &args.command, &rows);
+    let level = if args.section.is_some() { 2 } else { 1 };
+    let md = mlaan_report::results_markdown(&args.title, level, &args.command, &rows);
     if let Some(path) = &args.markdown {
-        mlaan_report::write_atomic(path, md.as_bytes())?;
+        let page = match &args.section {
+            None => md.clone(),
+            Some(name) => {
+                let old = match std::fs::read_to_string(path) {
+                    Ok(text) => text,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                    Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+                };
+                mlaan_report::replace_section(&old, name, &md)
+                    .map_err(|e| anyhow::anyhow!("section `{name}` of {}: {e}", path.display()))?
+            }
+        };
+        mlaan_report::write_atomic(path, page.as_bytes())?;
     }
     println!("{md}");
     Ok(())

@@ -30,7 +30,7 @@ pub use error::ReportError;
 pub use markdown::bench_markdown;
 pub use mlaan_core::bench::BenchReport;
 pub use mlaan_core::metrics::MetricRecord;
-pub use results::{results_markdown, ResultRow};
+pub use results::{replace_section, results_markdown, ResultRow};
 pub use tensorboard::{scalars as tensorboard_scalars, EventWriter};
 pub use training::{read_metrics, training_plots, CURVES_PNG};
 
