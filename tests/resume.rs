@@ -105,23 +105,28 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 #[test]
 fn resumed_runs_continue_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    for (method, schedule, devices) in [
-        ("mlaan-dgl", "sequential", "cpu"),
-        ("mlaan-dgl", "sync", "cpu,cpu"),
-        ("dgl", "async", "cpu,cpu"),
-        ("mlaan-dgl", "async", "cpu,cpu"),
+    let mixed = ["--set", "train.precision=bf16", "--set", "train.memory_format=channels-last"];
+    for (method, schedule, devices, compute) in [
+        ("mlaan-dgl", "sequential", "cpu", &[][..]),
+        ("mlaan-dgl", "sync", "cpu,cpu", &[]),
+        ("dgl", "async", "cpu,cpu", &[]),
+        ("mlaan-dgl", "async", "cpu,cpu", &[]),
+        // Mixed precision resumes as exactly: the masters, momentum and twins are float32.
+        ("mlaan-infopro", "sync", "cpu,cpu", &mixed[..]),
     ] {
-        let straight = tmp.path().join(format!("{method}-{schedule}-straight"));
-        let halves = tmp.path().join(format!("{method}-{schedule}-halves"));
+        let name = format!("{method}-{schedule}{}", if compute.is_empty() { "" } else { "-bf16" });
+        let straight = tmp.path().join(format!("{name}-straight"));
+        let halves = tmp.path().join(format!("{name}-halves"));
+        let with = |extra: &[&'static str]| [extra, compute].concat();
         // The half-way point is an epoch end, where the straight run drains too.
-        run_ok(&args(method, schedule, devices, &straight, &["--max-steps", "12"]));
-        run_ok(&args(method, schedule, devices, &halves, &["--max-steps", "6"]));
+        run_ok(&args(method, schedule, devices, &straight, &with(&["--max-steps", "12"])));
+        run_ok(&args(method, schedule, devices, &halves, &with(&["--max-steps", "6"])));
         let log = run_ok(&args(
             method,
             schedule,
             devices,
             &halves,
-            &["--max-steps", "12", "--resume", "auto"],
+            &with(&["--max-steps", "12", "--resume", "auto"]),
         ));
         assert!(log.contains("resuming from") && log.contains("step-00000006"), "{log}");
         // Throughput counts the 6 steps this process trained, not the 12 since step 0.
@@ -146,11 +151,14 @@ fn resumed_runs_continue_exactly() {
             assert!(first(&a).is_some());
             continue;
         }
-        assert_eq!(a, b, "{method} {schedule}: loss trajectories differ");
-        assert_bitwise_equal(
-            &straight.join("ckpt/step-00000012"),
-            &halves.join("ckpt/step-00000012"),
-        );
+        assert_eq!(a, b, "{name}: loss trajectories differ");
+        let ckpt = straight.join("ckpt/step-00000012");
+        assert_bitwise_equal(&ckpt, &halves.join("ckpt/step-00000012"));
+        for (n, t) in tensors(&ckpt) {
+            // Floating state is float32 whatever the compute dtype (counters are integers).
+            let integer = matches!(t.kind(), tch::Kind::Int64 | tch::Kind::Int);
+            assert!(integer || t.kind() == tch::Kind::Float, "{name}: `{n}` is {:?}", t.kind());
+        }
     }
 }
 

@@ -399,6 +399,16 @@ pub struct TrainConfig {
     pub eval_every_epoch: bool,
     /// Write TensorBoard event files (`events.out.tfevents.*`) into the run directory.
     pub tensorboard: bool,
+    /// Compute dtype: `bf16` and `fp16` run each stage under autocast with float32 master
+    /// weights, optimizer state and EMA twins; `fp16` adds a dynamic loss scale per module.
+    pub precision: Precision,
+    /// Layout of convolution activations and weights (`channels-last` is what cuDNN's tensor
+    /// cores want; on CPU it gives the same numbers in another layout).
+    pub memory_format: MemoryFormat,
+    /// cuDNN's autotuner (CUDA only): picks the fastest convolution kernel per shape once.
+    pub cudnn_benchmark: bool,
+    /// TF32 in float32 matrix products and convolutions (CUDA only).
+    pub tf32: bool,
 }
 
 impl Default for TrainConfig {
@@ -412,7 +422,114 @@ impl Default for TrainConfig {
             max_steps: 0,
             eval_every_epoch: false,
             tensorboard: true,
+            precision: Precision::Fp32,
+            memory_format: MemoryFormat::Contiguous,
+            cudnn_benchmark: true,
+            tf32: true,
         }
+    }
+}
+
+/// The dtype stages compute in (`train.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        })
+    }
+}
+
+/// Layout of 4-d activations and convolution weights (`train.memory_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryFormat {
+    Contiguous,
+    ChannelsLast,
+}
+
+impl std::fmt::Display for MemoryFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryFormat::Contiguous => "contiguous",
+            MemoryFormat::ChannelsLast => "channels-last",
+        })
+    }
+}
+
+/// Which CUDA stream a stage thread queues its kernels on (`pipeline.streams`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// Its own stream from libtorch's pool, so that stages sharing a GPU overlap.
+    PerStage,
+    /// The device's default stream, shared by every stage on it.
+    Default,
+}
+
+impl std::fmt::Display for StreamMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StreamMode::PerStage => "per-stage",
+            StreamMode::Default => "default",
+        })
+    }
+}
+
+/// How a run computes, as `plan` prints it and `summary.json` records it: the compute dtype
+/// and layout everywhere, and the CUDA-only switches (`cuda = false`: they had no effect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeReport {
+    pub precision: Precision,
+    pub memory_format: MemoryFormat,
+    pub streams: StreamMode,
+    pub cudnn_benchmark: bool,
+    pub tf32: bool,
+    /// Whether any stage runs on a CUDA device.
+    pub cuda: bool,
+}
+
+impl ComputeReport {
+    pub fn of(cfg: &RunConfig) -> Self {
+        ComputeReport {
+            precision: cfg.train.precision,
+            memory_format: cfg.train.memory_format,
+            streams: cfg.pipeline.streams,
+            cudnn_benchmark: cfg.train.cudnn_benchmark,
+            tf32: cfg.train.tf32,
+            cuda: cfg.pipeline.devices.iter().any(|d| matches!(d, DeviceSpec::Cuda(_))),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = |b: bool| if b { "on" } else { "off" };
+        write!(
+            f,
+            "{}, {}; CUDA: {}, cuDNN benchmark {}, TF32 {}",
+            self.precision,
+            self.memory_format,
+            match self.streams {
+                StreamMode::PerStage => "a stream per stage",
+                StreamMode::Default => "the default stream",
+            },
+            on(self.cudnn_benchmark),
+            on(self.tf32)
+        )?;
+        if !self.cuda {
+            f.write_str(" (no CUDA device: unused)")?;
+        }
+        Ok(())
     }
 }
 
@@ -467,6 +584,8 @@ pub struct PipelineConfig {
     /// for the backward passes (one more forward per batch), so that the module's graph and
     /// its auxiliary networks' graphs are never held together.
     pub recompute: bool,
+    /// CUDA stream of each stage thread; no effect on CPU.
+    pub streams: StreamMode,
 }
 
 impl Default for PipelineConfig {
@@ -481,6 +600,7 @@ impl Default for PipelineConfig {
             max_consecutive_skips: 10,
             micro_batches: 1,
             recompute: false,
+            streams: StreamMode::PerStage,
         }
     }
 }
@@ -836,6 +956,39 @@ mod tests {
         assert!(e.contains("tpu"), "{e}");
         let e = load("[model\n", &[]).unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn compute_settings_are_typed_and_bad_values_quoted() {
+        let c = load(
+            "[train]\nprecision = \"bf16\"\nmemory_format = \"channels-last\"\n",
+            &["pipeline.streams=default", "train.tf32=false"],
+        )
+        .unwrap();
+        assert_eq!(c.train.precision, Precision::Bf16);
+        assert_eq!(c.train.memory_format, MemoryFormat::ChannelsLast);
+        assert_eq!(c.pipeline.streams, StreamMode::Default);
+        assert!(!c.train.tf32 && c.train.cudnn_benchmark);
+        let d = RunConfig::default();
+        assert_eq!(
+            (d.train.precision, d.train.memory_format, d.pipeline.streams),
+            (Precision::Fp32, MemoryFormat::Contiguous, StreamMode::PerStage)
+        );
+        for (o, quoted, expected) in [
+            ("train.precision=bf17", "`bf17`", "`bf16`"),
+            ("train.memory_format=nhwc", "`nhwc`", "`channels-last`"),
+            ("pipeline.streams=many", "`many`", "`per-stage`"),
+        ] {
+            let e = load("", &[o]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{o}`")) && e.contains(quoted) && e.contains(expected),
+                "{e}"
+            );
+        }
+        let e = load("[train]\n\nprecision = \"half\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("`half`"), "{e}");
+        let e = load("", &["train.cudnn_benchmark=\"yes\""]).unwrap_err().to_string();
+        assert!(e.contains("cudnn_benchmark") && e.contains("yes"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! module for placement ([`profile`]). It computes on tensors and talks over channels; files,
 //! metrics sinks and the run's cadence belong to `mlaan-train`.
 
+pub mod handoff;
 pub mod init;
 pub mod module;
 pub mod optim;
@@ -18,6 +19,9 @@ use thiserror::Error;
 pub enum TrainError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A stream, event, autocast or layout call into libtorch failed.
+    #[error("libtorch: {0}")]
+    Accel(#[from] mlaan_accel::AccelError),
     #[error("non-finite value in module {module} at batch {batch}: {what}")]
     NonFinite { module: usize, batch: u64, what: String },
     /// A stage failed; `cause` is what it failed with, still matchable (a non-finite loss

@@ -1,21 +1,40 @@
-//! Losses of the local objectives.
+//! Losses of the local objectives. Under mixed precision each is computed in float32 on
+//! float32 inputs, with autocast off where libtorch's policy would otherwise pick the dtype
+//! (CUDA autocast refuses `binary_cross_entropy` outright), as PyTorch's AMP recipes do.
 
+use mlaan_accel::without_autocast;
 use tch::{Kind, Reduction, Tensor};
 
-/// Mean cross-entropy of `logits` (N, C) against integer `labels` (N).
+/// Mean cross-entropy of `logits` (N, C) against integer `labels` (N), in float32.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
-    logits.cross_entropy_for_logits(labels)
+    without_autocast(logits.device(), || {
+        logits.to_kind(Kind::Float).cross_entropy_for_logits(labels)
+    })
 }
 
-/// Mean binary cross-entropy of a reconstruction in (0,1) against the image in [0,1].
+/// Mean binary cross-entropy of a reconstruction in (0,1) against the image in [0,1], in
+/// float32.
 pub fn reconstruction_bce(reconstruction: &Tensor, image: &Tensor) -> Tensor {
-    reconstruction.binary_cross_entropy::<Tensor>(image, None, Reduction::Mean)
+    without_autocast(reconstruction.device(), || {
+        reconstruction.to_kind(Kind::Float).binary_cross_entropy::<Tensor>(
+            &image.to_kind(Kind::Float),
+            None,
+            Reduction::Mean,
+        )
+    })
 }
 
 /// Supervised-contrastive loss (Khosla et al., 2020) with one view per sample, as InfoPro uses
 /// it: `features` (N, D) are L2-normalised here; positives are the other samples of the same
 /// class; anchors without positives contribute 0. Base temperature equals `temperature`.
 pub fn supervised_contrastive(features: &Tensor, labels: &Tensor, temperature: f64) -> Tensor {
+    // Exponentials of similarities over a temperature lose too much in 16 bits.
+    without_autocast(features.device(), || {
+        supcon_f32(&features.to_kind(Kind::Float), labels, temperature)
+    })
+}
+
+fn supcon_f32(features: &Tensor, labels: &Tensor, temperature: f64) -> Tensor {
     let n = features.size()[0];
     let device = features.device();
     let f = features / features.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12);

@@ -15,7 +15,9 @@ use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
 use mlaan_engine::init::initial_state;
 use mlaan_engine::module::BatchTargets;
 use mlaan_engine::optim::LrSchedule;
-use mlaan_engine::pipeline::{Event, Fault, Forward, ModuleSnapshot, Pipeline, PipelineSettings};
+use mlaan_engine::pipeline::{
+    ComputeSettings, Event, Fault, Forward, ModuleSnapshot, Pipeline, PipelineSettings,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -149,6 +151,10 @@ impl Session {
             }
         };
         let stage_devs = stage_devices(&placement, &devices);
+        if stage_devs.iter().any(|d| d.is_cuda()) {
+            // Process-wide in libtorch; the per-thread settings are each stage's own.
+            mlaan_accel::set_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32)?;
+        }
         let pipe = Pipeline::start(plan.clone(), settings, states, &placement, &stage_devs)?;
         let first_device = stage_devs[0];
         Ok(Session {
@@ -420,6 +426,11 @@ pub fn pipeline_settings(
         intra_op_threads: Vec::new(),
         recompute: cfg.pipeline.recompute,
         replicas: None,
+        compute: ComputeSettings {
+            precision: cfg.train.precision,
+            memory_format: cfg.train.memory_format,
+            streams: cfg.pipeline.streams,
+        },
     }
 }
 

@@ -8,7 +8,7 @@ use crate::evaluate::EvalResult;
 use crate::metrics::{progress_bar, MetricsLog};
 use crate::session::{RunOptions, Session};
 use anyhow::{Context, Result};
-use mlaan_core::config::RunConfig;
+use mlaan_core::config::{ComputeReport, RunConfig};
 use mlaan_core::device::DeviceSpec;
 use mlaan_core::metrics::StageWindow;
 use serde::Serialize;
@@ -30,6 +30,8 @@ pub struct Summary {
     pub placement: Vec<[usize; 2]>,
     pub epochs: usize,
     pub seed: u64,
+    /// Compute dtype, layout, streams and the CUDA math switches of the run.
+    pub compute: ComputeReport,
     /// Optimizer steps since step 0, including those of runs this one resumed.
     pub steps: u64,
     /// Steps this process trained (after `--resume`, those since the checkpoint); the
@@ -229,6 +231,7 @@ fn finish(
         placement,
         epochs: cfg.train.epochs,
         seed: cfg.train.seed,
+        compute: ComputeReport::of(cfg),
         steps,
         steps_this_run,
         batch_size: cfg.train.batch_size,

@@ -4,40 +4,13 @@
 
 mod common;
 
-use common::{feed_steps, max_rel_diff, tiny};
+use common::{assert_close, max_rel_diff, run, tiny};
 use mlaan_core::config::{EmaLagRule, EmaUpdate, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_engine::pipeline::ModuleSnapshot;
-use mlaan_train::session::{RunOptions, Session};
-
-fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {
-    let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
-    feed_steps(&mut s, steps, &mut |_| Ok(false));
-    s.drain().unwrap();
-    let snaps = s.snapshots().unwrap();
-    s.finish().unwrap();
-    snaps
-}
 
 fn assert_same(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot]) {
-    assert_eq!(a.len(), b.len());
-    let mut compared = 0;
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(x.step, y.step, "{what}: module {} steps", x.module);
-        assert_eq!(x.state.len(), y.state.len(), "{what}: module {} state size", x.module);
-        for ((n1, t1), (n2, t2)) in x.state.iter().zip(&y.state) {
-            assert_eq!(n1, n2);
-            let d = max_rel_diff(t1, t2);
-            assert!(d < 1e-4, "{what}: module {} `{n1}` differs by {d:e}", x.module);
-            compared += 1;
-        }
-        assert_eq!(x.momentum.len(), y.momentum.len());
-        for ((n1, t1), (_, t2)) in x.momentum.iter().zip(&y.momentum) {
-            let d = max_rel_diff(t1, t2);
-            assert!(d < 1e-4, "{what}: module {} momentum of `{n1}` differs by {d:e}", x.module);
-        }
-    }
-    assert!(compared > 50, "{what}: only {compared} tensors compared");
+    assert_close(what, a, b, 1e-4);
 }
 
 fn with(

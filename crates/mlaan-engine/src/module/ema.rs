@@ -3,6 +3,7 @@
 //! arrived yet stays *due*, and the module's owner (the stage worker, through its port) waits
 //! on [`EmaLinks::awaited`] and hands the snapshot in with [`EmaLinks::deliver`].
 
+use crate::handoff::Handed;
 use crate::TrainError;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::VecDeque;
@@ -28,7 +29,7 @@ pub enum EmaLag {
 pub struct TwinLink {
     pub block: String,
     pub params: Vec<Tensor>,
-    pub rx: Receiver<EmaSnapshot>,
+    pub rx: Receiver<Handed<EmaSnapshot>>,
     pub lag: EmaLag,
     /// Snapshots received but not yet folded in, oldest first. They are part of the twin's
     /// state: a checkpoint saves them, so that a lagged twin resumes exactly.
@@ -37,8 +38,11 @@ pub struct TwinLink {
 
 impl TwinLink {
     /// Move every snapshot that has arrived into the backlog.
-    pub fn absorb(&mut self) {
-        self.backlog.extend(self.rx.try_iter());
+    pub fn absorb(&mut self) -> Result<(), TrainError> {
+        for snap in self.rx.try_iter() {
+            self.backlog.push_back(snap.receive()?);
+        }
+        Ok(())
     }
 }
 
@@ -46,8 +50,10 @@ impl TwinLink {
 pub struct SourceLink {
     pub block: String,
     pub params: Vec<Tensor>,
-    pub tx: Sender<EmaSnapshot>,
+    pub tx: Sender<Handed<EmaSnapshot>>,
     pub device: Device,
+    /// Stages compute on their own CUDA streams: a snapshot carries an event.
+    pub per_stage_streams: bool,
 }
 
 pub struct EmaLinks {
@@ -74,13 +80,13 @@ impl EmaLinks {
                 .map(|p| p.f_to_device_(s.device, p.kind(), false, true))
                 .collect::<Result<Vec<_>, _>>()?;
             // A closed subscriber means its stage is gone; the pipeline is stopping.
-            let _ = s.tx.send(EmaSnapshot { step, params });
+            let _ = s.tx.send(Handed::send(EmaSnapshot { step, params }, s.per_stage_streams)?);
         }
         for t in 0..self.twins.len() {
             match self.twins[t].lag {
                 EmaLag::Latest => {
                     let link = &mut self.twins[t];
-                    link.absorb();
+                    link.absorb()?;
                     let last = link.backlog.pop_back();
                     link.backlog.clear();
                     if let Some(snap) = last {
@@ -95,7 +101,7 @@ impl EmaLinks {
     }
 
     /// The twin waiting for a snapshot that has not arrived, and the channel it comes on.
-    pub fn awaited(&self) -> Option<(usize, &Receiver<EmaSnapshot>)> {
+    pub fn awaited(&self) -> Option<(usize, &Receiver<Handed<EmaSnapshot>>)> {
         self.due.front().map(|&(t, _)| (t, &self.twins[t].rx))
     }
 
@@ -109,7 +115,7 @@ impl EmaLinks {
     fn fold_due(&mut self) -> Result<(), TrainError> {
         while let Some(&(t, want)) = self.due.front() {
             let link = &mut self.twins[t];
-            link.absorb();
+            link.absorb()?;
             while link.backlog.front().is_some_and(|s| s.step < want) {
                 link.backlog.pop_front();
             }
@@ -138,15 +144,15 @@ impl EmaLinks {
     }
 
     /// Snapshots received and not folded in, by twin block: (block, step, parameters).
-    pub fn backlog(&mut self) -> Vec<(String, u64, Vec<Tensor>)> {
+    pub fn backlog(&mut self) -> Result<Vec<(String, u64, Vec<Tensor>)>, TrainError> {
         let mut out = Vec::new();
         for t in self.twins.iter_mut() {
-            t.absorb();
+            t.absorb()?;
             for snap in &t.backlog {
                 let params = snap.params.iter().map(Tensor::shallow_clone).collect();
                 out.push((t.block.clone(), snap.step, params));
             }
         }
-        out
+        Ok(out)
     }
 }

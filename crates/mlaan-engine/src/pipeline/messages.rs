@@ -5,7 +5,9 @@ use crate::init::ModuleState;
 use crate::module::BatchTargets;
 use crate::optim::LrSchedule;
 use crate::TrainError;
-use mlaan_core::config::{EmaLagRule, OnNonFinite, OptimConfig, Schedule};
+use mlaan_core::config::{
+    EmaLagRule, MemoryFormat, OnNonFinite, OptimConfig, Precision, Schedule, StreamMode,
+};
 use mlaan_core::metrics::StageWindow;
 use mlaan_core::plan::ImageSpec;
 use tch::Tensor;
@@ -194,4 +196,53 @@ pub struct PipelineSettings {
     pub intra_op_threads: Vec<usize>,
     /// Data-parallel replicas of this pipeline in other processes (`None`: this one alone).
     pub replicas: Option<crate::module::Replicas>,
+    pub compute: ComputeSettings,
+}
+
+impl PipelineSettings {
+    /// Whether a stage on `device` computes on its own stream (and its messages carry events).
+    pub fn per_stage_streams(&self, device: tch::Device) -> bool {
+        self.compute.streams == StreamMode::PerStage && device.is_cuda()
+    }
+}
+
+/// How the stages compute: dtype, layout, streams (`train.precision`, `train.memory_format`,
+/// `pipeline.streams`; the process-wide cuDNN/TF32 switches are set once by the session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComputeSettings {
+    pub precision: Precision,
+    pub memory_format: MemoryFormat,
+    pub streams: StreamMode,
+}
+
+impl Default for ComputeSettings {
+    fn default() -> Self {
+        ComputeSettings {
+            precision: Precision::Fp32,
+            memory_format: MemoryFormat::Contiguous,
+            streams: StreamMode::PerStage,
+        }
+    }
+}
+
+impl ComputeSettings {
+    /// The autocast dtype, `None` for float32.
+    pub fn autocast_kind(&self) -> Option<tch::Kind> {
+        match self.precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(tch::Kind::BFloat16),
+            Precision::Fp16 => Some(tch::Kind::Half),
+        }
+    }
+
+    /// Set up the calling stage thread on `device`: its own pool stream under per-stage
+    /// streams on CUDA, autocast in the compute dtype (both are per-thread state in libtorch).
+    pub fn enter_stage_thread(&self, device: tch::Device) -> Result<(), TrainError> {
+        if self.streams == StreamMode::PerStage && device.is_cuda() {
+            // Pool streams live as long as the process; the handle can go.
+            mlaan_accel::Stream::from_pool(device)?.make_current()?;
+        }
+        mlaan_accel::set_autocast(device, self.autocast_kind())?;
+        Ok(())
+    }
 }

@@ -32,9 +32,11 @@ pub mod wiring;
 pub mod worker;
 
 pub use messages::{
-    Event, Failure, Fault, FaultKind, Forward, ModuleEval, ModuleSnapshot, PipelineSettings,
+    ComputeSettings, Event, Failure, Fault, FaultKind, Forward, ModuleEval, ModuleSnapshot,
+    PipelineSettings,
 };
 
+use crate::handoff::Handed;
 use crate::stage::BackMsg;
 use crate::TrainError;
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
@@ -52,7 +54,7 @@ use worker::{run_stage, WorkerParts};
 
 /// A running pipeline.
 pub struct Pipeline {
-    input: Option<Sender<Forward>>,
+    input: Option<Sender<Handed<Forward>>>,
     events: Receiver<Event>,
     handles: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -83,10 +85,11 @@ impl Pipeline {
         let stop = Arc::new(AtomicBool::new(false));
         let (ev_tx, ev_rx) = unbounded();
         let cap = settings.in_flight.max(1);
-        let fwd: Vec<(Sender<Forward>, Receiver<Forward>)> = (0..d).map(|_| bounded(cap)).collect();
+        type Channel<T> = (Sender<Handed<T>>, Receiver<Handed<T>>);
+        let fwd: Vec<Channel<Forward>> = (0..d).map(|_| bounded(cap)).collect();
         // Gradient channels are unbounded: their occupancy is bounded by the in-flight limit
         // of the receiving stage, and a bounded one could deadlock against the forward one.
-        let back: Vec<(Sender<BackMsg>, Receiver<BackMsg>)> = (1..d).map(|_| unbounded()).collect();
+        let back: Vec<Channel<BackMsg>> = (1..d).map(|_| unbounded()).collect();
         let queued: Vec<Arc<AtomicU64>> = (0..d).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let rule = settings.ema_lag.resolve(settings.schedule);
         let EmaWires { mut twins, mut sources } = EmaWires::new(&plan, placement, devices, rule);
@@ -94,7 +97,7 @@ impl Pipeline {
         let mut handles = Vec::with_capacity(d);
         for s in 0..d {
             let modules = placement.groups[s].clone();
-            let port = Port::new(
+            let mut port = Port::new(
                 s,
                 fwd[s].1.clone(),
                 (s + 1 < d).then(|| fwd[s + 1].0.clone()),
@@ -103,6 +106,7 @@ impl Pipeline {
                 stop.clone(),
                 (s + 1 < d).then(|| queued[s + 1].clone()),
             );
+            port.per_stage_streams = settings.per_stage_streams(devices[s]);
             let states: Vec<ModuleSnapshot> =
                 states[modules.clone()].iter().map(ModuleSnapshot::shallow_clone).collect();
             let (plan, settings, events) = (plan.clone(), settings.clone(), ev_tx.clone());
@@ -111,6 +115,7 @@ impl Pipeline {
                 (devices[s], (s + 1 < d).then(|| devices[s + 1]), queued[s].clone());
             let build = move || {
                 tch::set_num_threads(settings.intra_op_threads.get(s).copied().unwrap_or(1) as i32);
+                settings.compute.enter_stage_thread(device)?;
                 let stage = build_stage(&plan, &settings, &states, device, twins, sources)?;
                 Ok(WorkerParts {
                     index: s,
@@ -148,7 +153,9 @@ impl Pipeline {
     }
 
     /// Send a message to stage 0, noticing failures while it waits.
-    pub fn send(&mut self, mut msg: Forward) -> Result<(), TrainError> {
+    pub fn send(&mut self, msg: Forward) -> Result<(), TrainError> {
+        // The coordinator's batches are host tensors: nothing to order on a device.
+        let mut msg = Handed::bare(msg);
         loop {
             self.check()?;
             let tx = self.input.as_ref().ok_or(TrainError::Stopped)?;

@@ -5,6 +5,7 @@
 //! [`TrainError::Stopped`].
 
 use super::messages::Forward;
+use crate::handoff::Handed;
 use crate::module::EmaSnapshot;
 use crate::stage::BackMsg;
 use crate::{bytes_of, TrainError};
@@ -36,28 +37,40 @@ pub enum Received {
 /// next, gradients from the next and to the previous.
 pub struct Port {
     pub stage: usize,
-    pub input: Receiver<Forward>,
-    pub output: Option<Sender<Forward>>,
-    pub grads_in: Option<Receiver<BackMsg>>,
-    pub grads_out: Option<Sender<BackMsg>>,
+    pub input: Receiver<Handed<Forward>>,
+    pub output: Option<Sender<Handed<Forward>>>,
+    pub grads_in: Option<Receiver<Handed<BackMsg>>>,
+    pub grads_out: Option<Sender<Handed<BackMsg>>>,
     pub stop: Arc<AtomicBool>,
     /// Bytes queued towards the next stage (its share of the memory probe).
     pub next_queued_bytes: Option<Arc<AtomicU64>>,
+    /// Stages compute on their own CUDA streams: what is sent carries an event.
+    pub per_stage_streams: bool,
     waits: Waits,
 }
 
 impl Port {
     pub fn new(
         stage: usize,
-        input: Receiver<Forward>,
-        output: Option<Sender<Forward>>,
-        grads_in: Option<Receiver<BackMsg>>,
-        grads_out: Option<Sender<BackMsg>>,
+        input: Receiver<Handed<Forward>>,
+        output: Option<Sender<Handed<Forward>>>,
+        grads_in: Option<Receiver<Handed<BackMsg>>>,
+        grads_out: Option<Sender<Handed<BackMsg>>>,
         stop: Arc<AtomicBool>,
         next_queued_bytes: Option<Arc<AtomicU64>>,
     ) -> Self {
         let waits = Waits::default();
-        Port { stage, input, output, grads_in, grads_out, stop, next_queued_bytes, waits }
+        Port {
+            stage,
+            input,
+            output,
+            grads_in,
+            grads_out,
+            stop,
+            next_queued_bytes,
+            per_stage_streams: false,
+            waits,
+        }
     }
 
     /// The waits since the last call; reset.
@@ -68,7 +81,7 @@ impl Port {
     /// The next forward message; `None` when the input is closed.
     pub fn recv_input(&mut self) -> Result<Option<Forward>, TrainError> {
         let t = Instant::now();
-        let msg = self.recv(&self.input)?;
+        let msg = self.recv(&self.input)?.map(Handed::receive).transpose()?;
         self.waits.input += t.elapsed();
         Ok(msg)
     }
@@ -79,24 +92,24 @@ impl Port {
         let t = Instant::now();
         let msg = self.recv(&rx)?.ok_or_else(|| self.peer_gone("stopped sending gradients"))?;
         self.waits.grad += t.elapsed();
-        Ok(msg)
+        msg.receive()
     }
 
     /// A gradient if one is ready, else whichever of a gradient and an input comes first.
     pub fn recv_grad_or_input(&mut self) -> Result<Received, TrainError> {
         let grads = self.grads()?;
         if let Ok(msg) = grads.try_recv() {
-            return Ok(Received::Grad(msg));
+            return Ok(Received::Grad(msg.receive()?));
         }
         let input = self.input.clone();
         let t = Instant::now();
         let got = loop {
             select! {
                 recv(grads) -> m => match m {
-                    Ok(msg) => break Received::Grad(msg),
+                    Ok(msg) => break Received::Grad(msg.receive()?),
                     Err(_) => return Err(self.peer_gone("stopped sending gradients")),
                 },
-                recv(input) -> m => break Received::Input(m.ok()),
+                recv(input) -> m => break Received::Input(m.ok().map(Handed::receive).transpose()?),
                 default(POLL) => self.check_stop()?,
             }
         };
@@ -105,12 +118,15 @@ impl Port {
     }
 
     /// An EMA snapshot a twin waits for: a later stage's step on an earlier batch.
-    pub fn recv_ema(&mut self, rx: &Receiver<EmaSnapshot>) -> Result<EmaSnapshot, TrainError> {
+    pub fn recv_ema(
+        &mut self,
+        rx: &Receiver<Handed<EmaSnapshot>>,
+    ) -> Result<EmaSnapshot, TrainError> {
         let t = Instant::now();
         // The publishing stage closed its end: it has stopped, and so does this one.
         let snap = self.recv(rx)?.ok_or(TrainError::Stopped)?;
         self.waits.grad += t.elapsed();
-        Ok(snap)
+        snap.receive()
     }
 
     /// Send `msg` to the next stage (nothing when this is the last stage).
@@ -121,7 +137,7 @@ impl Port {
             _ => 0,
         };
         let t = Instant::now();
-        let mut msg = msg;
+        let mut msg = Handed::send(msg, self.per_stage_streams)?;
         loop {
             match tx.send_timeout(msg, POLL) {
                 Ok(()) => break,
@@ -147,7 +163,7 @@ impl Port {
     /// Send gradient parts to the previous stage (its channel is unbounded: never blocks).
     pub fn send_back(&mut self, msg: BackMsg) -> Result<(), TrainError> {
         let tx = self.grads_out.as_ref().ok_or(TrainError::Protocol("no previous stage".into()))?;
-        tx.send(msg).map_err(|_| {
+        tx.send(Handed::send(msg, self.per_stage_streams)?).map_err(|_| {
             TrainError::Peer(format!("stage {} stopped taking gradients", self.stage - 1))
         })
     }
@@ -179,7 +195,7 @@ impl Port {
         }
     }
 
-    fn grads(&self) -> Result<Receiver<BackMsg>, TrainError> {
+    fn grads(&self) -> Result<Receiver<Handed<BackMsg>>, TrainError> {
         self.grads_in.clone().ok_or(TrainError::Protocol("no gradient channel".into()))
     }
 

@@ -3,12 +3,13 @@
 //! snapshot of a module that a checkpoint is made of.
 
 use super::messages::{ModuleSnapshot, PipelineSettings};
+use crate::handoff::Handed;
 use crate::init::{build_nets, load_state};
 use crate::module::{EmaLag, EmaSnapshot, LocalModule, ModuleSettings, SourceLink, TwinLink};
 use crate::stage::Stage;
 use crate::TrainError;
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use mlaan_core::config::{EmaLagRule, OnNonFinite};
+use mlaan_core::config::{EmaLagRule, MemoryFormat, OnNonFinite};
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use tch::{Device, Tensor};
 pub struct TwinWire {
     module: usize,
     block: String,
-    rx: Receiver<EmaSnapshot>,
+    rx: Receiver<Handed<EmaSnapshot>>,
     lag: EmaLag,
 }
 
@@ -26,7 +27,7 @@ pub struct TwinWire {
 pub struct SourceWire {
     module: usize,
     block: String,
-    tx: Sender<EmaSnapshot>,
+    tx: Sender<Handed<EmaSnapshot>>,
     to: Device,
 }
 
@@ -91,6 +92,11 @@ pub fn build_stage(
     for start in states {
         let nets = build_nets(plan, start.module, s.image, device);
         load_state(&nets, &start.state)?;
+        if s.compute.memory_format == MemoryFormat::ChannelsLast {
+            for (_, t) in nets.state() {
+                mlaan_accel::set_channels_last(&t)?;
+            }
+        }
         let settings = ModuleSettings {
             accumulate: s.accumulate,
             recompute_graph: s.recompute,
@@ -123,14 +129,16 @@ pub fn build_stage(
     for SourceWire { module: m, block, tx, to } in sources {
         let module = &mut modules[m - first];
         let params = block_params(&module.nets.vs.variables(), &block);
-        module.ema.sources.push(SourceLink { block, params, tx, device: to });
+        let per_stage_streams = s.per_stage_streams(device);
+        module.ema.sources.push(SourceLink { block, params, tx, device: to, per_stage_streams });
     }
     Ok(Stage::new(plan, modules, device))
 }
 
 /// A CPU copy of module `m`: state, momentum, step and the EMA snapshots not folded yet.
 pub fn snapshot(m: &mut LocalModule) -> Result<ModuleSnapshot, TrainError> {
-    let cpu = |t: &Tensor| t.f_to_device_(Device::Cpu, t.kind(), false, true);
+    // Contiguous (NCHW) whatever the training layout: checkpoints hold the standard one.
+    let cpu = |t: &Tensor| t.f_to_device_(Device::Cpu, t.kind(), false, true)?.f_contiguous();
     let state = m
         .nets
         .state()
@@ -146,7 +154,7 @@ pub fn snapshot(m: &mut LocalModule) -> Result<ModuleSnapshot, TrainError> {
         .collect::<Result<_, TrainError>>()?;
     let ema_backlog = m
         .ema
-        .backlog()
+        .backlog()?
         .into_iter()
         .map(|(block, step, params)| {
             Ok((block, step, params.iter().map(cpu).collect::<Result<Vec<_>, _>>()?))

@@ -10,6 +10,7 @@ use crate::module::BatchTargets;
 use crate::stage::{BackMsg, Stage};
 use crate::{bytes_of, TrainError};
 use crossbeam_channel::Sender;
+use mlaan_core::config::MemoryFormat;
 use mlaan_core::schedule::{
     Action, AsyncSchedule, Input, StageEvent, StageSchedule, SyncSchedule, Wait,
 };
@@ -258,7 +259,7 @@ impl StageWorker {
             })
             .ok();
         let t = Instant::now();
-        let x = self.stage_input(x);
+        let x = self.stage_input(x)?;
         let x = self.inject(id, x)?;
         let targets = targets.to_device(self.stage.device);
         let done = self.stage.process(id, &x, &targets, self.settings.on_nonfinite)?;
@@ -338,15 +339,19 @@ impl StageWorker {
     }
 
     /// Normalise raw images on stage 0.
-    fn stage_input(&self, x: Tensor) -> Tensor {
+    fn stage_input(&self, x: Tensor) -> Result<Tensor, TrainError> {
         let device = self.stage.device;
         if self.stage.first_module() == 0 {
             // Non-blocking: asynchronous from pinned memory, ordered before the ops that use
             // it on the device's stream (and a plain copy from pageable memory).
             let x = x.to_device_(device, x.kind(), true, false);
-            (x.to_kind(Kind::Float) / 255.0 - &self.normalize.mean) / &self.normalize.std
+            let x = (x.to_kind(Kind::Float) / 255.0 - &self.normalize.mean) / &self.normalize.std;
+            Ok(match self.settings.compute.memory_format {
+                MemoryFormat::ChannelsLast => mlaan_accel::to_channels_last(&x)?,
+                MemoryFormat::Contiguous => x,
+            })
         } else {
-            x.to_device(device)
+            Ok(x.to_device(device))
         }
     }
 
@@ -373,7 +378,7 @@ impl StageWorker {
             }
             Forward::Eval { x, labels } => {
                 let t = Instant::now();
-                let x = self.stage_input(x);
+                let x = self.stage_input(x)?;
                 let labels = labels.to_device(self.stage.device);
                 let h = tch::no_grad(|| self.evaluate(&x, &labels));
                 self.window.busy += t.elapsed();

@@ -13,7 +13,7 @@ use crate::placement::choose_placement;
 use crate::session::plan_for;
 use anyhow::{Context, Result};
 use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
-use mlaan_core::config::{HeadKind, Method, PlacementRule, RunConfig, Schedule};
+use mlaan_core::config::{ComputeReport, HeadKind, Method, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::lam::pyramid_depth;
 use mlaan_core::plan::{ImageSpec, NetworkPlan, ObjectiveSpec, TermKind};
@@ -141,6 +141,8 @@ pub struct PlanReport {
     pub placement_rule: PlacementRule,
     pub in_flight: usize,
     pub batch_size: usize,
+    /// `train.precision`, `train.memory_format`, `pipeline.streams`, cuDNN benchmark, TF32.
+    pub compute: ComputeReport,
     /// How the LAM chains were derived; `None` without MLAAN.
     pub lam_rule: Option<String>,
     pub modules: Vec<ModuleReport>,
@@ -232,6 +234,7 @@ pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
         schedule: cfg.pipeline.schedule,
         placement_rule: cfg.pipeline.placement,
         in_flight: cfg.pipeline.in_flight,
+        compute: ComputeReport::of(cfg),
         batch_size: cfg.train.batch_size,
         lam_rule: plan.method.is_mlaan().then(|| lam_rule(cfg, &plan)),
         modules,

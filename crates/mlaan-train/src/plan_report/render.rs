@@ -188,6 +188,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         "  schedule      {}, {} batch(es) in flight, batch size {}",
         r.schedule, r.in_flight, r.batch_size
     );
+    let _ = writeln!(o, "  compute       {}", r.compute);
     if let Some(rule) = &r.lam_rule {
         let _ = writeln!(o, "  LAM chains    {rule}");
     }

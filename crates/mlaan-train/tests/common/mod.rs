@@ -3,8 +3,8 @@
 
 use mlaan_core::config::{RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
-use mlaan_engine::pipeline::Event;
-use mlaan_train::session::Session;
+use mlaan_engine::pipeline::{Event, ModuleSnapshot};
+use mlaan_train::session::{RunOptions, Session};
 use tch::Tensor;
 
 /// A ResNet-14 (six blocks) on 8x8 synthetic images: every method and split in milliseconds.
@@ -61,4 +61,37 @@ pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// Whether a gradient is present and not all zero.
 pub fn nonzero(g: &Option<Tensor>) -> bool {
     g.as_ref().is_some_and(|g| g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0)
+}
+
+/// Train `cfg` for `steps` steps, drain, and return every module's state.
+pub fn run(cfg: &RunConfig, steps: u64) -> Vec<ModuleSnapshot> {
+    let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
+    feed_steps(&mut s, steps, &mut |_| Ok(false));
+    s.drain().unwrap();
+    let snaps = s.snapshots().unwrap();
+    s.finish().unwrap();
+    snaps
+}
+
+/// Every parameter, buffer, EMA twin and momentum buffer of two runs agree within `tol`
+/// (relative, [`max_rel_diff`]).
+pub fn assert_close(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot], tol: f64) {
+    assert_eq!(a.len(), b.len());
+    let mut compared = 0;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step, "{what}: module {} steps", x.module);
+        assert_eq!(x.state.len(), y.state.len(), "{what}: module {} state size", x.module);
+        for ((n1, t1), (n2, t2)) in x.state.iter().zip(&y.state) {
+            assert_eq!(n1, n2);
+            let d = max_rel_diff(t1, t2);
+            assert!(d < tol, "{what}: module {} `{n1}` differs by {d:e}", x.module);
+            compared += 1;
+        }
+        assert_eq!(x.momentum.len(), y.momentum.len());
+        for ((n1, t1), (_, t2)) in x.momentum.iter().zip(&y.momentum) {
+            let d = max_rel_diff(t1, t2);
+            assert!(d < tol, "{what}: module {} momentum of `{n1}` differs by {d:e}", x.module);
+        }
+    }
+    assert!(compared > 50, "{what}: only {compared} tensors compared");
 }
