@@ -45,6 +45,9 @@ pub struct StageWindow {
     /// state, stored inputs and graphs).
     pub live_bytes: u64,
     pub peak_live_bytes: u64,
+    /// Optimizer steps its modules skipped for a loss-scale overflow (fp16) in the window.
+    #[serde(default)]
+    pub overflow_skips: u64,
     /// Mean of each module's local loss over the window.
     pub loss: Vec<f64>,
 }

@@ -211,6 +211,11 @@ impl Stage {
         self.modules.iter().fold(Default::default(), |a, m| a.plus(&m.phase_times()))
     }
 
+    /// Steps its modules skipped for a loss-scale overflow so far (fp16).
+    pub fn overflow_skips(&self) -> u64 {
+        self.modules.iter().map(|m| m.overflow_skips()).sum()
+    }
+
     /// Gradient averaging across replicas so far, over the stage's modules.
     pub fn replica_traffic(&self) -> crate::module::Traffic {
         self.modules.iter().map(|m| m.replica_traffic()).fold(Default::default(), |a, b| a + b)

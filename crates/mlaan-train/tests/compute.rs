@@ -38,6 +38,26 @@ fn bf16_sync_equals_bf16_sequential() {
     }
 }
 
+/// fp16: each module scales its own losses; the scales (and any skipped step) are the same
+/// under both schedules, so the arithmetic is too. 30 steps: the loss falls.
+#[test]
+fn fp16_with_loss_scaling_learns_and_sync_equals_sequential() {
+    let fp16 = |mut c: RunConfig| {
+        c.train.precision = Precision::Fp16;
+        c
+    };
+    let reference = run(&fp16(on("mlaan-dgl", Schedule::Sequential, vec![DeviceSpec::Cpu])), 12);
+    let pipelined = run(&fp16(on("mlaan-dgl", Schedule::Sync, vec![DeviceSpec::Cpu; 4])), 12);
+    assert_close("mlaan-dgl fp16 sync on 4 stages", &reference, &pipelined, 1e-4);
+    for m in &pipelined {
+        assert!(m.state.iter().all(|(_, t)| !t.is_floating_point() || t.kind() == Kind::Float));
+    }
+    let mut cfg = fp16(on("mlaan-dgl", Schedule::Async, vec![DeviceSpec::Cpu; 2]));
+    cfg.train.log_every = 10;
+    let curve = loss_curve(&cfg, 60);
+    assert!(curve[curve.len() - 1] < 0.7 * curve[0], "fp16 loss: {curve:?}");
+}
+
 #[test]
 fn bf16_keeps_float32_state_and_moves_off_float32_numbers() {
     let cfg = on("mlaan-dgl", Schedule::Sync, vec![DeviceSpec::Cpu; 2]);

@@ -23,6 +23,7 @@ pub mod clock;
 pub mod ema;
 pub mod grads;
 pub mod in_flight;
+pub mod loss_scale;
 pub mod meter;
 pub mod replicas;
 
@@ -34,6 +35,7 @@ use crate::{bytes_of, TrainError};
 use clock::{Phase, PhaseTimes};
 use grads::{vjp, GradBook};
 use in_flight::{Entry, InFlight, Kept, Pending};
+use loss_scale::LossScale;
 use meter::MemoryMeter;
 use mlaan_core::plan::TermKind;
 use mlaan_models::layers::{count_saved, Mode};
@@ -145,6 +147,8 @@ pub struct LocalModule {
     running: Option<RunningStats>,
     /// This module's group across data-parallel replicas, when there are several.
     replicas: Option<ReplicaSync>,
+    /// The dynamic loss scale under fp16.
+    scaler: Option<LossScale>,
     /// Time spent per phase so far.
     clock: PhaseTimes,
     /// Optimizer steps taken (positions the learning-rate schedule).
@@ -170,6 +174,8 @@ pub struct ModuleSettings {
     /// Batches may be dropped after their forward (`on_nonfinite = "skip"`): keep the
     /// running statistics before each forward to put them back.
     pub may_drop: bool,
+    /// Scale losses dynamically (fp16 compute).
+    pub loss_scale: bool,
 }
 
 impl ModuleSettings {
@@ -191,6 +197,7 @@ impl ModuleSettings {
             recompute_graph: false,
             ema_momentum: 0.0,
             may_drop: false,
+            loss_scale: false,
         }
     }
 }
@@ -216,6 +223,7 @@ impl LocalModule {
             group: Accumulation { size: s.accumulate.max(1), done: 0 },
             running: s.may_drop.then(|| RunningStats::of(&nets)),
             replicas: None,
+            scaler: s.loss_scale.then(LossScale::default),
             clock: PhaseTimes::default(),
             step: 0,
             stats: vec![TermStats::default(); nets.terms.len()],
@@ -293,14 +301,16 @@ impl LocalModule {
             let params = &self.grads.terms[t];
             let mut inputs: Vec<&Tensor> = vec![&hd];
             inputs.extend(params.iter().map(|(_, p)| p));
-            let grads = Tensor::f_run_backward(&[out.loss * weight], &inputs, false, false)?;
+            let scale = self.scaler.as_ref().map_or(1.0, LossScale::value);
+            let grads =
+                Tensor::f_run_backward(&[out.loss * (weight * scale)], &inputs, false, false)?;
             for ((slot, _), g) in params.iter().zip(&grads[1..]) {
                 if g.defined() {
-                    term_grads.push((*slot, g.shallow_clone()));
+                    term_grads.push((*slot, unscaled(&self.scaler, g)));
                 }
             }
             if grads[0].defined() {
-                parts.push(GradPart { reach_left: reach, grad: grads[0].shallow_clone() });
+                parts.push(GradPart { reach_left: reach, grad: unscaled(&self.scaler, &grads[0]) });
             }
         }
         self.grads.add_slotted(term_grads)?;
@@ -368,9 +378,11 @@ impl LocalModule {
             if combined {
                 inputs.extend(self.grads.backbone.iter().map(|(_, t)| t));
             }
-            let grads = vjp(&p.h, &g, &inputs, true)?;
-            out.push(GradPart { reach_left: reach - 1, grad: grads[0].shallow_clone() });
-            self.grads.add_backbone(grads.into_iter().skip(1))?;
+            let grads = vjp(&p.h, &scaled(&self.scaler, &g), &inputs, true)?;
+            let mut grads = grads.iter().map(|g| unscaled(&self.scaler, g));
+            let to_input = grads.next().expect("one gradient per input");
+            out.push(GradPart { reach_left: reach - 1, grad: to_input });
+            self.grads.add_backbone(grads)?;
         }
         if combined {
             // Every part went back with its parameter gradient: nothing left for `finish`.
@@ -411,8 +423,8 @@ impl LocalModule {
         }
         self.timed(Phase::BackwardParams, |m| {
             let inputs: Vec<&Tensor> = m.grads.backbone.iter().map(|(_, t)| t).collect();
-            let grads = vjp(h, g, &inputs, false)?;
-            m.grads.add_backbone(grads)
+            let grads = vjp(h, &scaled(&m.scaler, g), &inputs, false)?;
+            m.grads.add_backbone(grads.iter().map(|g| unscaled(&m.scaler, g)))
         })
     }
 
@@ -501,7 +513,13 @@ impl LocalModule {
             sync.average(self.grads.accumulated_mut(), &self.opt.params)?;
         }
         let lr = self.lr.at(self.step);
-        self.timed(Phase::Optimizer, |m| m.opt.step(m.grads.accumulated(), lr))?;
+        let finite = match &mut self.scaler {
+            Some(scaler) => scaler.check_step(self.grads.accumulated())?,
+            None => true,
+        };
+        if finite {
+            self.timed(Phase::Optimizer, |m| m.opt.step(m.grads.accumulated(), lr))?;
+        }
         self.grads.clear();
         self.group.done = 0;
         let step = self.step;
@@ -568,6 +586,11 @@ impl LocalModule {
     }
 
     /// What averaging this module's gradients across replicas has cost so far.
+    /// Steps skipped for a loss-scale overflow so far (fp16).
+    pub fn overflow_skips(&self) -> u64 {
+        self.scaler.as_ref().map_or(0, |s| s.skipped)
+    }
+
     pub fn replica_traffic(&self) -> Traffic {
         self.replicas.as_ref().map(ReplicaSync::traffic).unwrap_or_default()
     }
@@ -639,6 +662,23 @@ impl LocalModule {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// `g` times the loss scale, before a backward pass (as it is without one).
+fn scaled(scaler: &Option<LossScale>, g: &Tensor) -> Tensor {
+    match scaler {
+        Some(s) => g * s.value(),
+        None => g.shallow_clone(),
+    }
+}
+
+/// A gradient of scaled losses in true units (as it is without a loss scale; undefined stays
+/// undefined).
+fn unscaled(scaler: &Option<LossScale>, g: &Tensor) -> Tensor {
+    match scaler {
+        Some(s) if g.defined() => s.unscale(g),
+        _ => g.shallow_clone(),
     }
 }
 

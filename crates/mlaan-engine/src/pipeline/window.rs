@@ -19,6 +19,7 @@ pub struct Window {
     /// The stage's replica traffic and phase times when the window opened.
     traffic_at_start: Traffic,
     phases_at_start: PhaseTimes,
+    overflow_skips_at_start: u64,
 }
 
 impl Default for Window {
@@ -32,6 +33,7 @@ impl Default for Window {
             last_lag: 0,
             traffic_at_start: Traffic::default(),
             phases_at_start: PhaseTimes::default(),
+            overflow_skips_at_start: 0,
         }
     }
 }
@@ -58,6 +60,8 @@ impl Window {
         let phases = v.stage.phase_times();
         let spent = phases.since(&c.phases_at_start);
         self.phases_at_start = phases;
+        let overflow_skips = v.stage.overflow_skips();
+        self.overflow_skips_at_start = overflow_skips;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         StageWindow {
             stage: v.index,
@@ -78,6 +82,7 @@ impl Window {
             grad_lag: c.last_lag,
             live_bytes: v.stage.live_bytes() + v.queued_bytes,
             peak_live_bytes: c.peak_live,
+            overflow_skips: overflow_skips - c.overflow_skips_at_start,
             loss: Vec::new(),
         }
     }

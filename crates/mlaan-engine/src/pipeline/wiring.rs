@@ -9,7 +9,7 @@ use crate::module::{EmaLag, EmaSnapshot, LocalModule, ModuleSettings, SourceLink
 use crate::stage::Stage;
 use crate::TrainError;
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use mlaan_core::config::{EmaLagRule, MemoryFormat, OnNonFinite};
+use mlaan_core::config::{EmaLagRule, MemoryFormat, OnNonFinite, Precision};
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
 use std::collections::HashMap;
@@ -102,6 +102,7 @@ pub fn build_stage(
             recompute_graph: s.recompute,
             ema_momentum: s.ema_momentum,
             may_drop: s.on_nonfinite == OnNonFinite::Skip,
+            loss_scale: s.compute.precision == Precision::Fp16,
             ..ModuleSettings::for_module(plan, start.module, s.lr, s.optim.clone())
         };
         let mut module = LocalModule::new(nets, settings);
