@@ -7,12 +7,14 @@ include!("../../build/libtorch.rs");
 fn main() {
     libtorch_build();
     println!("cargo:rerun-if-changed=cpp/accel_bridge.cpp");
+    println!("cargo:rerun-if-changed=../../build/bridge_guard.h");
     let Some(torch) = libtorch_dir() else {
         fail("LIBTORCH is not set (it normally comes from .cargo/config.toml).");
     };
     cc::Build::new()
         .cpp(true)
         .file("cpp/accel_bridge.cpp")
+        .include(concat!(env!("CARGO_MANIFEST_DIR"), "/../../build"))
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -7,6 +7,7 @@ include!("../../build/libtorch.rs");
 fn main() {
     libtorch_build();
     println!("cargo:rerun-if-changed=cpp/c10d_bridge.cpp");
+    println!("cargo:rerun-if-changed=../../build/bridge_guard.h");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     let Some(torch) = libtorch_dir() else {
         fail("LIBTORCH is not set (it normally comes from .cargo/config.toml).");
@@ -24,6 +25,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("cpp/c10d_bridge.cpp")
+        .include(concat!(env!("CARGO_MANIFEST_DIR"), "/../../build"))
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         .include(&gloo)

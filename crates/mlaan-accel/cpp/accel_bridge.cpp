@@ -7,6 +7,8 @@
 // Every function that can fail catches every C++ exception and hands its message back through
 // `err` (a malloc'd string the caller frees with ma_free): an exception that crossed into Rust
 // would abort the process. Tensors arrive as the `at::Tensor*` a tch `Tensor` points to.
+#include "bridge_guard.h"
+
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
@@ -23,28 +25,8 @@
 
 namespace {
 
-char* dup(const std::string& s) {
-    char* out = static_cast<char*>(std::malloc(s.size() + 1));
-    if (out != nullptr) {
-        std::memcpy(out, s.c_str(), s.size() + 1);
-    }
-    return out;
-}
-
-// Run `f`; on an exception store its message in *err and return `fallback`.
-template <typename T, typename F>
-T guarded(char** err, T fallback, F&& f) {
-    try {
-        return f();
-    } catch (const c10::Error& e) {
-        if (err != nullptr) *err = dup(e.what_without_backtrace());
-    } catch (const std::exception& e) {
-        if (err != nullptr) *err = dup(e.what());
-    } catch (...) {
-        if (err != nullptr) *err = dup("unknown C++ exception");
-    }
-    return fallback;
-}
+using bridge::dup;
+using bridge::guarded;
 
 // 0 = CPU, 1 = CUDA: the only device types the project runs on.
 c10::DeviceType device_type(int kind) {

@@ -2,6 +2,8 @@
 // API. Every function catches every C++ exception and hands its message back through `err`
 // (a malloc'd string the caller frees with md_free): an exception that crossed into Rust
 // would abort the process. Tensors arrive as the `at::Tensor*` a tch `Tensor` points to.
+#include "bridge_guard.h"
+
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -18,29 +20,8 @@ namespace {
 using StorePtr = c10::intrusive_ptr<c10d::Store>;
 using GroupPtr = c10::intrusive_ptr<c10d::ProcessGroupGloo>;
 
-char* dup(const std::string& s) {
-    char* out = static_cast<char*>(std::malloc(s.size() + 1));
-    if (out != nullptr) {
-        std::memcpy(out, s.c_str(), s.size() + 1);
-    }
-    return out;
-}
-
-// Run `f`; on an exception store its message in *err and return `fallback`.
-template <typename T, typename F>
-T guarded(char** err, T fallback, F&& f) {
-    try {
-        return f();
-    } catch (const c10::Error& e) {
-        // c10's what() carries a C++ backtrace; the message alone is what a user needs.
-        if (err != nullptr) *err = dup(e.what_without_backtrace());
-    } catch (const std::exception& e) {
-        if (err != nullptr) *err = dup(e.what());
-    } catch (...) {
-        if (err != nullptr) *err = dup("unknown C++ exception");
-    }
-    return fallback;
-}
+using bridge::dup;
+using bridge::guarded;
 
 // Wait for a collective; a failed or timed-out one rethrows its own exception.
 void finish(const c10::intrusive_ptr<c10d::Work>& work) {
