@@ -56,6 +56,21 @@ pub struct CaseResult {
     /// Peak GPU memory per device of the median repetition, where NVML is available.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_peak_bytes: Vec<u64>,
+    /// The caching allocator's peaks per CUDA device of the median repetition, reset when
+    /// the case started (empty on CPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocator: Vec<AllocatorPeak>,
+}
+
+/// The caching allocator's peak bytes on one CUDA device: what `torch.cuda.
+/// max_memory_allocated` (held by tensors) and `max_memory_reserved` (held from the driver,
+/// cache included) report, and what the local-learning papers quote as a method's memory.
+/// Every stage on the device counts in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatorPeak {
+    pub device: String,
+    pub peak_allocated_bytes: u64,
+    pub peak_reserved_bytes: u64,
 }
 
 impl CaseResult {
@@ -75,6 +90,10 @@ impl CaseResult {
     /// Largest per-stage peak of live bytes.
     pub fn max_stage_bytes(&self) -> u64 {
         self.stages.iter().map(|s| s.peak_live_bytes).max().unwrap_or(0)
+    }
+    /// Largest allocator peak (allocated) over the case's CUDA devices; 0 on CPU.
+    pub fn max_allocator_bytes(&self) -> u64 {
+        self.allocator.iter().map(|a| a.peak_allocated_bytes).max().unwrap_or(0)
     }
 }
 

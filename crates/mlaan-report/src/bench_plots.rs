@@ -306,6 +306,14 @@ fn stages(root: &Area, r: &BenchReport) -> DrawResult {
 
 const CATEGORY: f64 = crate::draw::CATEGORY_FONT;
 
+/// Whether two spellings of a device name the same one (`cuda:0`, `Cuda(0)`).
+fn same_device(a: &str, b: &str) -> bool {
+    let norm = |s: &str| -> String {
+        s.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric()).collect()
+    };
+    norm(a) == norm(b)
+}
+
 fn memory(root: &Area, r: &BenchReport) -> DrawResult {
     let body = titled(root, "Peak live memory per stage", r)?;
     let e2e =
@@ -321,9 +329,14 @@ fn memory(root: &Area, r: &BenchReport) -> DrawResult {
             Swatch::Dashed,
         ));
     }
+    let allocator = r.cases.iter().any(|c| c.max_allocator_bytes() > 0);
+    if allocator {
+        legend.push(LegendItem::new("allocator peak of the stage's GPU", INK, Swatch::Line));
+    }
     let (legend_area, body) = body.split_vertically(legend_height(&body, &legend));
     draw_legend(&legend_area, &legend)?;
-    let top = r.cases.iter().map(|c| c.max_stage_bytes()).max().unwrap_or(0);
+    let top = r.cases.iter().map(|c| c.max_stage_bytes().max(c.max_allocator_bytes())).max();
+    let top = top.unwrap_or(0);
     if top == 0 {
         return draw_note(&body, "no memory figures in this report");
     }
@@ -375,6 +388,14 @@ fn memory(root: &Area, r: &BenchReport) -> DrawResult {
             let bar_px = chart.backend_coord(&(x0 + w, v)).0 - chart.backend_coord(&(x0, v)).0;
             if v > 0.0 && text_width(root, &text, &value_style) as i32 + 2 <= bar_px {
                 root.draw(&Text::new(text, (px, py - 3), value_style.clone()))?;
+            }
+            // Over each stage, the allocator peak of its device (which every stage on that
+            // device shares).
+            let on_device = c.allocator.iter().find(|a| same_device(&a.device, &s.device));
+            if let Some(a) = on_device.filter(|a| a.peak_allocated_bytes > 0) {
+                let v = mib(a.peak_allocated_bytes);
+                let line = vec![(x0 + w * 0.02, v), (x0 + w * 0.98, v)];
+                chart.draw_series(LineSeries::new(line, INK.stroke_width(3)))?;
             }
         }
     }

@@ -111,9 +111,9 @@ pub fn bench_markdown(r: &BenchReport) -> String {
         o.push_str(
             "| case | devices | images/s median (min–max) | × e2e | × gpipe | scaling eff. \
              | busy % per stage | wait in/out/grad % (largest stage) | max stage peak MiB \
-             | × e2e memory |\n",
+             | × e2e memory | allocator peak MiB |\n",
         );
-        o.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        o.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         for case in &r.cases {
             let busy = if case.stages.is_empty() {
                 NONE.to_string()
@@ -136,7 +136,7 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                 .unwrap_or_else(|| NONE.to_string());
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(&case.name),
                 case.devices_used(),
                 throughput(case),
@@ -147,13 +147,16 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                 wait,
                 mib_cell(case.max_stage_bytes()),
                 ratio(r.memory_ratio(case).filter(|_| case.max_stage_bytes() > 0)),
+                mib_cell(case.max_allocator_bytes()),
             );
         }
         o.push('\n');
         o.push_str(
             "× e2e, × gpipe: median throughput relative to that baseline's median; scaling eff.: \
-             × e2e per device used; × e2e memory: largest stage peak relative to e2e's; shares \
-             are fractions of each stage's wall time in the median repetition.\n\n",
+             × e2e per device used; × e2e memory: largest stage peak relative to e2e's; \
+             allocator peak: the caching allocator's peak allocated bytes on the busiest CUDA \
+             device (all its stages together); shares are fractions of each stage's wall time \
+             in the median repetition.\n\n",
         );
 
         let replicated: Vec<&CaseResult> = r.cases.iter().filter(|c| c.replicas > 1).collect();
@@ -289,6 +292,21 @@ pub fn bench_markdown(r: &BenchReport) -> String {
                     })
                     .collect();
                 let _ = writeln!(o, "GPU peak: {}\n", cell(&peaks.join(", ")));
+            }
+            if !case.allocator.is_empty() {
+                let peaks: Vec<String> = case
+                    .allocator
+                    .iter()
+                    .map(|a| {
+                        let (al, re) = (mib(a.peak_allocated_bytes), mib(a.peak_reserved_bytes));
+                        format!("{} {al:.1} / {re:.1} MiB", a.device)
+                    })
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "Allocator peak (allocated / reserved): {}\n",
+                    cell(&peaks.join(", "))
+                );
             }
         }
     }

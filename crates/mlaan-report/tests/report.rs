@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
+use mlaan_core::bench::{AllocatorPeak, BenchReport, CaseResult, StageShare};
 use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_report::{
     bench_markdown, bench_plots, read_bench, read_metrics, training_plots, ReportError,
@@ -39,11 +39,23 @@ fn case(name: &str, ips: &[f64], stages: Vec<StageShare>) -> CaseResult {
         images_per_s: ips.to_vec(),
         stages,
         gpu_peak_bytes: vec![],
+        allocator: vec![],
     }
 }
 
+fn allocator(peaks: &[(&str, u64)]) -> Vec<AllocatorPeak> {
+    peaks
+        .iter()
+        .map(|&(d, m)| AllocatorPeak {
+            device: d.into(),
+            peak_allocated_bytes: m * MIB,
+            peak_reserved_bytes: (m + m / 4) * MIB,
+        })
+        .collect()
+}
+
 fn report() -> BenchReport {
-    BenchReport {
+    let mut r = BenchReport {
         arch: "resnet32".into(),
         dataset: "cifar10".into(),
         input: [3, 32, 32],
@@ -86,7 +98,10 @@ fn report() -> BenchReport {
                 ],
             ),
         ],
-    }
+    };
+    r.cases[0].allocator = allocator(&[("cuda:0", 1200)]);
+    r.cases[2].allocator = allocator(&[("cuda:0", 300), ("cuda:1", 380)]);
+    r
 }
 
 fn row<'a>(md: &'a str, name: &str) -> &'a str {
@@ -120,7 +135,8 @@ fn markdown_ratios() {
             "97",
             "2/0/0 (s0)",
             "1000.0",
-            "1.00"
+            "1.00",
+            "1200.0"
         ]
     );
     let gpipe = cells(row(&md, "gpipe"));
@@ -137,7 +153,8 @@ fn markdown_ratios() {
             "70/75",
             "5/10/12 (s0)",
             "600.0",
-            "0.60"
+            "0.60",
+            "—"
         ]
     );
     let dgl = cells(row(&md, "dgl async"));
@@ -154,7 +171,8 @@ fn markdown_ratios() {
             "91/88",
             "9/0/0 (s1)",
             "450.0",
-            "0.45"
+            "0.45",
+            "380.0"
         ]
     );
     let mlaan = cells(row(&md, "mlaan sync"));
@@ -171,7 +189,8 @@ fn markdown_ratios() {
             "60/65",
             "2/8/25 (s0)",
             "350.0",
-            "0.35"
+            "0.35",
+            "—"
         ]
     );
 
@@ -179,6 +198,10 @@ fn markdown_ratios() {
     assert!(md.contains("| 1 | cuda:1 | 2–3 | 88 | 9 | 0 | 0 | 450.0 |"), "{md}");
     assert!(md.contains("Memory: exact live-tensor accounting"), "{md}");
     assert!(md.contains("Peak RSS: 2048.0 MiB"), "{md}");
+    assert!(
+        md.contains("Allocator peak (allocated / reserved): cuda:0 300.0 / 375.0 MiB, cuda:1 380.0 / 475.0 MiB"),
+        "{md}"
+    );
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::distributed::World;
 use crate::flops::module_flops;
 use crate::session::{to_tensors, RunOptions, Session};
 use anyhow::{bail, Context, Result};
-use mlaan_core::bench::{BenchReport, CaseResult, StageShare};
+use mlaan_core::bench::{AllocatorPeak, BenchReport, CaseResult, StageShare};
 use mlaan_core::config::{Method, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
 use mlaan_core::plan::NetworkPlan;
@@ -173,6 +173,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
             .expect("at least one repetition");
         r.stages = pick.stages;
         r.gpu_peak_bytes = pick.gpu_peak_bytes;
+        r.allocator = pick.allocator;
     }
     let image = data.info.image();
     for (r, (_, cfg)) in results.iter_mut().zip(&configs) {
@@ -199,10 +200,11 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         timed_steps: spec.steps,
         repeats: spec.repeats,
         memory_note: if uses_gpu {
-            "GPU: NVML per-process used memory (CUDA context and the caching allocator's \
-             reserved memory included), sampled every 10 ms; the allocator keeps what earlier \
-             cases reserved, so NVML peaks only grow along the run: compare cases by the exact \
-             live tensor bytes per stage"
+            "GPU: the caching allocator's peak allocated / reserved bytes per device, reset at \
+             the start of each case (torch.cuda.max_memory_allocated / max_memory_reserved; \
+             every stage on a device counts in its figure); NVML per-process used memory \
+             (CUDA context and the allocator's cache included, sampled every 10 ms, only grows \
+             along the run); and the exact live tensor bytes per stage"
                 .into()
         } else {
             "CPU devices: exact live tensor bytes per stage (parameters, aux, LAM, EMA, optimizer \
@@ -284,6 +286,7 @@ fn launch_case(spec: &BenchSpec, case: &str, replicas: usize) -> Result<Measurem
         images_per_s: c.images_per_s.first().copied().unwrap_or(0.0),
         stages: c.stages,
         gpu_peak_bytes: c.gpu_peak_bytes,
+        allocator: c.allocator,
     })
 }
 
@@ -312,6 +315,7 @@ struct Measurement {
     images_per_s: f64,
     stages: Vec<StageShare>,
     gpu_peak_bytes: Vec<u64>,
+    allocator: Vec<AllocatorPeak>,
 }
 
 fn measure(
@@ -322,6 +326,9 @@ fn measure(
     world: Option<Arc<World>>,
 ) -> Result<Measurement> {
     let replicas = world.as_ref().map_or(1, |w| w.size());
+    let devices = crate::devices::resolve(&cfg.pipeline.devices)?;
+    // Each case's peaks are its own: everything an earlier case held is freed by now.
+    crate::devices::reset_allocator_peaks(&devices)?;
     let mut s = Session::start(cfg, &RunOptions { world, ..RunOptions::default() })?;
     let feed = |s: &mut Session, i: usize| -> Result<Vec<Event>> {
         let (x, t) = &batches[i % batches.len()];
@@ -337,7 +344,7 @@ fn measure(
     }
     s.drain()?;
     // One peak per physical GPU.
-    let gpus = crate::devices::distinct_gpus(&crate::devices::resolve(&cfg.pipeline.devices)?);
+    let gpus = crate::devices::distinct_gpus(&devices);
     let sampler = GpuPeakSampler::start(&gpus, Duration::from_millis(10));
     let t = Instant::now();
     let mut events = Vec::new();
@@ -349,6 +356,7 @@ fn measure(
     let gpu_peak_bytes = sampler.map(|g| g.finish()).unwrap_or_default();
     let stages_n = s.num_stages();
     let final_bytes = s.finish()?;
+    let allocator = crate::devices::allocator_peaks(&devices)?;
     let mut stages: Vec<StageShare> =
         (0..stages_n).map(|i| StageShare { stage: i, ..Default::default() }).collect();
     let mut wall = vec![0.0; stages_n];
@@ -383,5 +391,6 @@ fn measure(
         images_per_s: (steps * cfg.train.batch_size * replicas) as f64 / elapsed,
         stages,
         gpu_peak_bytes,
+        allocator,
     })
 }

@@ -1,6 +1,7 @@
 //! Devices: making libtorch's CUDA backend available, resolving `--gpus`/`--devices` to tch
 //! devices with clear errors, and reading GPU memory through NVML.
 
+use mlaan_core::bench::AllocatorPeak;
 use mlaan_core::device::DeviceSpec;
 use std::sync::Once;
 use tch::Device;
@@ -73,6 +74,29 @@ pub fn distinct_gpus(devices: &[Device]) -> Vec<usize> {
         }
     }
     gpus
+}
+
+/// Start a new peak window of the caching allocator on each GPU among `devices`.
+pub fn reset_allocator_peaks(devices: &[Device]) -> Result<(), mlaan_accel::AccelError> {
+    distinct_gpus(devices)
+        .into_iter()
+        .try_for_each(|i| mlaan_accel::reset_cuda_peak(Device::Cuda(i)))
+}
+
+/// The caching allocator's peaks on each GPU among `devices` since the last reset (empty
+/// without one).
+pub fn allocator_peaks(devices: &[Device]) -> Result<Vec<AllocatorPeak>, mlaan_accel::AccelError> {
+    distinct_gpus(devices)
+        .into_iter()
+        .map(|i| {
+            let m = mlaan_accel::cuda_memory(Device::Cuda(i))?;
+            Ok(AllocatorPeak {
+                device: format!("cuda:{i}"),
+                peak_allocated_bytes: m.peak_allocated,
+                peak_reserved_bytes: m.peak_reserved,
+            })
+        })
+        .collect()
 }
 
 /// Memory in use on one GPU, as NVML reports it.

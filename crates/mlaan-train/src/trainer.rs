@@ -8,6 +8,7 @@ use crate::evaluate::EvalResult;
 use crate::metrics::{progress_bar, MetricsLog};
 use crate::session::{RunOptions, Session};
 use anyhow::{Context, Result};
+use mlaan_core::bench::AllocatorPeak;
 use mlaan_core::config::{ComputeReport, RunConfig};
 use mlaan_core::device::DeviceSpec;
 use mlaan_core::metrics::StageWindow;
@@ -61,6 +62,8 @@ pub struct Summary {
     pub peak_live_bytes: Vec<u64>,
     pub peak_rss_bytes: Option<u64>,
     pub gpu_memory: Option<Vec<devices::GpuMemory>>,
+    /// The caching allocator's peaks over the run per CUDA device (`null` on CPU).
+    pub allocator: Option<Vec<AllocatorPeak>>,
 }
 
 /// One replica's throughput.
@@ -250,6 +253,10 @@ fn finish(
         peak_live_bytes: final_bytes.iter().map(|b| b.1).collect(),
         peak_rss_bytes: devices::peak_rss_bytes(),
         gpu_memory: gpu_indices(&devices).and_then(|i| devices::gpu_memory(&i)),
+        allocator: match devices::allocator_peaks(&devices)? {
+            peaks if peaks.is_empty() => None,
+            peaks => Some(peaks),
+        },
     };
     if world.is_leader() {
         if save_model {
