@@ -1,21 +1,30 @@
 #!/bin/bash
-# The standard GPU benchmark set of mlaan-pipe: `mlaan-pipe bench` (e2e, GPipe, DGL, InfoPro,
-# MLAAN async and sync, side by side) for
-#   ResNet-32 and ResNet-110, CIFAR-shaped synthetic data (3x32x32, 10 classes), batch 1024, K=4:
-#     all four stages on one GPU (--gpus 0,0,0,0), then across GPUs (--gpus 0,1,2,3 with four or
-#     more GPUs, --gpus 0,0,1,1 with two or three);
-#   with --imagenet also ResNet-34 at 3x224x224 (1000 classes), batch 128, K=4, the same two ways.
-# Synthetic data: no dataset files, no network. Results go to one directory:
+# The GPU benchmarks of mlaan-pipe, each a `mlaan-pipe bench` run (cases side by side, repeated
+# and interleaved, on CIFAR- or ImageNet-shaped synthetic data: no dataset files, no network).
+#
+# Default, the compute set (about 8 minutes of one H200): all four stages of K = 4 on one GPU
+# (--gpus 0,0,0,0), channels-last, cuDNN benchmark and TF32 on:
+#   ResNet-32, 3x32x32, batch 1024: e2e in fp32 and bf16; dgl, mlaan-dgl async and mlaan-dgl
+#     sync, each in fp32 and bf16, each on the default stream and with a stream per stage;
+#   ResNet-34, 3x224x224, 1000 classes, batch 128: e2e and mlaan-dgl (async) in bf16.
+# A case is compared with the e2e of its own precision (`× e2e`); the tables carry images/s,
+# stage shares and the caching allocator's peak per GPU.
+#
+# --full adds the standard set: e2e, GPipe, DGL, InfoPro, MLAAN async and sync for ResNet-32
+# and ResNet-110 at batch 1024, on one GPU and across GPUs (--gpus 0,1,2,3 with four or more,
+# --gpus 0,0,1,1 with two or three); with --imagenet also ResNet-34 at 224, batch 128.
+#
+# Results go to one directory:
 #   OUT/system/        nvidia-smi -L, nvidia-smi, topology, GPU query (CSV), host and build facts
 #   OUT/<run>/         bench.json, bench.md, plots (PNG) and bench.log of each benchmark
 #   OUT/commands.txt   every command run;  OUT/status.tsv  run, exit code, seconds
-#   OUT/README.md      every run's bench.md, one after another
+#   OUT/README.md      every run's bench.md, one after another (also printed at the end)
 # Exit code 0 when every benchmark ran, 1 when one failed (the others still run), 2 on bad usage.
 #
 #   deploy/gpu_bench.sh --out runs/gpu-bench                 # on a GPU node
-#   deploy/gpu_bench.sh --imagenet --repeats 5
-#   sbatch deploy/slurm/bench.sbatch --imagenet              # the same through SLURM
-#   deploy/gpu_bench.sh --devices cpu,cpu,cpu,cpu --quick --batch-size 64   # smoke test on CPU
+#   deploy/gpu_bench.sh --full --imagenet --repeats 5
+#   sbatch deploy/slurm/bench.sbatch                         # the same through SLURM
+#   deploy/gpu_bench.sh --devices cpu --quick --batch-size 32 --imagenet-batch-size 4  # on CPU
 set -euo pipefail
 
 usage() {
@@ -23,28 +32,31 @@ usage() {
 usage: deploy/gpu_bench.sh [options]
   --out DIR          results directory (default runs/gpu-bench-<host>-<date>)
   --bin PATH         mlaan-pipe binary (default $MLAAN_PIPE or ./target/release/mlaan-pipe)
-  --imagenet         also ResNet-34 at 224x224, batch 128
+  --full             also the standard set (all methods, ResNet-32 and -110, GPU layouts)
+  --imagenet         with --full: also ResNet-34 at 224x224 for every method
   --steps N          timed batches per measurement (default 30; ImageNet 20)
   --warmup N         untimed batches before each measurement (default 10; ImageNet 5)
   --repeats N        repetitions of every case (default 3)
   --quick            --steps 5 --warmup 2 --repeats 1 (checks that everything runs)
-  --cases LIST       bench cases (default: all of `mlaan-pipe bench --help`)
+  --cases LIST       bench cases of the --full runs (default: all of `mlaan-pipe bench --help`)
   --batch-size N     CIFAR batch size (default 1024)
   --imagenet-batch-size N   ImageNet batch size (default 128)
   --gpus N           use N GPUs (default: counted from CUDA_VISIBLE_DEVICES or nvidia-smi -L)
-  --devices LIST     run every benchmark on this --devices list instead (e.g. cpu,cpu,cpu,cpu)
+  --devices LIST     run every benchmark on this --devices list instead (e.g. cpu: one
+                     device stands for the GPU, all four stages on it)
   --dry-run          print the commands, run nothing
   -h, --help         this text
 EOF
 }
 
-OUT="" BIN=${MLAAN_PIPE:-./target/release/mlaan-pipe} IMAGENET=0 STEPS="" WARMUP="" REPEATS=3
+OUT="" BIN=${MLAAN_PIPE:-./target/release/mlaan-pipe} IMAGENET=0 FULL=0 STEPS="" WARMUP="" REPEATS=3
 CASES="" BATCH=1024 IMAGENET_BATCH=128 NGPUS="" DEVICES_OVERRIDE="" DRY_RUN=0
 while (($#)); do
     case $1 in
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
     --bin) BIN=${2:?--bin needs a value}; shift 2 ;;
     --imagenet) IMAGENET=1; shift ;;
+    --full) FULL=1; shift ;;
     --steps) STEPS=${2:?--steps needs a value}; shift 2 ;;
     --warmup) WARMUP=${2:?--warmup needs a value}; shift 2 ;;
     --repeats) REPEATS=${2:?--repeats needs a value}; shift 2 ;;
@@ -103,11 +115,21 @@ fi
 
 # The runs: name, then the arguments of `mlaan-pipe bench` after the common ones.
 RUNS=()
+# One device given for the GPU stands for it: all four stages on it, as --gpus 0,0,0,0.
+one_device() {
+    if [[ -n $DEVICES_OVERRIDE && $DEVICES_OVERRIDE != *,* ]]; then
+        echo "--devices $DEVICES_OVERRIDE,$DEVICES_OVERRIDE,$DEVICES_OVERRIDE,$DEVICES_OVERRIDE"
+    elif [[ -n $DEVICES_OVERRIDE ]]; then
+        echo "--devices $DEVICES_OVERRIDE"
+    else
+        echo "--gpus 0,0,0,0"
+    fi
+}
 add_runs() { # NAME_PREFIX ARGS... : one run per device layout
     local prefix=$1
     shift
     if [[ -n $DEVICES_OVERRIDE ]]; then
-        RUNS+=("$prefix-devices|--devices $DEVICES_OVERRIDE $*")
+        RUNS+=("$prefix-devices|$(one_device) $*")
         return
     fi
     RUNS+=("$prefix-1gpu|--gpus 0,0,0,0 $*")
@@ -119,28 +141,42 @@ add_runs() { # NAME_PREFIX ARGS... : one run per device layout
 }
 cifar_timing=(--steps "${STEPS:-30}" --warmup "${WARMUP:-10}" --repeats "$REPEATS")
 imagenet_timing=(--steps "${STEPS:-20}" --warmup "${WARMUP:-5}" --repeats "$REPEATS")
-for arch in resnet32 resnet110; do
-    add_runs "$arch-k4" --arch "$arch" --k 4 --batch-size "$BATCH" "${cifar_timing[@]}"
+# ImageNet-shaped synthetic data; 4 batches bound what the bench holds in memory.
+imagenet_data=(--dataset synthetic --set data.synthetic_size=224 --set data.synthetic_classes=1000
+    --set "data.synthetic_samples=$((IMAGENET_BATCH * 4))")
+
+# The compute set: precision x streams, side by side in one bench call.
+compute_cases=e2e+fp32,e2e+bf16
+for p in fp32 bf16; do
+    for st in default-stream stream-per-stage; do
+        compute_cases+=",dgl+$p+$st,mlaan-dgl+$p+$st,mlaan-dgl:sync+$p+$st"
+    done
 done
-# mlaan-infopro is left out at 224 unless --cases names it: its cascade decoder upsamples the
-# 512-channel LAM output to 224x224 before its first conv (128x512x224x224 elements, more than
-# 2^31 at batch 128), and CUDA's bilinear-upsampling backward fails with "invalid argument"
-# (seen on an H200); a failing case aborts the whole `bench` call.
-imagenet_cases=()
-if [[ -z $CASES ]]; then
-    imagenet_cases=(--cases "e2e,gpipe,dgl,infopro,mlaan-dgl,mlaan-dgl:sync")
-fi
-if ((IMAGENET)); then
-    # ImageNet-shaped synthetic data; 4 batches bound what the bench holds in memory.
-    add_runs resnet34-k4-224 --arch resnet34 --k 4 --batch-size "$IMAGENET_BATCH" \
-        --dataset synthetic --set data.synthetic_size=224 --set data.synthetic_classes=1000 \
-        --set data.synthetic_samples=$((IMAGENET_BATCH * 4)) "${imagenet_timing[@]}" \
-        ${imagenet_cases[@]+"${imagenet_cases[@]}"}
+RUNS+=("resnet32-k4-compute|$(one_device) --arch resnet32 --k 4 --batch-size $BATCH \
+--set train.memory_format=channels-last ${cifar_timing[*]} --cases $compute_cases")
+RUNS+=("resnet34-k4-224-bf16|$(one_device) --arch resnet34 --k 4 --batch-size $IMAGENET_BATCH \
+${imagenet_data[*]} --set train.memory_format=channels-last ${imagenet_timing[*]} \
+--cases e2e+bf16,mlaan-dgl+bf16")
+
+if ((FULL)); then
+    for arch in resnet32 resnet110; do
+        add_runs "$arch-k4" --arch "$arch" --k 4 --batch-size "$BATCH" "${cifar_timing[@]}" \
+            ${CASES:+--cases "$CASES"}
+    done
+    # mlaan-infopro is left out at 224 unless --cases names it: its cascade decoder upsamples
+    # the 512-channel LAM output to 224x224 before its first conv (128x512x224x224 elements,
+    # more than 2^31 at batch 128), and CUDA's bilinear-upsampling backward fails with
+    # "invalid argument" (seen on an H200); a failing case aborts the whole `bench` call.
+    if ((IMAGENET)); then
+        add_runs resnet34-k4-224 --arch resnet34 --k 4 --batch-size "$IMAGENET_BATCH" \
+            "${imagenet_data[@]}" "${imagenet_timing[@]}" \
+            --cases "${CASES:-e2e,gpipe,dgl,infopro,mlaan-dgl,mlaan-dgl:sync}"
+    fi
 fi
 
 if ((DRY_RUN)); then
     for r in "${RUNS[@]}"; do
-        echo "$BIN bench ${r#*|}${CASES:+ --cases $CASES} --out $OUT/${r%%|*}"
+        echo "$BIN bench ${r#*|} --out $OUT/${r%%|*}"
     done
     exit 0
 fi
@@ -185,9 +221,6 @@ failed=0
 for r in "${RUNS[@]}"; do
     name=${r%%|*}
     read -r -a args <<<"${r#*|}"
-    if [[ -n $CASES ]]; then
-        args+=(--cases "$CASES")
-    fi
     mkdir -p "$OUT/$name"
     cmd=("$BIN" bench "${args[@]}" --out "$OUT/$name")
     echo "${cmd[*]}" >>"$OUT/commands.txt"
@@ -226,5 +259,6 @@ done
     done
 } >"$OUT/README.md"
 
+cat "$OUT/README.md"
 log "done: ${#RUNS[@]} benchmark(s), $failed failed; summary in $OUT/README.md"
 ((failed == 0))

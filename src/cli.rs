@@ -107,9 +107,12 @@ pub struct BenchArgs {
     /// Model, data, batch, K and devices (dataset defaults to CIFAR-shaped synthetic data).
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Cases, `METHOD[:SCHEDULE][+recompute]`; `e2e` runs on the first device, `gpipe` is
-    /// pipelined backprop with micro-batches, local methods default to `async`; `+recompute`
-    /// rebuilds module graphs for the backward passes to save memory.
+    /// Cases, `METHOD[:SCHEDULE][+MODIFIER...]`; `e2e` runs on the first device, `gpipe` is
+    /// pipelined backprop with micro-batches, local methods default to `async`. Modifiers:
+    /// `+recompute` rebuilds module graphs for the backward passes to save memory; `+fp32`,
+    /// `+bf16`, `+fp16` set train.precision, `+channels-last`/`+contiguous` train.memory_format,
+    /// `+default-stream`/`+stream-per-stage` pipeline.streams. A case is compared with the e2e
+    /// (gpipe) case of the same precision and layout when there is one.
     #[arg(
         long,
         value_delimiter = ',',

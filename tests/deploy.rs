@@ -730,19 +730,35 @@ fn bench_calls(sb: &Sandbox) -> Vec<String> {
 }
 
 #[test]
-fn gpu_bench_runs_the_standard_set() {
+fn gpu_bench_runs_the_compute_set_then_the_standard_set() {
     let sb = Sandbox::new();
     let bin = sb.path("bin/fake-bench");
     let st = sb
         .command(
             "deploy/gpu_bench.sh",
-            &["--out", "res", "--imagenet", "--quick", "--bin", bin.to_str().unwrap()],
+            &["--out", "res", "--full", "--imagenet", "--quick", "--bin", bin.to_str().unwrap()],
             &[("FAKE_GPUS", "8")],
         )
         .status()
         .unwrap();
     assert_eq!(code(st), 0, "{}", sb.stderr());
     let calls = bench_calls(&sb);
+    assert_eq!(calls.len(), 8, "{calls:?}");
+    // The compute set: every stage on GPU 0; fp32 and bf16, one stream and one per stage.
+    let compute = calls.iter().find(|c| c.contains("--arch resnet32") && c.contains("+bf16"));
+    let compute = compute.unwrap_or_else(|| panic!("no compute set in {calls:?}"));
+    assert!(compute.starts_with("bench --gpus 0,0,0,0 ") && compute.contains("--batch-size 1024"));
+    for case in
+        ["e2e+fp32", "e2e+bf16", "dgl+bf16+stream-per-stage", "mlaan-dgl:sync+fp32+default-stream"]
+    {
+        assert!(compute.contains(case), "{case}: {compute}");
+    }
+    let r34 = calls.iter().find(|c| c.contains("--cases e2e+bf16,mlaan-dgl+bf16"));
+    assert!(
+        r34.is_some_and(|c| c.contains("--arch resnet34") && c.contains("size=224")),
+        "{calls:?}"
+    );
+    let calls: Vec<String> = calls.into_iter().filter(|c| !c.contains("+bf16")).collect();
     assert_eq!(calls.len(), 6, "{calls:?}");
     for (arch, gpus) in [
         ("resnet32", "0,0,0,0"),
@@ -770,8 +786,8 @@ fn gpu_bench_runs_the_standard_set() {
     assert!(res.join("system/nvidia-smi-L.txt").is_file() && res.join("system/host.txt").is_file());
     assert!(sb.read("res/system/nvidia-smi-L.txt").contains("GPU 7"));
     let readme = sb.read("res/README.md");
-    assert_eq!(readme.matches("| case | images/s |").count(), 6, "{readme}");
-    assert_eq!(sb.read("res/status.tsv").lines().count(), 7);
+    assert_eq!(readme.matches("| case | images/s |").count(), 8, "{readme}");
+    assert_eq!(sb.read("res/status.tsv").lines().count(), 9);
 
     // One GPU: only the single-GPU layouts; a failing benchmark fails the script.
     let sb = Sandbox::new();
@@ -808,8 +824,8 @@ fn bench_sbatch_wraps_gpu_bench() {
         .unwrap();
     assert_eq!(code(st), 0, "{}", sb.stderr());
     let calls = bench_calls(&sb);
-    assert_eq!(calls.len(), 4, "{calls:?}");
-    assert!(calls.iter().any(|c| c.contains("--gpus 0,0,1,1")), "{calls:?}");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls.iter().all(|c| c.contains("--gpus 0,0,0,0")), "{calls:?}");
     assert!(sb.path("runs/mlaan-bench-9/README.md").is_file());
 }
 
@@ -819,7 +835,7 @@ fn bench_sbatch_wraps_gpu_bench() {
 fn gpu_bench_arguments_are_accepted_by_the_cli() {
     let sb = Sandbox::new();
     let o = sb
-        .command("deploy/gpu_bench.sh", &["--dry-run", "--gpus", "4", "--imagenet"], &[])
+        .command("deploy/gpu_bench.sh", &["--dry-run", "--gpus", "4", "--full", "--imagenet"], &[])
         .stdout(Stdio::piped())
         .output()
         .unwrap();
@@ -860,7 +876,7 @@ fn gpu_bench_arguments_are_accepted_by_the_cli() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 6, "{lines}");
+    assert_eq!(checked, 8, "{lines}");
 }
 
 // ---------------------------------------------------------------------------------------------

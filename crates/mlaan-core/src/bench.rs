@@ -112,6 +112,19 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The modifiers of a case name that change the arithmetic's dtype or layout (`+bf16`,
+/// `+channels-last`, ...), sorted; not `+recompute` or the stream choice.
+fn compute_modifiers(name: &str) -> impl Iterator<Item = &str> {
+    let mut m: Vec<&str> = name
+        .split(" +")
+        .skip(1)
+        .map(|m| m.split(' ').next().unwrap_or_default())
+        .filter(|m| ["fp32", "bf16", "fp16", "channels-last", "contiguous"].contains(m))
+        .collect();
+    m.sort_unstable();
+    m.into_iter()
+}
+
 /// A whole benchmark run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
@@ -134,9 +147,23 @@ impl BenchReport {
     fn find(&self, name: &str) -> Option<&CaseResult> {
         self.cases.iter().find(|c| c.name == name)
     }
-    /// Median throughput of `case` over the baseline `base` (e.g. `e2e` or `gpipe`).
+    /// The baseline `base` (`e2e`, `gpipe`) for `case`: the one computing as `case` does
+    /// (`e2e +bf16` for `dgl async +bf16 +default-stream`: the stream modifiers mean nothing
+    /// to a one-stage baseline), else plain `base`.
+    pub fn baseline(&self, case: &CaseResult, base: &str) -> Option<&CaseResult> {
+        let compute: Vec<&str> = compute_modifiers(&case.name).collect();
+        self.cases
+            .iter()
+            .find(|c| {
+                c.name.split(" +").next() == Some(base)
+                    && !compute.is_empty()
+                    && compute_modifiers(&c.name).eq(compute.iter().copied())
+            })
+            .or_else(|| self.find(base))
+    }
+    /// Median throughput of `case` over its baseline `base` (e.g. `e2e` or `gpipe`).
     pub fn speedup(&self, case: &CaseResult, base: &str) -> Option<f64> {
-        let b = self.find(base)?.median();
+        let b = self.baseline(case, base)?.median();
         (b > 0.0).then(|| case.median() / b)
     }
     /// Speed-up over single-device e2e divided by the number of devices used.
@@ -145,7 +172,7 @@ impl BenchReport {
     }
     /// Largest stage's peak live bytes relative to e2e's.
     pub fn memory_ratio(&self, case: &CaseResult) -> Option<f64> {
-        let e = self.find("e2e")?.max_stage_bytes();
+        let e = self.baseline(case, "e2e")?.max_stage_bytes();
         (e > 0).then(|| case.max_stage_bytes() as f64 / e as f64)
     }
 }
@@ -178,5 +205,29 @@ mod tests {
         assert_eq!(r.speedup(dgl, "gpipe"), Some(1.2));
         assert_eq!(r.scaling_efficiency(dgl), Some(0.9));
         assert_eq!(r.memory_ratio(dgl), Some(0.4));
+    }
+
+    #[test]
+    fn a_case_is_measured_against_the_baseline_that_computes_as_it_does() {
+        let case = |name: &str, ips: f64| CaseResult {
+            name: name.into(),
+            images_per_s: vec![ips],
+            ..Default::default()
+        };
+        let r = BenchReport {
+            cases: vec![
+                case("e2e", 100.0),
+                case("e2e +bf16", 200.0),
+                case("dgl async +bf16 +default-stream", 300.0),
+                case("dgl async +stream-per-stage", 150.0),
+                case("dgl async +channels-last +bf16", 400.0),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(r.speedup(&r.cases[2], "e2e"), Some(1.5), "bf16 against e2e +bf16");
+        assert_eq!(r.speedup(&r.cases[3], "e2e"), Some(1.5), "float32 against e2e");
+        // No e2e in bf16 and channels-last: the plain one.
+        assert_eq!(r.speedup(&r.cases[4], "e2e"), Some(4.0));
+        assert_eq!(r.speedup(&r.cases[1], "e2e"), Some(1.0));
     }
 }

@@ -6,7 +6,11 @@
 //! Cases are written `METHOD[:SCHEDULE]`; `e2e` is end-to-end backprop on the first device,
 //! `gpipe` is micro-batched pipelined backprop over all devices, a local method defaults to
 //! `async` over all devices, and `:sequential` runs every module on the first device. A
-//! `+recompute` suffix (`mlaan-dgl:sync+recompute`) trades a second forward for memory.
+//! `+recompute` suffix (`mlaan-dgl:sync+recompute`) trades a second forward for memory; `+bf16`,
+//! `+fp16`, `+channels-last`, `+default-stream` and their opposites set how a case computes
+//! (`dgl+bf16+default-stream`). A case is compared with the baseline (`e2e`, `gpipe`) that has
+//! the same compute modifiers when the run has one, so bf16 cases are measured against bf16
+//! e2e.
 //!
 //! Data parallelism: `ddp` is e2e with one replica per device (D processes, gradients
 //! all-reduced: what users would otherwise run), and `CASE*R` is any case with R replicas, each
@@ -68,8 +72,10 @@ fn split_replicas<'a>(spec: &BenchSpec, case: &'a str) -> Result<(&'a str, Optio
 pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
     let mut c = spec.base.clone();
     let (case, _) = split_replicas(spec, case)?;
-    let (core, recompute) = split_recompute(case);
-    c.pipeline.recompute = recompute || c.pipeline.recompute;
+    let (core, modifiers) = split_modifiers(case)?;
+    for m in modifiers {
+        apply_modifier(&mut c, m);
+    }
     let (method, schedule) = match core.split_once(':') {
         Some((m, s)) => (m, Some(s)),
         None => (core, None),
@@ -216,12 +222,46 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     })
 }
 
-/// A case's `+recompute` suffix: the local modules rebuild their graphs for the backward
-/// passes (`pipeline.recompute`).
-fn split_recompute(case: &str) -> (&str, bool) {
-    match case.strip_suffix("+recompute") {
-        Some(core) => (core, true),
-        None => (case, false),
+/// A case's `+` modifiers, each a setting of the case's config: `+recompute`
+/// (`pipeline.recompute`), `+fp32` / `+bf16` / `+fp16` (`train.precision`), `+channels-last` /
+/// `+contiguous` (`train.memory_format`), `+default-stream` / `+stream-per-stage`
+/// (`pipeline.streams`). Returns the case without them, and them in the order written.
+fn split_modifiers(case: &str) -> Result<(&str, Vec<&str>)> {
+    let mut parts = case.split('+');
+    let core = parts.next().unwrap_or_default();
+    let mods: Vec<&str> = parts.collect();
+    for m in &mods {
+        if !MODIFIERS.contains(m) {
+            bail!("case `{case}`: unknown modifier `+{m}` (one of +{})", MODIFIERS.join(", +"));
+        }
+    }
+    Ok((core, mods))
+}
+
+const MODIFIERS: [&str; 8] = [
+    "recompute",
+    "fp32",
+    "bf16",
+    "fp16",
+    "channels-last",
+    "contiguous",
+    "default-stream",
+    "stream-per-stage",
+];
+
+/// Apply modifier `m` (one of [`MODIFIERS`]) to a case's config.
+fn apply_modifier(c: &mut RunConfig, m: &str) {
+    use mlaan_core::config::{MemoryFormat, Precision, StreamMode};
+    match m {
+        "recompute" => c.pipeline.recompute = true,
+        "fp32" => c.train.precision = Precision::Fp32,
+        "bf16" => c.train.precision = Precision::Bf16,
+        "fp16" => c.train.precision = Precision::Fp16,
+        "channels-last" => c.train.memory_format = MemoryFormat::ChannelsLast,
+        "contiguous" => c.train.memory_format = MemoryFormat::Contiguous,
+        "default-stream" => c.pipeline.streams = StreamMode::Default,
+        "stream-per-stage" => c.pipeline.streams = StreamMode::PerStage,
+        other => unreachable!("`{other}` passed split_modifiers"),
     }
 }
 
@@ -230,14 +270,14 @@ fn display_name(case: &str) -> String {
         Some((inner, r)) => (inner, Some(r)),
         None => (case, None),
     };
-    let (core, recompute) = split_recompute(case);
+    let (core, modifiers) = split_modifiers(case).unwrap_or((case, Vec::new()));
     let mut name = match core.split_once(':') {
         Some((m, s)) => format!("{m} {s}"),
         None if matches!(core, "e2e" | "gpipe" | "ddp") => core.to_string(),
         None => format!("{core} async"),
     };
-    if recompute {
-        name.push_str(" +recompute");
+    for m in modifiers {
+        name.push_str(&format!(" +{m}"));
     }
     if let Some(r) = replicas {
         name.push_str(&format!(" ×{r}"));

@@ -78,4 +78,10 @@ fn bad_cases_are_named() {
     assert!(e.contains("micro_batches"), "{e}");
     assert!(case_config(&spec, "dgl:sync+recompute").unwrap().pipeline.recompute);
     assert!(!case_config(&spec, "dgl:sync").unwrap().pipeline.recompute);
+    let c = case_config(&spec, "mlaan-dgl:sync+bf16+channels-last+default-stream").unwrap();
+    assert_eq!(c.train.precision, mlaan_core::config::Precision::Bf16);
+    assert_eq!(c.train.memory_format, mlaan_core::config::MemoryFormat::ChannelsLast);
+    assert_eq!(c.pipeline.streams, mlaan_core::config::StreamMode::Default);
+    let e = case_config(&spec, "dgl+bf17").unwrap_err().to_string();
+    assert!(e.contains("`+bf17`") && e.contains("+bf16"), "{e}");
 }
