@@ -172,6 +172,26 @@ fn plan_shows_each_local_rank_its_gpu_slice() {
     );
 }
 
+/// `plan` says how the stages will compute, and marks the CUDA-only switches unused on CPU.
+#[test]
+fn plan_prints_the_compute_settings() {
+    let base = ["plan", "--dataset", "synthetic", "--arch", "resnet20", "--method", "dgl"];
+    let out = ok(&[&base[..], &["--k", "2", "--devices", "cpu"]].concat());
+    assert!(
+        out.contains("compute       fp32, contiguous; CUDA: a stream per stage, cuDNN benchmark on, TF32 on (no CUDA device: unused)"),
+        "{out}"
+    );
+    let mixed = ["--set", "train.precision=bf16", "--set", "train.memory_format=channels-last"];
+    let cuda = ["--set", "pipeline.streams=default", "--set", "train.tf32=false"];
+    let out = ok(&[&base[..], &["--k", "2", "--gpus", "0"], &mixed[..], &cuda[..]].concat());
+    assert!(
+        out.contains("compute       bf16, channels-last; CUDA: the default stream, cuDNN benchmark on, TF32 off\n"),
+        "{out}"
+    );
+    let err = fails(&[&base[..], &["--k", "2", "--set", "train.precision=tf32"]].concat());
+    assert!(err.contains("`tf32`") && err.contains("`bf16`"), "{err}");
+}
+
 #[test]
 fn plan_errors_name_the_numbers() {
     let err = fails(&[
