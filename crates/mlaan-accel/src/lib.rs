@@ -31,9 +31,38 @@ pub struct AccelError {
     pub message: String,
 }
 
-/// Whether CUDA devices can be used here.
+static CUDA_BACKEND: std::sync::Once = std::sync::Once::new();
+
+/// Load `libtorch_cuda.so` so that libtorch registers its CUDA backend. rustc links with
+/// `--as-needed`, which drops the library because no symbol of it is referenced; without it
+/// `tch::Cuda::is_available()` is false even on a GPU machine. On a CPU-only install the
+/// library's dependencies are missing and loading fails harmlessly.
+pub fn load_cuda_backend() {
+    CUDA_BACKEND.call_once(|| {
+        let name = c"libtorch_cuda.so";
+        // SAFETY: dlopen with a valid NUL-terminated name; the handle is intentionally kept.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            tracing::debug!("libtorch_cuda.so not loaded: CUDA devices unavailable");
+        }
+    });
+}
+
+/// Whether CUDA devices can be used here (after loading libtorch's CUDA backend).
 pub fn cuda_available() -> bool {
+    load_cuda_backend();
     tch::Cuda::is_available()
+}
+
+/// CUDA device 0 for a test that needs a GPU, or `None` after printing that the test is
+/// skipped (the convention of every CUDA-only test here: it passes, and says so).
+pub fn cuda_for_test() -> Option<tch::Device> {
+    if cuda_available() {
+        Some(tch::Device::Cuda(0))
+    } else {
+        eprintln!("skipped: no CUDA device");
+        None
+    }
 }
 
 /// Run a bridge call that reports failure through `err` and a sentinel result.

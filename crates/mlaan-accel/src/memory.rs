@@ -51,11 +51,7 @@ mod tests {
 
     #[test]
     fn the_peak_covers_a_freed_tensor() {
-        if !crate::cuda_available() {
-            eprintln!("skipped: no CUDA device");
-            return;
-        }
-        let d = Device::Cuda(0);
+        let Some(d) = crate::cuda_for_test() else { return };
         reset_cuda_peak(d).unwrap();
         let before = cuda_memory(d).unwrap();
         {

@@ -141,15 +141,6 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    fn cuda() -> Option<Device> {
-        if crate::cuda_available() {
-            Some(Device::Cuda(0))
-        } else {
-            eprintln!("skipped: no CUDA device");
-            None
-        }
-    }
-
     #[test]
     fn streams_and_events_need_a_cuda_device() {
         assert!(Stream::from_pool(Device::Cpu).unwrap_err().to_string().contains("not a CUDA"));
@@ -167,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_pool_stream_becomes_the_threads_current_stream() {
-        let Some(d) = cuda() else { return };
+        let Some(d) = crate::cuda_for_test() else { return };
         std::thread::spawn(move || {
             assert_eq!(Stream::current(d).unwrap().id(), 0, "a new thread starts on the default");
             let s = Stream::from_pool(d).unwrap();
@@ -181,7 +172,7 @@ mod tests {
 
     #[test]
     fn an_event_orders_a_handoff_between_two_stream_threads() {
-        let Some(d) = cuda() else { return };
+        let Some(d) = crate::cuda_for_test() else { return };
         let a = Tensor::randn([2048, 2048], (Kind::Float, d));
         let expected = a.matmul(&a).matmul(&a).sum(Kind::Double).double_value(&[]);
         let (tx, rx) = std::sync::mpsc::channel::<(Tensor, Event)>();

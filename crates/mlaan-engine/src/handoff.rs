@@ -123,11 +123,7 @@ mod tests {
     /// the event the reader could see it half-written; with it every value is exact.
     #[test]
     fn a_handoff_between_stream_threads_sees_complete_tensors() {
-        if !mlaan_accel::cuda_available() {
-            eprintln!("skipped: no CUDA device");
-            return;
-        }
-        let d = Device::Cuda(0);
+        let Some(d) = mlaan_accel::cuda_for_test() else { return };
         let (tx, rx) = crossbeam_channel::bounded::<Handed<EmaSnapshot>>(2);
         let producer = std::thread::spawn(move || {
             mlaan_accel::Stream::from_pool(d).unwrap().make_current().unwrap();

@@ -3,25 +3,9 @@
 
 use mlaan_core::bench::AllocatorPeak;
 use mlaan_core::device::DeviceSpec;
-use std::sync::Once;
 use tch::Device;
 
-static CUDA_BACKEND: Once = Once::new();
-
-/// Load `libtorch_cuda.so` so that libtorch registers its CUDA backend. rustc links with
-/// `--as-needed`, which drops the library because no symbol of it is referenced; without it
-/// `tch::Cuda::is_available()` is false even on a GPU machine. On a CPU-only install the
-/// library's dependencies are missing and loading fails harmlessly.
-pub fn load_cuda_backend() {
-    CUDA_BACKEND.call_once(|| {
-        let name = c"libtorch_cuda.so";
-        // SAFETY: dlopen with a valid NUL-terminated name; the handle is intentionally kept.
-        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        if handle.is_null() {
-            tracing::debug!("libtorch_cuda.so not loaded: CUDA devices unavailable");
-        }
-    });
-}
+pub use mlaan_accel::load_cuda_backend;
 
 /// Number of CUDA devices libtorch sees (honours `CUDA_VISIBLE_DEVICES`).
 pub fn cuda_device_count() -> usize {

@@ -142,8 +142,7 @@ fn channels_last_gives_the_contiguous_losses() {
 /// hand-off, against all four on the default stream. Every parameter must agree.
 #[test]
 fn per_stage_streams_give_the_default_stream_numbers() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
+    if mlaan_accel::cuda_for_test().is_none() {
         return;
     }
     for precision in [Precision::Fp32, Precision::Bf16] {
