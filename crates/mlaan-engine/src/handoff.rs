@@ -55,11 +55,6 @@ impl<T: Carries> Handed<T> {
         }
         Ok(self.msg)
     }
-
-    /// The message without ordering, for a receiver that only drops or inspects it.
-    pub fn peek(&self) -> &T {
-        &self.msg
-    }
 }
 
 impl Carries for BatchTargets {
