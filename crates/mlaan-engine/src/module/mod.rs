@@ -585,12 +585,12 @@ impl LocalModule {
         sync.broadcast_from_rank0(&buffers)
     }
 
-    /// What averaging this module's gradients across replicas has cost so far.
     /// Steps skipped for a loss-scale overflow so far (fp16).
     pub fn overflow_skips(&self) -> u64 {
         self.scaler.as_ref().map_or(0, |s| s.skipped)
     }
 
+    /// What averaging this module's gradients across replicas has cost so far.
     pub fn replica_traffic(&self) -> Traffic {
         self.replicas.as_ref().map(ReplicaSync::traffic).unwrap_or_default()
     }
