@@ -106,6 +106,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 fn resumed_runs_continue_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let mixed = ["--set", "train.precision=bf16", "--set", "train.memory_format=channels-last"];
+    let half = ["--set", "train.precision=fp16"];
     for (method, schedule, devices, compute) in [
         ("mlaan-dgl", "sequential", "cpu", &[][..]),
         ("mlaan-dgl", "sync", "cpu,cpu", &[]),
@@ -113,8 +114,11 @@ fn resumed_runs_continue_exactly() {
         ("mlaan-dgl", "async", "cpu,cpu", &[]),
         // Mixed precision resumes as exactly: the masters, momentum and twins are float32.
         ("mlaan-infopro", "sync", "cpu,cpu", &mixed[..]),
+        // fp16 too: each module's loss scale is in the checkpoint.
+        ("mlaan-dgl", "sync", "cpu,cpu", &half[..]),
     ] {
-        let name = format!("{method}-{schedule}{}", if compute.is_empty() { "" } else { "-bf16" });
+        let precision = compute.get(1).and_then(|c| c.split_once('=')).map(|(_, p)| p);
+        let name = format!("{method}-{schedule}-{}", precision.unwrap_or("fp32"));
         let straight = tmp.path().join(format!("{name}-straight"));
         let halves = tmp.path().join(format!("{name}-halves"));
         let with = |extra: &[&'static str]| [extra, compute].concat();
@@ -155,9 +159,15 @@ fn resumed_runs_continue_exactly() {
         let ckpt = straight.join("ckpt/step-00000012");
         assert_bitwise_equal(&ckpt, &halves.join("ckpt/step-00000012"));
         for (n, t) in tensors(&ckpt) {
-            // Floating state is float32 whatever the compute dtype (counters are integers).
+            // Floating state is float32 whatever the compute dtype (counters are integers, the
+            // fp16 loss scale's record float64).
             let integer = matches!(t.kind(), tch::Kind::Int64 | tch::Kind::Int);
-            assert!(integer || t.kind() == tch::Kind::Float, "{name}: `{n}` is {:?}", t.kind());
+            let scale = n.ends_with(".loss_scale") && t.kind() == tch::Kind::Double;
+            assert!(
+                integer || scale || t.kind() == tch::Kind::Float,
+                "{name}: `{n}` is {:?}",
+                t.kind()
+            );
         }
     }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //! ckpt/step-00001200/
 //!   stage-0.safetensors   modules of stage 0: m{i}.state.<name> (backbone, aux, LAM, ema.*),
-//!   stage-1.safetensors   m{i}.momentum.<param>, m{i}.step
+//!   stage-1.safetensors   m{i}.momentum.<param>, m{i}.step, m{i}.emaq.* (EMA snapshots not
+//!                         folded yet), m{i}.loss_scale (fp16: scale, clean steps, skips)
 //!   meta.json             step, epoch position, schedule, placement, seed, file sizes and CRC32s
 //!   config.toml           the resolved config
 //!   COMPLETE              written last: only a directory with it is a checkpoint
@@ -145,6 +146,9 @@ pub fn write(
                 m.momentum.iter().map(|(n, t)| (format!("{p}.momentum.{n}"), t.shallow_clone())),
             );
             tensors.push((format!("{p}.step"), Tensor::from_slice(&[m.step as i64])));
+            if let Some(v) = m.loss_scale {
+                tensors.push((format!("{p}.loss_scale"), Tensor::from_slice(&v)));
+            }
             for (block, step, params) in &m.ema_backlog {
                 for (k, t) in params.iter().enumerate() {
                     tensors.push((format!("{p}.emaq.{block}.{step:08}.{k:03}"), t.shallow_clone()));
@@ -256,6 +260,10 @@ pub fn read(dir: &Path) -> Result<Checkpoint, CheckpointError> {
                 snap.momentum.push((n.to_string(), t));
             } else if rest == "step" {
                 snap.step = t.to_kind(Kind::Int64).int64_value(&[0]) as u64;
+            } else if rest == "loss_scale" {
+                let v: Vec<f64> =
+                    Vec::try_from(t.to_kind(Kind::Double).flatten(0, -1)).map_err(|_| bad())?;
+                snap.loss_scale = Some(v.try_into().map_err(|_| bad())?);
             } else if let Some(q) = rest.strip_prefix("emaq.") {
                 // `<block>.<step>.<k>`; the block name itself contains a dot.
                 let mut parts = q.rsplitn(3, '.');
@@ -305,6 +313,7 @@ mod tests {
                 6,
                 vec![Tensor::from_slice(&[v]), Tensor::from_slice(&[1.0f32])],
             )],
+            loss_scale: Some([32768.0, 12.0, 1.0]),
         }
     }
 
@@ -341,6 +350,7 @@ mod tests {
         assert_eq!(c.meta.position(), (1, 4));
         assert_eq!(c.modules.len(), 2);
         assert_eq!(c.modules[0].step, 7);
+        assert_eq!(c.modules[0].loss_scale, Some([32768.0, 12.0, 1.0]));
         assert_eq!(Vec::<f32>::try_from(&c.modules[0].state[0].1).unwrap(), vec![9.0, 10.0]);
         let (block, step, params) = &c.modules[0].ema_backlog[0];
         assert_eq!((block.as_str(), *step, params.len()), ("layer3.0", 6, 2));

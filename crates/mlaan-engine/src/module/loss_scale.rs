@@ -38,6 +38,23 @@ impl LossScale {
         self.scale
     }
 
+    /// (scale, clean steps, skipped steps), what a checkpoint keeps so that an fp16 run
+    /// resumes with the scale it had.
+    pub fn saved(&self) -> [f64; 3] {
+        [self.scale, f64::from(self.clean_steps), self.skipped as f64]
+    }
+
+    /// Back from [`LossScale::saved`]; `None` when the values cannot be one.
+    pub fn from_saved(v: [f64; 3]) -> Option<LossScale> {
+        let [scale, clean, skipped] = v;
+        let whole = |x: f64| x >= 0.0 && x.fract() == 0.0 && x <= u32::MAX as f64;
+        ((MIN..=MAX).contains(&scale) && whole(clean) && skipped >= 0.0).then_some(LossScale {
+            scale,
+            clean_steps: clean as u32,
+            skipped: skipped as u64,
+        })
+    }
+
     /// A gradient computed on scaled losses, back in true units and float32.
     pub fn unscale(&self, g: &Tensor) -> Tensor {
         g.to_kind(Kind::Float) / self.scale
@@ -82,6 +99,17 @@ mod tests {
         assert!(!s.check_step(&[Some(nan)]).unwrap());
         assert_eq!((s.value(), s.skipped), (INITIAL / 4.0, 2));
         assert!(s.check_step(&[None]).unwrap());
+    }
+
+    #[test]
+    fn the_saved_state_comes_back() {
+        let mut s = LossScale::default();
+        s.check_step(&[Some(Tensor::from_slice(&[f32::NAN]))]).unwrap();
+        s.check_step(&[None]).unwrap();
+        let back = LossScale::from_saved(s.saved()).unwrap();
+        assert_eq!((back.value(), back.clean_steps, back.skipped), (INITIAL / 2.0, 1, 1));
+        assert!(LossScale::from_saved([0.0, 0.0, 0.0]).is_none());
+        assert!(LossScale::from_saved([2.0, 0.5, 0.0]).is_none());
     }
 
     #[test]

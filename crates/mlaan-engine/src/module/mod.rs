@@ -585,6 +585,23 @@ impl LocalModule {
         sync.broadcast_from_rank0(&buffers)
     }
 
+    /// The fp16 loss scale's state, for a checkpoint (`None` in fp32 and bf16).
+    pub fn loss_scale_saved(&self) -> Option<[f64; 3]> {
+        self.scaler.as_ref().map(LossScale::saved)
+    }
+
+    /// Continue with a checkpoint's loss scale (fp16; without one, or in fp32 and bf16,
+    /// nothing changes).
+    pub fn restore_loss_scale(&mut self, saved: Option<[f64; 3]>) -> Result<(), TrainError> {
+        if let (Some(scaler), Some(v)) = (&mut self.scaler, saved) {
+            *scaler = LossScale::from_saved(v).ok_or_else(|| TrainError::State {
+                module: self.index,
+                message: format!("loss scale {v:?} is not a scale, clean-step and skip count"),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Steps skipped for a loss-scale overflow so far (fp16).
     pub fn overflow_skips(&self) -> u64 {
         self.scaler.as_ref().map_or(0, |s| s.skipped)

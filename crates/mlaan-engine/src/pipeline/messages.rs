@@ -41,12 +41,21 @@ pub struct ModuleSnapshot {
     pub step: u64,
     /// EMA snapshots received but not yet folded in: (real block, step, parameters).
     pub ema_backlog: Vec<(String, u64, Vec<Tensor>)>,
+    /// The fp16 loss scale (scale, clean steps, skipped steps); `None` otherwise.
+    pub loss_scale: Option<[f64; 3]>,
 }
 
 impl ModuleSnapshot {
     /// A fresh module: initial weights, no optimizer state.
     pub fn initial(module: usize, state: ModuleState) -> Self {
-        ModuleSnapshot { module, state, momentum: Vec::new(), step: 0, ema_backlog: Vec::new() }
+        ModuleSnapshot {
+            module,
+            state,
+            momentum: Vec::new(),
+            step: 0,
+            ema_backlog: Vec::new(),
+            loss_scale: None,
+        }
     }
 
     pub(super) fn shallow_clone(&self) -> Self {
@@ -63,6 +72,7 @@ impl ModuleSnapshot {
                 .iter()
                 .map(|(b, s, p)| (b.clone(), *s, p.iter().map(Tensor::shallow_clone).collect()))
                 .collect(),
+            loss_scale: self.loss_scale,
         }
     }
 }

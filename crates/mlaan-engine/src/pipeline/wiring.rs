@@ -107,6 +107,7 @@ pub fn build_stage(
         };
         let mut module = LocalModule::new(nets, settings);
         module.restore_optimizer(&start.momentum, start.step)?;
+        module.restore_loss_scale(start.loss_scale)?;
         if let Some(r) = &s.replicas {
             module.join_replicas(r)?;
         }
@@ -161,7 +162,8 @@ pub fn snapshot(m: &mut LocalModule) -> Result<ModuleSnapshot, TrainError> {
             Ok((block, step, params.iter().map(cpu).collect::<Result<Vec<_>, _>>()?))
         })
         .collect::<Result<_, TrainError>>()?;
-    Ok(ModuleSnapshot { module: m.index, state, momentum, step: m.step, ema_backlog })
+    let loss_scale = m.loss_scale_saved();
+    Ok(ModuleSnapshot { module: m.index, state, momentum, step: m.step, ema_backlog, loss_scale })
 }
 
 /// Trainable parameters of block `block` (e.g. `layer3.0`) in a store, sorted by name.
