@@ -251,6 +251,23 @@ impl World {
     /// all-reduce of every step bounds that by the batches in flight); every rank stops there.
     pub fn stop_step(&self, requested: bool, next: u64, margin: u64) -> Result<Option<u64>> {
         let Some(store) = &self.store else { return Ok(requested.then_some(next)) };
+        // Polled every batch, so it is often what first meets a dead rank 0 (which serves the
+        // store): the error says who is gone, as a failed collective's does.
+        self.poll_stop(store, requested, next, margin).map_err(|e| {
+            anyhow::anyhow!(
+                "the replica group's store, asked for a stop request: {e:#}; {}",
+                liveness::diagnose(store, self.size())
+            )
+        })
+    }
+
+    fn poll_stop(
+        &self,
+        store: &Store,
+        requested: bool,
+        next: u64,
+        margin: u64,
+    ) -> Result<Option<u64>> {
         const KEY: &str = "stop/step";
         if requested && store.add("stop/asked", 0)? == 0 && store.add("stop/asked", 1)? == 1 {
             let step = next + margin;
