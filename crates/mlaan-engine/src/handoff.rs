@@ -13,7 +13,7 @@ use crate::pipeline::Forward;
 use crate::stage::BackMsg;
 use crate::TrainError;
 use mlaan_accel::{record_stream, Event};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// A message and, under per-stage streams, the event its tensors are complete at.
 pub struct Handed<T> {
@@ -37,11 +37,11 @@ impl<T: Carries> Handed<T> {
     /// this thread's current stream of the device the message's tensors are on (after a
     /// copy to another GPU that is where the copy was queued).
     pub fn send(msg: T, per_stage_streams: bool) -> Result<Self, TrainError> {
-        let device = msg.tensors().iter().map(|t| t.device()).find(|d| *d != Device::Cpu);
-        let ready = match (per_stage_streams, device) {
-            (true, Some(d @ Device::Cuda(_))) => Some(Event::record(d)?),
-            _ => None,
-        };
+        if !per_stage_streams {
+            return Ok(Handed::bare(msg));
+        }
+        let device = msg.tensors().iter().map(|t| t.device()).find(|d| d.is_cuda());
+        let ready = device.map(Event::record).transpose()?;
         Ok(Handed { msg, ready })
     }
 
@@ -96,7 +96,7 @@ impl Carries for EmaSnapshot {
 mod tests {
     use super::*;
     use crate::module::GradPart;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     #[test]
     fn on_cpu_a_message_travels_bare() {

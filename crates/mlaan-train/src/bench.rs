@@ -73,8 +73,8 @@ pub fn case_config(spec: &BenchSpec, case: &str) -> Result<RunConfig> {
     let mut c = spec.base.clone();
     let (case, _) = split_replicas(spec, case)?;
     let (core, modifiers) = split_modifiers(case)?;
-    for m in modifiers {
-        apply_modifier(&mut c, m);
+    for apply in modifiers.into_iter().filter_map(modifier) {
+        apply(&mut c);
     }
     let (method, schedule) = match core.split_once(':') {
         Some((m, s)) => (m, Some(s)),
@@ -231,38 +231,34 @@ fn split_modifiers(case: &str) -> Result<(&str, Vec<&str>)> {
     let core = parts.next().unwrap_or_default();
     let mods: Vec<&str> = parts.collect();
     for m in &mods {
-        if !MODIFIERS.contains(m) {
-            bail!("case `{case}`: unknown modifier `+{m}` (one of +{})", MODIFIERS.join(", +"));
+        if modifier(m).is_none() {
+            let names: Vec<&str> = MODIFIERS.iter().map(|(n, _)| *n).collect();
+            bail!("case `{case}`: unknown modifier `+{m}` (one of +{})", names.join(", +"));
         }
     }
     Ok((core, mods))
 }
 
-const MODIFIERS: [&str; 8] = [
-    "recompute",
-    "fp32",
-    "bf16",
-    "fp16",
-    "channels-last",
-    "contiguous",
-    "default-stream",
-    "stream-per-stage",
-];
+/// What a modifier does to a case's config.
+type Apply = fn(&mut RunConfig);
 
-/// Apply modifier `m` (one of [`MODIFIERS`]) to a case's config.
-fn apply_modifier(c: &mut RunConfig, m: &str) {
+/// Every modifier and the setting it makes.
+const MODIFIERS: [(&str, Apply); 8] = {
     use mlaan_core::config::{MemoryFormat, Precision, StreamMode};
-    match m {
-        "recompute" => c.pipeline.recompute = true,
-        "fp32" => c.train.precision = Precision::Fp32,
-        "bf16" => c.train.precision = Precision::Bf16,
-        "fp16" => c.train.precision = Precision::Fp16,
-        "channels-last" => c.train.memory_format = MemoryFormat::ChannelsLast,
-        "contiguous" => c.train.memory_format = MemoryFormat::Contiguous,
-        "default-stream" => c.pipeline.streams = StreamMode::Default,
-        "stream-per-stage" => c.pipeline.streams = StreamMode::PerStage,
-        other => unreachable!("`{other}` passed split_modifiers"),
-    }
+    [
+        ("recompute", |c| c.pipeline.recompute = true),
+        ("fp32", |c| c.train.precision = Precision::Fp32),
+        ("bf16", |c| c.train.precision = Precision::Bf16),
+        ("fp16", |c| c.train.precision = Precision::Fp16),
+        ("channels-last", |c| c.train.memory_format = MemoryFormat::ChannelsLast),
+        ("contiguous", |c| c.train.memory_format = MemoryFormat::Contiguous),
+        ("default-stream", |c| c.pipeline.streams = StreamMode::Default),
+        ("stream-per-stage", |c| c.pipeline.streams = StreamMode::PerStage),
+    ]
+};
+
+fn modifier(name: &str) -> Option<Apply> {
+    MODIFIERS.iter().find(|(n, _)| *n == name).map(|(_, apply)| *apply)
 }
 
 fn display_name(case: &str) -> String {

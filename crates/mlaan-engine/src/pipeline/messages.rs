@@ -225,16 +225,6 @@ pub struct ComputeSettings {
     pub streams: StreamMode,
 }
 
-impl Default for ComputeSettings {
-    fn default() -> Self {
-        ComputeSettings {
-            precision: Precision::Fp32,
-            memory_format: MemoryFormat::Contiguous,
-            streams: StreamMode::PerStage,
-        }
-    }
-}
-
 impl ComputeSettings {
     /// The autocast dtype, `None` for float32.
     pub fn autocast_kind(&self) -> Option<tch::Kind> {
