@@ -113,18 +113,22 @@ pub fn cpu_threads_per_stage(cores: usize, cpu_stages: usize) -> usize {
     (cores / cpu_stages.max(1)).max(1)
 }
 
-/// Intra-op threads of CPU stages in proportion to their measured cost: a stage gets
-/// `ceil(cores · cost / Σcost)` threads, at least one. A light stage idles part of the time, so
-/// giving the heaviest stage one thread more than its exact share uses the cores it leaves.
+/// Intra-op threads of CPU stages by their measured cost: one each, then the remaining cores
+/// one at a time to the stage with the most cost per thread (the pipeline's bottleneck), never
+/// more threads in all than cores. OpenMP workers spin between parallel regions, so a thread
+/// beyond the cores does not use an idle core: it takes one from another stage.
 pub fn cpu_threads_by_cost(cores: usize, costs: &[f64]) -> Vec<usize> {
     let total: f64 = costs.iter().sum();
-    if costs.is_empty() || !(total.is_finite() && total > 0.0) {
+    if cores <= costs.len() || !(total.is_finite() && total > 0.0) {
         return vec![cpu_threads_per_stage(cores, costs.len()); costs.len()];
     }
-    costs
-        .iter()
-        .map(|c| ((cores as f64 * c / total).ceil() as usize).clamp(1, cores.max(1)))
-        .collect()
+    let mut threads = vec![1; costs.len()];
+    for _ in costs.len()..cores {
+        let per_thread = |s: usize| costs[s] / threads[s] as f64;
+        let busiest = (0..costs.len()).max_by(|&a, &b| per_thread(a).total_cmp(&per_thread(b)));
+        threads[busiest.expect("at least one stage")] += 1;
+    }
+    threads
 }
 
 #[cfg(test)]
@@ -153,10 +157,17 @@ mod tests {
         assert_eq!(cpu_threads_per_stage(2, 1), 2);
         assert_eq!(cpu_threads_per_stage(2, 4), 1);
         assert_eq!(cpu_threads_per_stage(16, 4), 4);
-        assert_eq!(cpu_threads_by_cost(2, &[0.2, 0.44]), vec![1, 2]);
+        assert_eq!(cpu_threads_by_cost(2, &[0.2, 0.44]), vec![1, 1]);
         assert_eq!(cpu_threads_by_cost(2, &[0.3, 0.3]), vec![1, 1]);
         assert_eq!(cpu_threads_by_cost(16, &[1.0, 3.0]), vec![4, 12]);
+        assert_eq!(cpu_threads_by_cost(8, &[0.5, 0.2, 0.3]), vec![4, 2, 2]);
         assert_eq!(cpu_threads_by_cost(2, &[0.0, 0.0]), vec![1, 1]);
+        assert_eq!(cpu_threads_by_cost(1, &[0.2, 0.7]), vec![1, 1]);
+        assert_eq!(cpu_threads_by_cost(4, &[]), Vec::<usize>::new());
+        for cores in 2..20 {
+            let t = cpu_threads_by_cost(cores, &[0.1, 0.7, 0.25]);
+            assert_eq!(t.iter().sum::<usize>(), cores.max(3), "{cores} cores: {t:?}");
+        }
     }
 
     #[test]

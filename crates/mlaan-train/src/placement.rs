@@ -38,18 +38,27 @@ pub fn choose_placement(
         0 => cpu_threads_per_stage(cores, cpu_stages),
         n => n,
     };
-    tch::set_num_threads(threads as i32);
     let t = Instant::now();
     // Relative costs are what matters: a small batch keeps the profile short on a CPU.
     let batch = cfg.train.batch_size.min(PROFILE_BATCH);
-    let costs = mlaan_engine::profile::module_costs(
-        plan,
-        image,
-        devices[0],
-        batch,
-        cfg.pipeline.schedule,
-        2,
-    )?;
+    // On a thread of its own, which takes its OpenMP team with it when it ends (see
+    // `single_threaded_coordinator`).
+    let costs = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tch::set_num_threads(threads as i32);
+                mlaan_engine::profile::module_costs(
+                    plan,
+                    image,
+                    devices[0],
+                    batch,
+                    cfg.pipeline.schedule,
+                    2,
+                )
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the placement profile's thread panicked"))
+    })??;
     let p = place(&costs, d)?;
     tracing::info!(
         "placement from a {:.1} s profile (ms per batch: {}): {}",
@@ -58,6 +67,15 @@ pub fn choose_placement(
         p.groups.iter().map(|g| format!("{}..{}", g.start, g.end)).collect::<Vec<_>>().join(" | ")
     );
     Ok((p, Some(costs)))
+}
+
+/// Gives the calling thread, which coordinates the stages, one intra-op thread before it runs
+/// any tensor op. libgomp lets its workers spin between parallel regions only while it manages
+/// no more threads than there are cores; an idle team kept by this thread pushes the count
+/// over, and then every stage's workers sleep and wake by futex between regions (a fifth of
+/// an e2e step on 2 cores). Work here that wants threads runs on a thread of its own.
+pub fn single_threaded_coordinator() {
+    tch::set_num_threads(1);
 }
 
 /// The device of each stage.
@@ -89,7 +107,6 @@ pub(crate) fn configure_threads(
             threads[s] = t;
         }
     }
-    tch::set_num_threads(threads.iter().copied().max().unwrap_or(1) as i32);
     tracing::info!("{} stage(s); intra-op threads per stage: {threads:?}", p.num_stages());
     threads
 }
