@@ -20,6 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ReLU in place and the residual sum into the block's output, as torchvision's ResNet writes
+# it (and as the project does); `--out-of-place` allocates a new tensor for each instead.
+INPLACE = True
+
 
 class Block(nn.Module):
     def __init__(self, cin, cout, stride):
@@ -35,9 +39,13 @@ class Block(nn.Module):
             )
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn1(self.conv1(x)), inplace=INPLACE)
         y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if INPLACE:  # torchvision's BasicBlock: `out += identity`, ReLU(inplace=True)
+            y += shortcut
+            return F.relu(y, inplace=True)
+        return F.relu(y + shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -55,7 +63,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(64, classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=INPLACE)
         x = self.layers(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
@@ -71,7 +79,10 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out-of-place", action="store_true", help="ReLU and residual sum out of place")
     a = p.parse_args()
+    global INPLACE
+    INPLACE = not a.out_of_place
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     net = CifarResNet(a.depth, a.channels, a.classes)
@@ -104,7 +115,8 @@ def main():
         rates.append(a.steps * a.batch / (time.perf_counter() - t))
         print(f"rep {r + 1}/{a.repeats}  pytorch e2e resnet{a.depth}  {rates[-1]:8.1f} images/s")
     print(
-        f"pytorch {torch.__version__} e2e resnet{a.depth}, batch {a.batch}, {a.threads} threads: "
+        f"pytorch {torch.__version__} e2e resnet{a.depth}, batch {a.batch}, {a.threads} threads, "
+        f"{'in place' if INPLACE else 'out of place'}: "
         f"median {statistics.median(rates):.1f} images/s ({min(rates):.1f}-{max(rates):.1f})"
     )
 

@@ -66,20 +66,20 @@ impl Head {
         match self {
             Head::GapFc(fc) => fc.forward(&global_avg_pool(h)),
             Head::OneConvTwoFc { conv, bn, fc1, fc2 } => {
-                let x = relu(&bn.forward(&conv.forward(h), mode));
-                fc2.forward(&relu(&fc1.forward(&global_avg_pool(&x))))
+                let x = relu(bn.forward(&conv.forward(h), mode));
+                fc2.forward(&relu(fc1.forward(&global_avg_pool(&x))))
             }
             Head::Dgl { convs, fcs } => {
                 let mut x = h.shallow_clone();
                 for (conv, bn) in convs {
-                    x = relu(&bn.forward(&conv.forward(&x), mode));
+                    x = relu(bn.forward(&conv.forward(&x), mode));
                 }
                 saved(&x);
                 let mut x = x.adaptive_avg_pool2d([2, 2]).flatten(1, -1);
                 for (j, fc) in fcs.iter().enumerate() {
                     x = fc.forward(&x);
                     if j + 1 < fcs.len() {
-                        x = relu(&x);
+                        x = relu(x);
                     }
                 }
                 x
@@ -110,7 +110,7 @@ impl Decoder {
 
     pub fn forward(&self, h: &Tensor, mode: Mode) -> Tensor {
         let up = h.upsample_bilinear2d(self.size, true, None, None);
-        let x = relu(&self.bn.forward(&self.conv1.forward(&up), mode));
+        let x = relu(self.bn.forward(&self.conv1.forward(&up), mode));
         let y = self.conv2.forward(&x).sigmoid();
         saved(&y);
         y

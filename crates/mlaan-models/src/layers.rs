@@ -66,9 +66,11 @@ pub fn count_saved<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, bytes)
 }
 
-/// ReLU that reports its saved output.
-pub fn relu(x: &Tensor) -> Tensor {
-    let y = x.relu();
+/// ReLU in place, reporting its saved output. It takes the tensor by value because it
+/// overwrites it: callers pass a fresh result (a batch norm's, a linear layer's or a sum) whose
+/// backward does not need it, so no copy is made (torchvision's `ReLU(inplace=True)`).
+pub fn relu(mut x: Tensor) -> Tensor {
+    let y = x.relu_();
     saved(&y);
     y
 }

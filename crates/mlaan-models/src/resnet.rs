@@ -29,7 +29,7 @@ impl Stem {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
-        let y = relu(&self.bn1.forward(&self.conv1.forward(x), mode));
+        let y = relu(self.bn1.forward(&self.conv1.forward(x), mode));
         if self.max_pool {
             let (out, indices) = y.max_pool2d_with_indices([3, 3], [2, 2], [1, 1], [1, 1], false);
             saved(&indices);
@@ -89,14 +89,16 @@ impl Block {
         for (j, (conv, bn)) in self.convs.iter().enumerate() {
             y = bn.forward(&conv.forward(&y), mode);
             if j < last {
-                y = relu(&y);
+                y = relu(y);
             }
         }
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward(&conv.forward(x), mode),
             None => x.shallow_clone(),
         };
-        relu(&(y + shortcut))
+        // In place: y is this block's own batch-norm output, which no backward needs.
+        y += shortcut;
+        relu(y)
     }
 }
 
