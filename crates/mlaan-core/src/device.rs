@@ -113,22 +113,25 @@ pub fn cpu_threads_per_stage(cores: usize, cpu_stages: usize) -> usize {
     (cores / cpu_stages.max(1)).max(1)
 }
 
-/// Intra-op threads of CPU stages by their measured cost: one each, then the remaining cores
-/// one at a time to the stage with the most cost per thread (the pipeline's bottleneck), never
-/// more threads in all than cores. OpenMP workers spin between parallel regions, so a thread
-/// beyond the cores does not use an idle core: it takes one from another stage.
+/// Intra-op threads of CPU stages by their measured cost: each stage its share of the cores,
+/// rounded so that the shares add up to the cores (largest remainders), at least one. OpenMP
+/// workers spin between parallel regions, so a thread beyond the cores takes a core from
+/// another stage rather than an idle one; the one exception is a stage whose share rounds to
+/// none: it idles most of the time, and its one thread leaves its core to the others.
 pub fn cpu_threads_by_cost(cores: usize, costs: &[f64]) -> Vec<usize> {
     let total: f64 = costs.iter().sum();
-    if cores <= costs.len() || !(total.is_finite() && total > 0.0) {
+    if !(total.is_finite() && total > 0.0) {
         return vec![cpu_threads_per_stage(cores, costs.len()); costs.len()];
     }
-    let mut threads = vec![1; costs.len()];
-    for _ in costs.len()..cores {
-        let per_thread = |s: usize| costs[s] / threads[s] as f64;
-        let busiest = (0..costs.len()).max_by(|&a, &b| per_thread(a).total_cmp(&per_thread(b)));
-        threads[busiest.expect("at least one stage")] += 1;
+    let share: Vec<f64> = costs.iter().map(|c| cores as f64 * c / total).collect();
+    let mut threads: Vec<usize> = share.iter().map(|s| s.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..costs.len()).collect();
+    by_remainder.sort_by(|&a, &b| share[b].fract().total_cmp(&share[a].fract()));
+    let left = cores.saturating_sub(threads.iter().sum());
+    for &s in by_remainder.iter().take(left) {
+        threads[s] += 1;
     }
-    threads
+    threads.into_iter().map(|t| t.max(1)).collect()
 }
 
 #[cfg(test)]
@@ -162,10 +165,13 @@ mod tests {
         assert_eq!(cpu_threads_by_cost(16, &[1.0, 3.0]), vec![4, 12]);
         assert_eq!(cpu_threads_by_cost(8, &[0.5, 0.2, 0.3]), vec![4, 2, 2]);
         assert_eq!(cpu_threads_by_cost(2, &[0.0, 0.0]), vec![1, 1]);
-        assert_eq!(cpu_threads_by_cost(1, &[0.2, 0.7]), vec![1, 1]);
         assert_eq!(cpu_threads_by_cost(4, &[]), Vec::<usize>::new());
+        // A stage with under half a core's share idles: the busy one takes both cores.
+        assert_eq!(cpu_threads_by_cost(2, &[35.0, 8.0]), vec![2, 1]);
+        assert_eq!(cpu_threads_by_cost(1, &[0.2, 0.7]), vec![1, 1]);
+        // Otherwise never more threads than cores, and no core left unused.
         for cores in 2..20 {
-            let t = cpu_threads_by_cost(cores, &[0.1, 0.7, 0.25]);
+            let t = cpu_threads_by_cost(cores, &[0.25, 0.45, 0.3]);
             assert_eq!(t.iter().sum::<usize>(), cores.max(3), "{cores} cores: {t:?}");
         }
     }
