@@ -20,14 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ReLU in place and the residual sum into the block's output, as torchvision's ResNet writes
-# it (and as the project does); `--out-of-place` allocates a new tensor for each instead.
-INPLACE = True
-
 
 class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, inplace):
         super().__init__()
+        # ReLU in place and the residual sum into the block's output, as torchvision writes
+        # it (and as the project does); out of place allocates a new tensor for each.
+        self.inplace = inplace
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -39,31 +38,30 @@ class Block(nn.Module):
             )
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)), inplace=INPLACE)
+        y = F.relu(self.bn1(self.conv1(x)), inplace=self.inplace)
         y = self.bn2(self.conv2(y))
         shortcut = x if self.downsample is None else self.downsample(x)
-        if INPLACE:  # torchvision's BasicBlock: `out += identity`, ReLU(inplace=True)
-            y += shortcut
-            return F.relu(y, inplace=True)
-        return F.relu(y + shortcut)
+        y = y.add_(shortcut) if self.inplace else y + shortcut
+        return F.relu(y, inplace=self.inplace)
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth, in_channels, classes):
+    def __init__(self, depth, in_channels, classes, inplace):
         super().__init__()
+        self.inplace = inplace
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         layers, cin = [], 16
         for stage, width in enumerate([16, 32, 64]):
             for i in range(n):
-                layers.append(Block(cin, width, 2 if stage > 0 and i == 0 else 1))
+                layers.append(Block(cin, width, 2 if stage > 0 and i == 0 else 1, inplace))
                 cin = width
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(64, classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)), inplace=INPLACE)
+        x = F.relu(self.bn1(self.conv1(x)), inplace=self.inplace)
         x = self.layers(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
@@ -81,11 +79,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-of-place", action="store_true", help="ReLU and residual sum out of place")
     a = p.parse_args()
-    global INPLACE
-    INPLACE = not a.out_of_place
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    net = CifarResNet(a.depth, a.channels, a.classes)
+    net = CifarResNet(a.depth, a.channels, a.classes, inplace=not a.out_of_place)
     opt = torch.optim.SGD(
         net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
     )
@@ -116,7 +112,7 @@ def main():
         print(f"rep {r + 1}/{a.repeats}  pytorch e2e resnet{a.depth}  {rates[-1]:8.1f} images/s")
     print(
         f"pytorch {torch.__version__} e2e resnet{a.depth}, batch {a.batch}, {a.threads} threads, "
-        f"{'in place' if INPLACE else 'out of place'}: "
+        f"{'out of place' if a.out_of_place else 'in place'}: "
         f"median {statistics.median(rates):.1f} images/s ({min(rates):.1f}-{max(rates):.1f})"
     )
 
