@@ -11,7 +11,8 @@ use tch::Tensor;
 const EXIT_INTERRUPTED: i32 = 75;
 
 /// A tiny run: ResNet-8 on 16x16 synthetic images, 6 batches per epoch, 3 epochs unless
-/// `extra` says otherwise.
+/// `extra` says otherwise. Placed by FLOPs: a measured placement can differ between the runs
+/// compared, and async MLAAN's losses depend on which modules share a stage.
 fn args(method: &str, schedule: &str, devices: &str, out: &Path, extra: &[&str]) -> Vec<String> {
     let epochs = if extra.contains(&"--epochs") { None } else { Some(["--epochs", "3"]) };
     let mut v: Vec<String> = [
@@ -40,6 +41,8 @@ fn args(method: &str, schedule: &str, devices: &str, out: &Path, extra: &[&str])
         "train.log_every=1",
         "--set",
         "data.workers=1",
+        "--set",
+        "pipeline.placement=flops",
     ]
     .iter()
     .chain(epochs.iter().flatten())
