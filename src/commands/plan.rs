@@ -11,7 +11,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         Some(n) => n,
         None => std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
     };
-    let report = build(&cfg, per_node)?;
+    let report = build(&cfg, &args.config.source().to_string(), per_node)?;
     match &args.json {
         Some(to) => super::emit(to, &serde_json::to_string_pretty(&report)?)?,
         None => print!("{}", render(&report, &cfg)),

@@ -7,6 +7,7 @@
 use crate::device::DeviceSpec;
 use crate::error::ConfigError;
 use crate::lam::LamConfig;
+use crate::recipe::Recipe;
 use crate::split::SplitSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -683,6 +684,20 @@ fn schema_error(origin: String, e: &toml::de::Error) -> ConfigError {
     ConfigError::Schema { origin, message }
 }
 
+/// The TOML table of a config's text; a syntax, key or type error names `origin` (a file or a
+/// recipe) and the line.
+fn parse_config(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
+    let table = text
+        .parse::<toml::Table>()
+        .map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+    toml::from_str::<RunConfig>(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+        let at = line.map_or(String::new(), |l| format!(", line {l}"));
+        schema_error(format!("{origin}{at}"), &e)
+    })?;
+    Ok(table)
+}
+
 fn parse_value(raw: &str) -> toml::Value {
     // Parse as a TOML value by wrapping it in a one-key document; bare words become strings.
     format!("v = {raw}")
@@ -692,29 +707,55 @@ fn parse_value(raw: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
+/// Where a config starts from, before the command line's settings go on top.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource<'a> {
+    /// The built-in defaults alone.
+    Defaults,
+    /// A config file (`--config`).
+    File(&'a Path),
+    /// A dataset's recipe: a shipped config compiled into the binary.
+    Recipe(&'static Recipe),
+}
+
+impl std::fmt::Display for ConfigSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::Defaults => f.write_str("built-in defaults"),
+            ConfigSource::File(p) => write!(f, "config file {}", p.display()),
+            ConfigSource::Recipe(r) => write!(f, "{r}"),
+        }
+    }
+}
+
 impl RunConfig {
     /// Build the config: defaults, then `file`, then each `key=value` of `overrides` in order.
     /// An unknown key or a value of the wrong type is blamed on the input that brought it:
     /// the file (with its line) or the one override.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig, ConfigError> {
-        let mut table = match file {
-            Some(path) => {
+        RunConfig::load_from(file.map_or(ConfigSource::Defaults, ConfigSource::File), overrides)
+    }
+
+    /// A recipe with `overrides` on top.
+    pub fn from_recipe(
+        recipe: &'static Recipe,
+        overrides: &[String],
+    ) -> Result<RunConfig, ConfigError> {
+        RunConfig::load_from(ConfigSource::Recipe(recipe), overrides)
+    }
+
+    /// Defaults, then what `source` says, then each `key=value` of `overrides` in order.
+    pub fn load_from(source: ConfigSource, overrides: &[String]) -> Result<RunConfig, ConfigError> {
+        let mut table = match source {
+            ConfigSource::Defaults => toml::Table::new(),
+            ConfigSource::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.display().to_string(),
                     source,
                 })?;
-                let table = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
-                toml::from_str::<RunConfig>(&text).map_err(|e| {
-                    let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
-                    let at = line.map_or(String::new(), |l| format!(", line {l}"));
-                    schema_error(format!("config file {}{at}", path.display()), &e)
-                })?;
-                table
+                parse_config(&text, &format!("config file {}", path.display()))?
             }
-            None => toml::Table::new(),
+            ConfigSource::Recipe(r) => parse_config(r.text, &format!("recipe {}", r.file))?,
         };
         for o in overrides {
             set_dotted(&mut table, o)?;

@@ -11,8 +11,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML: {message}")]
-    Parse { path: String, message: String },
+    /// `origin` is the config file or the recipe.
+    #[error("{origin} is not valid TOML: {message}")]
+    Parse { origin: String, message: String },
     /// An unknown key or a value of the wrong type; `origin` names the file (and line) or
     /// the command-line setting that brought it.
     #[error("{origin}: {message}")]

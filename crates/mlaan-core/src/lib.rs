@@ -12,11 +12,12 @@ pub mod lam;
 pub mod metrics;
 pub mod placement;
 pub mod plan;
+pub mod recipe;
 pub mod schedule;
 pub mod split;
 
 pub use arch::{ArchSpec, BlockKind, BlockRef, Family};
-pub use config::RunConfig;
+pub use config::{ConfigSource, RunConfig};
 pub use device::DeviceSpec;
 pub use error::{ConfigError, PlanError};
 pub use lam::LamChain;

@@ -26,7 +26,7 @@ pub use bench::{measure_throughput, write_synthetic_imagefolder, ThroughputRepor
 pub use error::DataError;
 pub use fetch::{fetch, FetchOptions, FetchReport, RemoteFile};
 pub use loader::{Batch, EpochStream, Loader, LoaderConfig};
-pub use registry::{default_dir, open};
+pub use registry::{default_dir, info_without_files, open};
 pub use transform::{Op, Transform};
 pub use verify::{verify, VerifyReport};
 

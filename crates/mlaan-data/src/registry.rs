@@ -378,16 +378,56 @@ fn normalisation(
     Ok((pick("mean", &cfg.mean, spec.mean)?, pick("std", &cfg.std, spec.std)?))
 }
 
-/// Opens the dataset named by `cfg.dataset` in `cfg.dir` (or its default dir), applies
-/// `train_limit`/`test_limit`, and resolves the augmentation and normalisation defaults
-/// overridden by `cfg`.
-pub fn open(cfg: &DataConfig) -> Result<Datasets, DataError> {
+/// The stored image shape and class count a dataset's definition fixes, for when its files
+/// are not at hand (`plan` on a machine without the data); `None` for an image folder, whose
+/// classes are its sub-folders. ImageNet's photographs have no one size: its shape is what
+/// the transforms make of them.
+fn published(spec: &DatasetSpec, cfg: &DataConfig) -> Option<(Option<ImageShape>, usize)> {
+    let gray = ImageShape::new(1, 28, 28);
+    let rgb = |side| Some(ImageShape::new(3, side, side));
+    Some(match spec.name {
+        "fashion-mnist" | "mnist" => (Some(gray), 10),
+        "cifar10" | "svhn" => (rgb(32), 10),
+        "cifar100" if cfg.cifar100_labels == "coarse" => (rgb(32), 20),
+        "cifar100" => (rgb(32), 100),
+        "stl10" => (rgb(96), 10),
+        "imagenet" => (None, 1000),
+        "synthetic" => (
+            Some(ImageShape::new(cfg.synthetic_channels, cfg.synthetic_size, cfg.synthetic_size)),
+            cfg.synthetic_classes,
+        ),
+        _ => return None,
+    })
+}
+
+/// What [`open`] would report about the dataset of `cfg`, from its definition alone, without
+/// reading a file: for `plan` where the data is not (yet) on the machine. An image folder has
+/// no definition (its classes are its folders), so that is an error naming why.
+pub fn info_without_files(cfg: &DataConfig) -> Result<DatasetInfo, DataError> {
     let spec = spec(&cfg.dataset)?;
-    let dir = cfg.dir.clone().unwrap_or_else(|| default_dir(spec.name));
-    let splits = read_splits(spec, &dir, cfg)?;
+    let (shape, classes) = published(spec, cfg).ok_or_else(|| {
+        DataError::config(
+            "dataset",
+            format!("{}'s classes are its folders: it cannot be described without them", spec.name),
+        )
+    })?;
     let (train_transform, eval_transform) = resolve_transforms(spec, &cfg.augment)?;
+    describe(spec, cfg, shape, classes, None, &train_transform, &eval_transform)
+}
+
+/// The facts of a dataset whose stored images have `shape` (`None`: variable-size photographs)
+/// once its transforms apply.
+fn describe(
+    spec: &DatasetSpec,
+    cfg: &DataConfig,
+    shape: Option<ImageShape>,
+    num_classes: usize,
+    class_names: Option<Vec<String>>,
+    train_transform: &Transform,
+    eval_transform: &Transform,
+) -> Result<DatasetInfo, DataError> {
     // Variable-size images: any input at least as large as the resize gives the final shape.
-    let input = splits.shape.unwrap_or_else(|| {
+    let input = shape.unwrap_or_else(|| {
         let side = cfg
             .augment
             .eval_resize
@@ -396,6 +436,27 @@ pub fn open(cfg: &DataConfig) -> Result<Datasets, DataError> {
             .max(cfg.augment.crop_size.unwrap_or(224));
         ImageShape::new(3, side, side)
     });
+    let (mean, std) = normalisation(spec, cfg, input.channels)?;
+    Ok(DatasetInfo {
+        name: spec.name.into(),
+        num_classes,
+        channels: input.channels,
+        train_shape: train_transform.output_shape(input),
+        eval_shape: eval_transform.output_shape(input),
+        mean,
+        std,
+        class_names,
+    })
+}
+
+/// Opens the dataset named by `cfg.dataset` in `cfg.dir` (or its default dir), applies
+/// `train_limit`/`test_limit`, and resolves the augmentation and normalisation defaults
+/// overridden by `cfg`.
+pub fn open(cfg: &DataConfig) -> Result<Datasets, DataError> {
+    let spec = spec(&cfg.dataset)?;
+    let dir = cfg.dir.clone().unwrap_or_else(|| default_dir(spec.name));
+    let splits = read_splits(spec, &dir, cfg)?;
+    let (train_transform, eval_transform) = resolve_transforms(spec, &cfg.augment)?;
     // A crop that cannot fit the stored images is a config error, found now rather than in
     // the first batch.
     if let Some(shape) = splits.shape {
@@ -407,17 +468,15 @@ pub fn open(cfg: &DataConfig) -> Result<Datasets, DataError> {
             })?;
         }
     }
-    let (mean, std) = normalisation(spec, cfg, input.channels)?;
-    let info = DatasetInfo {
-        name: spec.name.into(),
-        num_classes: splits.train.num_classes(),
-        channels: input.channels,
-        train_shape: train_transform.output_shape(input),
-        eval_shape: eval_transform.output_shape(input),
-        mean,
-        std,
-        class_names: splits.class_names,
-    };
+    let info = describe(
+        spec,
+        cfg,
+        splits.shape,
+        splits.train.num_classes(),
+        splits.class_names,
+        &train_transform,
+        &eval_transform,
+    )?;
     Ok(Datasets {
         train: Head::wrap(splits.train, cfg.train_limit),
         test: Head::wrap(splits.test, cfg.test_limit),

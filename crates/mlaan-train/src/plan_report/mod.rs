@@ -10,8 +10,7 @@ pub use render::render;
 
 use crate::flops::{module_flops, ModuleFlops};
 use crate::placement::choose_placement;
-use crate::session::plan_for;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
 use mlaan_core::config::{ComputeReport, HeadKind, Method, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
@@ -102,6 +101,9 @@ pub struct StageReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlacementReport {
     pub devices: Vec<String>,
+    /// The rule that placed the modules: `pipeline.placement`, or `flops` when the devices
+    /// to profile on are not here.
+    pub rule: PlacementRule,
     /// False when a requested GPU is not visible here (the placement is still computed).
     pub devices_available: bool,
     pub note: Option<String>,
@@ -122,12 +124,17 @@ pub struct ReplicasReport {
 /// Everything `plan` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanReport {
+    /// Where the config came from: a config file, a dataset's recipe, or the defaults.
+    pub config_source: String,
     pub arch: String,
     pub family: Family,
     pub block: BlockKind,
     pub depths: Vec<usize>,
     pub widths: Vec<usize>,
     pub dataset: String,
+    /// Set when the dataset's files are not here: shapes and classes then come from the
+    /// dataset's definition.
+    pub data_note: Option<String>,
     pub input: Chw,
     pub num_classes: usize,
     pub k: usize,
@@ -154,10 +161,10 @@ pub struct PlanReport {
 }
 
 /// Derive the plan of `cfg` and measure it, for `per_node` data-parallel processes per node.
-pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
-    let data = mlaan_data::open(&cfg.data).context("opening the dataset")?;
-    let plan = plan_for(cfg, &data)?;
-    let image = data.info.image();
+pub fn build(cfg: &RunConfig, source: &str, per_node: usize) -> Result<PlanReport> {
+    let (info, data_note) = dataset_info(cfg)?;
+    let image = info.image();
+    let plan = NetworkPlan::new(cfg, image.chw(), image.classes)?;
     let batch = cfg.train.batch_size as u64;
     let macs = plan.module_macs();
     let flops = module_flops(&plan, image, cfg.pipeline.recompute)?;
@@ -223,7 +230,9 @@ pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
         block: plan.arch.block,
         depths: plan.arch.depths.clone(),
         widths: plan.arch.widths.clone(),
-        dataset: data.info.name.clone(),
+        config_source: source.to_string(),
+        dataset: info.name.clone(),
+        data_note,
         input: plan.input,
         num_classes: plan.num_classes,
         k: plan.k(),
@@ -243,6 +252,20 @@ pub fn build(cfg: &RunConfig, per_node: usize) -> Result<PlanReport> {
         placement,
         replicas,
     })
+}
+
+/// The dataset as opened, or, when its files are not on this machine (planning a run for a
+/// GPU server from a laptop), as its definition describes it, with a note saying so.
+fn dataset_info(cfg: &RunConfig) -> Result<(mlaan_data::DatasetInfo, Option<String>)> {
+    match mlaan_data::open(&cfg.data) {
+        Ok(data) => Ok((data.info, None)),
+        Err(e @ mlaan_data::DataError::NotFound { .. }) => {
+            let info = mlaan_data::info_without_files(&cfg.data)
+                .map_err(|d| anyhow::anyhow!("{e}; and without its files: {d}"))?;
+            Ok((info, Some(format!("{e}: shapes and classes from the dataset's definition"))))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("opening the dataset")),
+    }
 }
 
 /// Parameters of LAM copies live under `aux.<term>.lam.<j>.`.
@@ -313,6 +336,16 @@ fn placement(
             )),
         ),
     };
+    // The measured profile runs on the devices themselves: without them, FLOPs decide.
+    let mut note = note;
+    let mut by_flops = cfg.clone();
+    let cfg = if note.is_some() && cfg.pipeline.placement != PlacementRule::Flops {
+        by_flops.pipeline.placement = PlacementRule::Flops;
+        note = note.map(|n| format!("{n}; placed by FLOPs, as the profile needs the devices"));
+        &by_flops
+    } else {
+        cfg
+    };
     let (p, _) = choose_placement(cfg, plan, &devices, image, cores)?;
     let stage_device = |s: usize| specs[s.min(specs.len() - 1)];
     let stages: Vec<StageReport> = p
@@ -344,6 +377,7 @@ fn placement(
     };
     Ok(PlacementReport {
         devices: specs.iter().map(|d| d.to_string()).collect(),
+        rule: cfg.pipeline.placement,
         devices_available: note.is_none(),
         note,
         stages,

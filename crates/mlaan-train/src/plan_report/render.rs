@@ -114,6 +114,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         "plan: {} {} K={} on {} ({} schedule)",
         r.method, r.arch, r.k, r.dataset, r.schedule
     );
+    let _ = writeln!(o, "  config        {}", r.config_source);
     let family = match r.family {
         Family::Cifar => "CIFAR ResNet",
         Family::ImageNet => "ImageNet ResNet",
@@ -134,6 +135,9 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         r.dataset,
         r.num_classes
     );
+    if let Some(note) = &r.data_note {
+        let _ = writeln!(o, "  data          {note}");
+    }
     let ends: Vec<String> = r.split_ends.iter().map(|b| b.to_string()).collect();
     let _ = writeln!(
         o,
@@ -361,7 +365,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             "the sequential schedule runs every module in one stage"
         } else if r.k <= p.devices.len() {
             "one module per device"
-        } else if r.placement_rule == PlacementRule::Flops {
+        } else if p.rule == PlacementRule::Flops {
             "groups balanced by backbone MACs per sample"
         } else {
             "groups balanced by a measured profile of each module"
