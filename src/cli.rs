@@ -3,26 +3,88 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use mlaan_core::config::RunConfig;
+use mlaan_core::config::{ConfigSource, DataConfig, RunConfig};
+use mlaan_core::recipe;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "mlaan-pipe",
     version,
-    about = "Pipeline-parallel supervised local learning (MLAAN, DGL, InfoPro) of ResNets"
+    about = "Pipeline-parallel supervised local learning (MLAAN, DGL, InfoPro) of ResNets",
+    override_usage = "mlaan-pipe [TRAIN FLAGS]          (the same as `mlaan-pipe train [TRAIN FLAGS]`)\n       \
+                      mlaan-pipe <COMMAND> [FLAGS]",
+    after_help = "Without a command, mlaan-pipe trains: `mlaan-pipe --gpus 0,1,2,3 --dataset imagenet` \
+                  is `mlaan-pipe train --gpus 0,1,2,3 --dataset imagenet`. Without --config, \
+                  --dataset picks that dataset's recipe (the published setting, from configs/; \
+                  Fashion-MNIST when no dataset is named); flags and --set go on top. \
+                  `mlaan-pipe train --help` lists the training flags.",
+    subcommand_negates_reqs = true,
+    arg_required_else_help = true
 )]
 pub struct Cli {
     /// Only warnings and errors on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// `mlaan-pipe [TRAIN FLAGS]`: the flags of `train`.
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+impl Cli {
+    /// Parse the process's arguments (see [`Cli::try_parse_checked`]); exits with clap's
+    /// message on an error or `--help`.
+    pub fn parse_checked() -> Cli {
+        Cli::try_parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parse as clap does, refusing training flags before another command (`mlaan-pipe --k 2
+    /// plan`): they belong to the bare command or to `train`. (clap's own
+    /// `args_conflicts_with_subcommands` would also refuse the global `--quiet` there.)
+    pub fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = Cli::command();
+        let m = cmd.try_get_matches_from_mut(args)?;
+        if let Some((name, _)) = m.subcommand() {
+            // Flags of the bare command given on the command line (not the argument groups
+            // clap makes of flattened structs, nor the global --quiet).
+            let flags: Vec<String> = cmd
+                .get_arguments()
+                .filter(|a| a.get_id() != "quiet")
+                .filter(|a| m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
+                .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
+                .collect();
+            if !flags.is_empty() {
+                return Err(cmd.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "{} given before `{name}`: training flags go to `mlaan-pipe [TRAIN \
+                         FLAGS]` or after `train`; `{name}` takes its own after its name",
+                        flags.join(", ")
+                    ),
+                ));
+            }
+        }
+        Cli::from_arg_matches(&m)
+    }
+
+    /// The command to run: the one named, else `train` with the flags given.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Train(self.train))
+    }
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a network; writes config.toml, metrics.jsonl, summary.json and model.safetensors.
+    /// Train a network (the default command); writes config.toml, metrics.jsonl,
+    /// summary.json and model.safetensors.
     Train(TrainArgs),
     /// Print the split, LAM chains, placement, parameters and activation sizes; no training.
     Plan(PlanArgs),
@@ -44,6 +106,22 @@ pub enum Command {
     /// processes with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set. Local rank r
     /// trains on the r-th slice of --gpus. One failing process stops the others.
     Launch(LaunchArgs),
+    /// What this machine offers mlaan-pipe, and why a GPU is not used when it is not: libtorch
+    /// and its CUDA backend, the driver and GPUs (NVML and libtorch), NCCL, Gloo, cores, data.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The dataset whose folder to look for (default: the default dataset's).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Its folder (default: the dataset's default folder).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Machine-readable output: JSON on stdout, or into FILE when one is given.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -142,13 +220,14 @@ pub struct BenchArgs {
 /// Flags that build the run config.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ConfigArgs {
-    /// TOML config file.
+    /// TOML config file; replaces the dataset's recipe.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a config key, e.g. `--set optim.lr=0.05` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
-    /// Dataset: fashion-mnist, mnist, cifar10, cifar100, svhn, stl10, imagenet, imagefolder, synthetic.
+    /// Dataset: fashion-mnist, mnist, cifar10, cifar100, svhn, stl10, imagenet, imagefolder,
+    /// synthetic. Without --config it also picks the dataset's recipe (configs/ has them all).
     #[arg(long)]
     pub dataset: Option<String>,
     /// Directory holding the dataset's files.
@@ -160,7 +239,8 @@ pub struct ConfigArgs {
     /// e2e, dgl, infopro, mlaan-dgl, mlaan-infopro.
     #[arg(long)]
     pub method: Option<String>,
-    /// Number of local modules.
+    /// Number of local modules. The split and the LAM chains then follow this K
+    /// (`model.split = "auto"`, `method.lam.source = "auto"`) unless --set gives them.
     #[arg(long)]
     pub k: Option<usize>,
     /// sequential, sync or async.
@@ -191,7 +271,17 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    /// Defaults, then the file, then `--set`, then the dedicated flags.
+    /// What the config starts from: `--config`, else the recipe of `--dataset` (or of the
+    /// default dataset), else the built-in defaults (a dataset without a recipe).
+    pub fn source(&self) -> ConfigSource<'_> {
+        if let Some(path) = &self.config {
+            return ConfigSource::File(path);
+        }
+        let dataset = self.dataset.clone().unwrap_or_else(|| DataConfig::default().dataset);
+        recipe::for_dataset(&dataset).map_or(ConfigSource::Defaults, ConfigSource::Recipe)
+    }
+
+    /// The source (see [`ConfigArgs::source`]), then `--set`, then the dedicated flags.
     pub fn resolve(&self) -> Result<RunConfig> {
         let mut o = self.set.clone();
         let mut put = |k: &str, v: String| o.push(format!("{k}={v}"));
@@ -209,6 +299,14 @@ impl ConfigArgs {
             put("method.name", q(v));
         }
         if let Some(v) = self.k {
+            // A file's or recipe's split and chains were written for its own K.
+            let given = |key: &str| self.set.iter().any(|s| s.trim_start().starts_with(key));
+            if !given("model.split") {
+                put("model.split", q("auto"));
+            }
+            if !given("method.lam.source") {
+                put("method.lam.source", q("auto"));
+            }
             put("model.k", v.to_string());
         }
         if let Some(v) = &self.schedule {
@@ -242,7 +340,7 @@ impl ConfigArgs {
             let gpus = mlaan_core::device::DeviceSpec::gpus(v)?;
             put("pipeline.devices", list(gpus.iter().map(|d| d.to_string()).collect()));
         }
-        Ok(RunConfig::load(self.config.as_deref(), &o)?)
+        Ok(RunConfig::load_from(self.source(), &o)?)
     }
 }
 
@@ -378,14 +476,35 @@ mod tests {
     }
 
     #[test]
+    fn without_a_command_the_flags_are_trains() {
+        let parse = |a: &[&str]| {
+            Cli::try_parse_checked(std::iter::once("mlaan-pipe").chain(a.iter().copied()))
+        };
+        let cli = parse(&["--gpus", "0,1", "--dataset", "imagenet"]).unwrap();
+        let Command::Train(t) = cli.into_command() else { panic!("not train") };
+        assert_eq!(t.config.gpus.as_deref(), Some("0,1"));
+        assert_eq!(t.config.dataset.as_deref(), Some("imagenet"));
+        for args in [&["-q", "train", "--k", "2"][..], &["train", "-q", "--k", "2"]] {
+            let cli = parse(args).unwrap();
+            assert!(cli.quiet);
+            let Command::Train(t) = cli.into_command() else { panic!("not train") };
+            assert_eq!(t.config.k, Some(2));
+        }
+        let cli = parse(&["-q", "plan", "--k", "2"]).unwrap();
+        assert!(matches!(cli.into_command(), Command::Plan(p) if p.config.k == Some(2)));
+        let e = parse(&["--k", "2", "--data-dir", "d", "plan"]).unwrap_err().to_string();
+        assert!(e.contains("--data-dir, --k given before `plan`"), "{e}");
+    }
+
+    #[test]
     fn json_takes_an_optional_file() {
         let cli = Cli::try_parse_from(["mlaan-pipe", "plan", "--json", "--k", "2"]).unwrap();
-        let Command::Plan(p) = cli.command else { panic!("not plan") };
+        let Command::Plan(p) = cli.into_command() else { panic!("not plan") };
         assert_eq!(p.json.as_deref(), Some(std::path::Path::new("-")));
         assert_eq!(p.config.k, Some(2));
         let cli = Cli::try_parse_from(["mlaan-pipe", "eval", "--model", "m", "--json", "r.json"])
             .unwrap();
-        let Command::Eval(e) = cli.command else { panic!("not eval") };
+        let Command::Eval(e) = cli.into_command() else { panic!("not eval") };
         assert_eq!(e.json.as_deref(), Some(std::path::Path::new("r.json")));
     }
 }

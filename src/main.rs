@@ -3,13 +3,12 @@
 mod cli;
 mod commands;
 
-use clap::Parser;
 use std::io::{IsTerminal, Write};
 
 fn main() {
     mlaan_train::devices::load_cuda_backend();
     mlaan_train::placement::single_threaded_coordinator();
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_checked();
     let filter = tracing_subscriber::EnvFilter::try_from_env("MLAAN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if args.quiet { "warn" } else { "info" })
     });

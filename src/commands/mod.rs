@@ -3,6 +3,7 @@
 mod bench;
 mod compare;
 mod data;
+mod doctor;
 mod eval;
 mod export;
 mod launch;
@@ -14,7 +15,7 @@ use crate::cli::{Cli, Command};
 use anyhow::Result;
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    match cli.into_command() {
         Command::Train(a) => train::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Eval(a) => eval::run(a),
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plot(a) => plot::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Launch(a) => launch::run(a),
+        Command::Doctor(a) => doctor::run(a),
     }
 }
 

@@ -21,6 +21,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let world = Arc::new(World::from_env(&cfg.distributed)?);
     cfg.distributed.world_size = world.size();
     world.agree_on_config(&cfg)?;
+    // A GPU that is not here stops the run before it has a directory.
+    mlaan_train::devices::resolve(&world.local_devices(&cfg.pipeline.devices)?)?;
     // Rank 0 names the run directory; every replica uses that one.
     let out = match args.out {
         Some(dir) => dir,
@@ -41,11 +43,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         format!("{} schedule", cfg.pipeline.schedule)
     };
     tracing::info!(
-        "training {} {} K={} ({how}) on {}, run directory {}",
+        "training {} {} K={} ({how}) on {}, {} from {}, run directory {}",
         cfg.method.name,
         cfg.model.arch,
         cfg.model.k,
         DeviceSpec::names(&cfg.pipeline.devices).join(","),
+        cfg.data.dataset,
+        args.config.source(),
         out.display()
     );
     match train(&cfg, &out, &opts).with_context(|| format!("run {}", out.display()))? {

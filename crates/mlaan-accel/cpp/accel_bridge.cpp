@@ -49,6 +49,14 @@ c10::Device cuda(int index) {
     return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
 }
 
+// CUDA's lazy initialisation, which sizes the caching allocator's per-device statistics:
+// before it, asking for them throws "Invalid device argument ... did you call init?".
+// Idempotent and cheap once done (what the first CUDA tensor would do).
+c10::DeviceAllocator* cuda_allocator() {
+    at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
+    return c10::getDeviceAllocator(c10::DeviceType::CUDA);
+}
+
 }  // namespace
 
 extern "C" {
@@ -200,7 +208,7 @@ int ma_record_stream(void* tensor, char** err) {
 // max_memory_reserved report).
 int ma_cuda_memory(int index, int64_t* out4, char** err) {
     return guarded<int>(err, -1, [&]() {
-        auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)
+        auto stats = cuda_allocator()
                          ->getDeviceStats(static_cast<c10::DeviceIndex>(index));
         const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
         out4[0] = stats.allocated_bytes[all].current;
@@ -213,8 +221,16 @@ int ma_cuda_memory(int index, int64_t* out4, char** err) {
 
 int ma_cuda_reset_peak(int index, char** err) {
     return guarded<int>(err, -1, [&]() {
-        c10::getDeviceAllocator(c10::DeviceType::CUDA)
-            ->resetPeakStats(static_cast<c10::DeviceIndex>(index));
+        cuda_allocator()->resetPeakStats(static_cast<c10::DeviceIndex>(index));
+        return 0;
+    });
+}
+
+// Hand every cached, unused block back to the driver (torch.cuda.empty_cache), so that the
+// next reserved peak counts only what is allocated from now on.
+int ma_cuda_empty_cache(char** err) {
+    return guarded<int>(err, -1, [&]() {
+        cuda_allocator()->emptyCache();
         return 0;
     });
 }

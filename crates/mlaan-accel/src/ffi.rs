@@ -29,6 +29,7 @@ extern "C" {
     pub fn ma_record_stream(tensor: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn ma_cuda_memory(index: c_int, out4: *mut i64, err: *mut *mut c_char) -> c_int;
     pub fn ma_cuda_reset_peak(index: c_int, err: *mut *mut c_char) -> c_int;
+    pub fn ma_cuda_empty_cache(err: *mut *mut c_char) -> c_int;
 }
 
 /// The message the bridge left in `err` (and frees it), or a fallback when it left none.

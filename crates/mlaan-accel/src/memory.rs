@@ -32,7 +32,15 @@ pub fn cuda_memory(device: Device) -> Result<AllocatorMemory, AccelError> {
     })
 }
 
-/// Start a new peak window on a CUDA device (as `torch.cuda.reset_peak_memory_stats`).
+/// Hand the caching allocator's unused blocks back to the driver (as
+/// `torch.cuda.empty_cache`), so that a following peak window starts from what is allocated.
+pub fn empty_cuda_cache() -> Result<(), AccelError> {
+    // SAFETY: a plain call with a valid out-pointer.
+    status("allocator cache", |err| unsafe { ffi::ma_cuda_empty_cache(err) })
+}
+
+/// Start a new peak window on a CUDA device (as `torch.cuda.reset_peak_memory_stats`); CUDA is
+/// initialised first if nothing has used it yet.
 pub fn reset_cuda_peak(device: Device) -> Result<(), AccelError> {
     let index = cuda_index("allocator statistics", device)?;
     // SAFETY: a plain call with a valid out-pointer.
@@ -50,8 +58,9 @@ mod tests {
     }
 
     #[test]
-    fn the_peak_covers_a_freed_tensor() {
+    fn cuda_peak_covers_a_freed_tensor() {
         let Some(d) = crate::cuda_for_test() else { return };
+        // Before any tensor exists on the device: the allocator is initialised first.
         reset_cuda_peak(d).unwrap();
         let before = cuda_memory(d).unwrap();
         {
@@ -60,5 +69,18 @@ mod tests {
         let after = cuda_memory(d).unwrap();
         assert!(after.peak_allocated >= before.allocated + (64 << 20));
         assert!(after.peak_reserved >= after.peak_allocated);
+    }
+
+    #[test]
+    fn cuda_emptied_cache_reserves_only_what_is_allocated() {
+        let Some(d) = crate::cuda_for_test() else { return };
+        let keep = tch::Tensor::zeros([1 << 20], (tch::Kind::Uint8, d));
+        drop(tch::Tensor::zeros([256 << 20], (tch::Kind::Uint8, d)));
+        assert!(cuda_memory(d).unwrap().reserved >= 256 << 20);
+        empty_cuda_cache().unwrap();
+        reset_cuda_peak(d).unwrap();
+        let m = cuda_memory(d).unwrap();
+        assert!(m.reserved < 256 << 20 && m.peak_reserved == m.reserved, "{m:?}");
+        drop(keep);
     }
 }

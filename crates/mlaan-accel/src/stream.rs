@@ -157,7 +157,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_stream_becomes_the_threads_current_stream() {
+    fn cuda_pool_stream_becomes_the_threads_current_stream() {
         let Some(d) = crate::cuda_for_test() else { return };
         std::thread::spawn(move || {
             assert_eq!(Stream::current(d).unwrap().id(), 0, "a new thread starts on the default");
@@ -171,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn an_event_orders_a_handoff_between_two_stream_threads() {
+    fn cuda_event_orders_a_handoff_between_two_stream_threads() {
         let Some(d) = crate::cuda_for_test() else { return };
         let a = Tensor::randn([2048, 2048], (Kind::Float, d));
         let expected = a.matmul(&a).matmul(&a).sum(Kind::Double).double_value(&[]);

@@ -13,6 +13,7 @@ mod error;
 mod ffi;
 mod group;
 pub mod liveness;
+pub mod nccl;
 mod store;
 
 pub use env::{Launch, LaunchSource};

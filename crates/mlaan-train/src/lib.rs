@@ -9,6 +9,7 @@ pub mod cadence;
 pub mod checkpoint;
 pub mod devices;
 pub mod distributed;
+pub mod doctor;
 pub mod evaluate;
 pub mod export;
 pub mod flops;
