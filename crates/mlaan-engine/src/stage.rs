@@ -113,6 +113,8 @@ impl Stage {
         targets: &BatchTargets,
         on_nonfinite: OnNonFinite,
     ) -> Result<Processed, TrainError> {
+        let inputs = [Some(x), Some(&targets.labels), targets.image_u8.as_ref()];
+        self.check_device(id, "input", inputs.into_iter().flatten())?;
         let mut h: Result<Tensor, TrainError> = Ok(x.shallow_clone());
         for i in 0..self.modules.len() {
             let Ok(input) = &h else {
@@ -153,7 +155,28 @@ impl Stage {
 
     /// Parts of batch `id` from the next stage (sync); returns those leaving the front.
     pub fn receive(&mut self, id: u64, parts: Vec<GradPart>) -> Result<Vec<GradPart>, TrainError> {
+        self.check_device(id, "gradient part", parts.iter().map(|p| &p.grad))?;
         self.sweep(id, parts)
+    }
+
+    /// Every tensor a stage's modules compute with is on the stage's device (the hand-off
+    /// puts it there); anything else is a protocol error naming the stage and the batch,
+    /// rather than a kernel failing on mixed devices somewhere inside a module.
+    fn check_device<'a>(
+        &self,
+        id: u64,
+        what: &str,
+        tensors: impl IntoIterator<Item = &'a Tensor>,
+    ) -> Result<(), TrainError> {
+        match tensors.into_iter().find(|t| t.defined() && t.device() != self.device) {
+            None => Ok(()),
+            Some(t) => Err(TrainError::Protocol(format!(
+                "the stage of modules {}.. on {:?} got batch {id}'s {what} on {:?}",
+                self.first_module(),
+                self.device,
+                t.device()
+            ))),
+        }
     }
 
     /// Parameter passes and optimizer steps for batch `id`. `keep_inputs` (async) stores the
@@ -175,6 +198,7 @@ impl Stage {
         parts: Vec<GradPart>,
         last: bool,
     ) -> Result<Vec<GradPart>, TrainError> {
+        self.check_device(id, "late gradient part", parts.iter().map(|p| &p.grad))?;
         let mut parts = parts;
         for i in (0..self.modules.len()).rev() {
             if !self.keeps_input[i] {

@@ -1,7 +1,8 @@
 //! How the stages compute, against the float32 / contiguous / default-stream runs: bf16
 //! autocast keeps float32 state and the schedules' equalities; channels-last changes the
-//! layout, not the numbers; a stream per stage changes the overlap, not the numbers (CUDA
-//! only: reported as skipped without one).
+//! layout, not the numbers; a stream per stage changes the overlap, not the numbers; stages on
+//! one GPU or on two compute what the sequential reference does (the `cuda_` tests: CUDA only,
+//! reported as skipped without one, failing under `MLAAN_REQUIRE_CUDA=1`).
 
 mod common;
 
@@ -141,7 +142,7 @@ fn channels_last_gives_the_contiguous_losses() {
 /// `sync` over four stages sharing one GPU: each on its own stream, the events ordering every
 /// hand-off, against all four on the default stream. Every parameter must agree.
 #[test]
-fn per_stage_streams_give_the_default_stream_numbers() {
+fn cuda_per_stage_streams_give_the_default_stream_numbers() {
     if mlaan_accel::cuda_for_test().is_none() {
         return;
     }
@@ -155,5 +156,45 @@ fn per_stage_streams_give_the_default_stream_numbers() {
         own.pipeline.streams = StreamMode::PerStage;
         let what = format!("mlaan-dgl {precision} per-stage streams");
         assert_close(&what, &run(&shared, 20), &run(&own, 20), 1e-4);
+    }
+}
+
+/// The pipeline on one GPU: `sync` over two and four stages sharing it (each its own stream)
+/// equals `sequential` on it, every parameter, for MLAAN (whose cascade gradients cross
+/// stages) and DGL.
+#[test]
+fn cuda_sync_on_stages_sharing_one_gpu_equals_sequential() {
+    let Some(d) = mlaan_accel::cuda_for_test() else { return };
+    let gpu = DeviceSpec::Cuda(match d {
+        tch::Device::Cuda(i) => i,
+        _ => unreachable!(),
+    });
+    for method in ["mlaan-dgl", "dgl"] {
+        let mut reference = on(method, Schedule::Sequential, vec![gpu]);
+        reference.train.cudnn_benchmark = false;
+        let expected = run(&reference, 20);
+        for stages in [2, 4] {
+            let mut piped = reference.clone();
+            piped.pipeline.schedule = Schedule::Sync;
+            piped.pipeline.devices = vec![gpu; stages];
+            let what = format!("{method} sync on {stages} stages of one GPU");
+            assert_close(&what, &expected, &run(&piped, 20), 1e-4);
+        }
+    }
+}
+
+/// Two GPUs: activations go forward from cuda:0 to cuda:1 and MLAAN's cascade gradients and
+/// EMA snapshots come back; `sync` over them equals `sequential` on cuda:0.
+#[test]
+fn cuda_sync_across_two_gpus_equals_sequential() {
+    let Some(_) = mlaan_accel::cuda_devices_for_test(2) else { return };
+    for method in ["mlaan-dgl", "mlaan-infopro"] {
+        let mut reference = on(method, Schedule::Sequential, vec![DeviceSpec::Cuda(0)]);
+        reference.train.cudnn_benchmark = false;
+        let mut piped = reference.clone();
+        piped.pipeline.schedule = Schedule::Sync;
+        piped.pipeline.devices = vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)];
+        let what = format!("{method} sync on cuda:0,cuda:1");
+        assert_close(&what, &run(&reference, 20), &run(&piped, 20), 1e-4);
     }
 }

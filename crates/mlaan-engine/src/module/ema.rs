@@ -34,13 +34,15 @@ pub struct TwinLink {
     /// Snapshots received but not yet folded in, oldest first. They are part of the twin's
     /// state: a checkpoint saves them, so that a lagged twin resumes exactly.
     pub backlog: VecDeque<EmaSnapshot>,
+    /// The twin's device, where its snapshots land.
+    pub device: Device,
 }
 
 impl TwinLink {
     /// Move every snapshot that has arrived into the backlog.
     pub fn absorb(&mut self) -> Result<(), TrainError> {
         for snap in self.rx.try_iter() {
-            self.backlog.push_back(snap.receive()?);
+            self.backlog.push_back(snap.receive(self.device)?);
         }
         Ok(())
     }

@@ -107,25 +107,17 @@ impl Pipeline {
                 (s + 1 < d).then(|| queued[s + 1].clone()),
             );
             port.per_stage_streams = settings.per_stage_streams(devices[s]);
+            port.device = devices[s];
             let states: Vec<ModuleSnapshot> =
                 states[modules.clone()].iter().map(ModuleSnapshot::shallow_clone).collect();
             let (plan, settings, events) = (plan.clone(), settings.clone(), ev_tx.clone());
             let (twins, sources) = (std::mem::take(&mut twins[s]), std::mem::take(&mut sources[s]));
-            let (device, next_device, queued_bytes) =
-                (devices[s], (s + 1 < d).then(|| devices[s + 1]), queued[s].clone());
+            let (device, queued_bytes) = (devices[s], queued[s].clone());
             let build = move || {
                 tch::set_num_threads(settings.intra_op_threads.get(s).copied().unwrap_or(1) as i32);
                 settings.compute.enter_stage_thread(device)?;
                 let stage = build_stage(&plan, &settings, &states, device, twins, sources)?;
-                Ok(WorkerParts {
-                    index: s,
-                    stage,
-                    next_device,
-                    settings,
-                    port,
-                    events,
-                    queued_bytes,
-                })
+                Ok(WorkerParts { index: s, stage, settings, port, events, queued_bytes })
             };
             let (events, stop) = (ev_tx.clone(), stop.clone());
             let module_list: Vec<usize> = modules.clone().collect();

@@ -46,6 +46,8 @@ pub struct Port {
     pub next_queued_bytes: Option<Arc<AtomicU64>>,
     /// Stages compute on their own CUDA streams: what is sent carries an event.
     pub per_stage_streams: bool,
+    /// The stage's device: everything received lands there (`Handed::receive`).
+    pub device: tch::Device,
     waits: Waits,
 }
 
@@ -69,6 +71,7 @@ impl Port {
             stop,
             next_queued_bytes,
             per_stage_streams: false,
+            device: tch::Device::Cpu,
             waits,
         }
     }
@@ -81,7 +84,8 @@ impl Port {
     /// The next forward message; `None` when the input is closed.
     pub fn recv_input(&mut self) -> Result<Option<Forward>, TrainError> {
         let t = Instant::now();
-        let msg = self.recv(&self.input)?.map(Handed::receive).transpose()?;
+        let device = self.device;
+        let msg = self.recv(&self.input)?.map(|m| m.receive(device)).transpose()?;
         self.waits.input += t.elapsed();
         Ok(msg)
     }
@@ -92,24 +96,26 @@ impl Port {
         let t = Instant::now();
         let msg = self.recv(&rx)?.ok_or_else(|| self.peer_gone("stopped sending gradients"))?;
         self.waits.grad += t.elapsed();
-        msg.receive()
+        msg.receive(self.device)
     }
 
     /// A gradient if one is ready, else whichever of a gradient and an input comes first.
     pub fn recv_grad_or_input(&mut self) -> Result<Received, TrainError> {
         let grads = self.grads()?;
         if let Ok(msg) = grads.try_recv() {
-            return Ok(Received::Grad(msg.receive()?));
+            return Ok(Received::Grad(msg.receive(self.device)?));
         }
         let input = self.input.clone();
         let t = Instant::now();
         let got = loop {
             select! {
                 recv(grads) -> m => match m {
-                    Ok(msg) => break Received::Grad(msg.receive()?),
+                    Ok(msg) => break Received::Grad(msg.receive(self.device)?),
                     Err(_) => return Err(self.peer_gone("stopped sending gradients")),
                 },
-                recv(input) -> m => break Received::Input(m.ok().map(Handed::receive).transpose()?),
+                recv(input) -> m => {
+                    break Received::Input(m.ok().map(|m| m.receive(self.device)).transpose()?)
+                }
                 default(POLL) => self.check_stop()?,
             }
         };
@@ -126,7 +132,7 @@ impl Port {
         // The publishing stage closed its end: it has stopped, and so does this one.
         let snap = self.recv(rx)?.ok_or(TrainError::Stopped)?;
         self.waits.grad += t.elapsed();
-        snap.receive()
+        snap.receive(self.device)
     }
 
     /// Send `msg` to the next stage (nothing when this is the last stage).

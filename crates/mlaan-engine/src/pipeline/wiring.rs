@@ -126,7 +126,7 @@ pub fn build_stage(
                 params: p.iter().map(|t| t.to_device(device)).collect(),
             })
             .collect();
-        module.ema.twins.push(TwinLink { block, params, rx, lag, backlog });
+        module.ema.twins.push(TwinLink { block, params, rx, lag, backlog, device });
     }
     for SourceWire { module: m, block, tx, to } in sources {
         let module = &mut modules[m - first];

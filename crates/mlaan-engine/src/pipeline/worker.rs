@@ -18,13 +18,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// A stage worker's fixed surroundings, built by `Pipeline::start`.
 pub struct WorkerParts {
     pub index: usize,
     pub stage: Stage,
-    pub next_device: Option<Device>,
     pub settings: PipelineSettings,
     pub port: Port,
     pub events: Sender<Event>,
@@ -126,7 +125,6 @@ struct Normalize {
 struct StageWorker {
     index: usize,
     stage: Stage,
-    next_device: Option<Device>,
     settings: PipelineSettings,
     port: Port,
     events: Sender<Event>,
@@ -150,7 +148,6 @@ impl StageWorker {
         StageWorker {
             index: p.index,
             stage: p.stage,
-            next_device: p.next_device,
             settings: p.settings,
             port: p.port,
             events: p.events,
@@ -261,20 +258,15 @@ impl StageWorker {
         let t = Instant::now();
         let x = self.stage_input(x)?;
         let x = self.inject(id, x)?;
-        let targets = targets.to_device(self.stage.device);
         let done = self.stage.process(id, &x, &targets, self.settings.on_nonfinite)?;
         self.note_live();
         self.window.busy += t.elapsed();
         match done.output {
             Ok(h) => {
-                if let Some(next) = self.next_device {
-                    let t = Instant::now();
-                    let (x, targets) = (h.to_device(next), targets.to_device(next));
-                    self.window.busy += t.elapsed();
-                    self.port.send_forward(Forward::Train { id, x, targets })?;
-                }
                 self.window.batches += 1;
                 self.window.images += targets.labels.size()[0] as u64;
+                // The next stage's hand-off moves it to its device.
+                self.port.send_forward(Forward::Train { id, x: h, targets })?;
             }
             Err(cause) => {
                 let _ = self.events.send(Event::Skipped { stage: self.index, batch: id, cause });
@@ -338,20 +330,16 @@ impl StageWorker {
         msg.map_or(Ok(()), |m| self.port.send_back(m))
     }
 
-    /// Normalise raw images on stage 0.
+    /// Normalise raw images on stage 0 (they arrive on its device: the hand-off moved them).
     fn stage_input(&self, x: Tensor) -> Result<Tensor, TrainError> {
-        let device = self.stage.device;
         if self.stage.first_module() == 0 {
-            // Non-blocking: asynchronous from pinned memory, ordered before the ops that use
-            // it on the device's stream (and a plain copy from pageable memory).
-            let x = x.to_device_(device, x.kind(), true, false);
             let x = (x.to_kind(Kind::Float) / 255.0 - &self.normalize.mean) / &self.normalize.std;
             Ok(match self.settings.compute.memory_format {
                 MemoryFormat::ChannelsLast => mlaan_accel::to_channels_last(&x)?,
                 MemoryFormat::Contiguous => x,
             })
         } else {
-            Ok(x.to_device(device))
+            Ok(x)
         }
     }
 
@@ -379,13 +367,9 @@ impl StageWorker {
             Forward::Eval { x, labels } => {
                 let t = Instant::now();
                 let x = self.stage_input(x)?;
-                let labels = labels.to_device(self.stage.device);
                 let h = tch::no_grad(|| self.evaluate(&x, &labels));
                 self.window.busy += t.elapsed();
-                if let Some(next) = self.next_device {
-                    let (x, labels) = (h.to_device(next), labels.to_device(next));
-                    self.port.send_forward(Forward::Eval { x, labels })?;
-                }
+                self.port.send_forward(Forward::Eval { x: h, labels })?;
             }
             Forward::EvalEnd => {
                 let modules = std::mem::take(&mut self.eval);
