@@ -1,6 +1,8 @@
 # mlaan-pipe: set-up, build, run and test. `make help` lists the targets; docs/setup.md explains
 # what set-up installs. Every target installs what it needs first (scripts/setup.sh, a no-op
-# once done), so `make run` and `make test` work on a fresh clone.
+# once done), so `make run` and `make test` work on a fresh clone. On a machine with an NVIDIA
+# driver set-up also installs torch's CUDA libraries; `CUDA=1` or `CUDA=0` on the command line
+# (e.g. `make setup CUDA=1`) decides instead of the driver probe.
 
 CARGO  ?= cargo
 CONFIG ?= configs/default.toml
@@ -15,6 +17,7 @@ help:
 	@echo "make run        set up, build, train $(CONFIG) on Fashion-MNIST, print test accuracy"
 	@echo "make test       set up, then cargo fmt --check, clippy -D warnings, cargo test (what CI runs)"
 	@echo "make setup      install .venv with libtorch $(shell sed -n 's/^TORCH_VERSION=//p' scripts/setup.sh), the .libtorch link and the data"
+	@echo "                (with an NVIDIA driver, or CUDA=1: also torch's CUDA libraries; CUDA=0: never)"
 	@echo "make build      set up libtorch, then cargo build --release"
 	@echo "make lint       cargo fmt --check and clippy -D warnings"
 	@echo "make fmt        format the code"

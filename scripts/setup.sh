@@ -6,6 +6,9 @@
 #      the two CUDA runtime wheels that libtorch_cpu.so itself loads)
 #   3. the symlink .libtorch -> .venv/lib/python3.X/site-packages/torch, which
 #      .cargo/config.toml hands to torch-sys as LIBTORCH
+#   3b. on a machine with an NVIDIA driver (or with CUDA=1), the CUDA libraries that torch's own
+#      wheel metadata pins (its Requires-Dist: cuDNN, cuBLAS, NCCL, NVSHMEM, ...), so that
+#      libtorch_cuda.so loads; without a driver nothing more is installed (CUDA=0 forces that)
 #   4. Gloo's C++ headers from the Debian package libgloo-dev (mlaan-dist compiles c10d's
 #      ProcessGroupGloo header against them; the wheel has c10d's headers but not Gloo's)
 #   5. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
@@ -17,12 +20,17 @@
 # Each step checks first and does nothing when already done, so a second run takes well under
 # a second and touches no network. See docs/setup.md.
 #
-# Usage: scripts/setup.sh [--data=required|optional|skip] [--dev]
+# Usage: scripts/setup.sh [--data=required|optional|skip] [--dev] [--cuda-plan]
 #   --data=required  fail when Fashion-MNIST is missing and cannot be installed (make run)
 #   --data=optional  try to install it; only warn when that is impossible (default)
 #   --data=skip      do not look at the data at all (make build)
 #   --dev            also install TensorBoard and check that cargo fmt and cargo clippy are
 #                    installed (make test)
+#   --cuda-plan      only say whether step 3b would install torch's CUDA libraries, and which
+#                    (one requirement per line on stdout); installs nothing
+#
+# Environment: CUDA=1 installs the CUDA libraries without looking for a driver, CUDA=0 never;
+# MLAAN_GPU_PROBE=COMMAND replaces the driver probe (exit status 0: a driver is present).
 #
 # If LIBTORCH is set in the environment, that torch is used instead of .venv (steps 1-3 are
 # skipped and only its version is checked), e.g. a GPU machine's full CUDA torch install.
@@ -60,12 +68,14 @@ DATA_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-uby
 
 data_mode=optional
 dev=0
+cuda_plan=0
 for arg in "$@"; do
     case "$arg" in
         --data=required | --data=optional | --data=skip) data_mode="${arg#--data=}" ;;
         --dev) dev=1 ;;
+        --cuda-plan) cuda_plan=1 ;;
         -h | --help)
-            sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -75,11 +85,17 @@ for arg in "$@"; do
     esac
 done
 
+# --cuda-plan: its answer alone on stdout (fd 3), the steps on stderr.
+if ((cuda_plan)); then
+    exec 3>&1 1>&2
+fi
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV=.venv
 STAMP="$VENV/.mlaan-torch"
 TB_STAMP="$VENV/.mlaan-tensorboard"
+CUDA_STAMP="$VENV/.mlaan-cuda"
 
 step() { printf '==> %s\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
@@ -117,6 +133,78 @@ ensure_venv() {
 # Install exactly these wheels into the venv, resolving nothing (--no-deps).
 pip_pinned() {
     "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps "$@"
+}
+
+case "${CUDA:-auto}" in
+    1 | yes | true | 0 | no | false | auto) ;;
+    *) die "CUDA=${CUDA}: use CUDA=1 (install torch's CUDA libraries) or CUDA=0 (never), or leave it unset" ;;
+esac
+
+# Whether this machine has an NVIDIA driver: its kernel module's version file, or nvidia-smi
+# listing a GPU. MLAAN_GPU_PROBE replaces the probe (tests, unusual installs).
+driver_present() {
+    if [[ -n "${MLAAN_GPU_PROBE:-}" ]]; then
+        bash -c "$MLAAN_GPU_PROBE" >/dev/null 2>&1
+    elif [[ -r /proc/driver/nvidia/version ]]; then
+        return 0
+    else
+        command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '
+    fi
+}
+
+# Why step 3b installs torch's CUDA libraries, or nothing (empty) when it does not.
+cuda_reason() {
+    case "${CUDA:-auto}" in
+        1 | yes | true) echo "CUDA=${CUDA} asks for them" ;;
+        0 | no | false) ;;
+        *) driver_present && echo "an NVIDIA driver is present" || true ;;
+    esac
+}
+
+# The CUDA libraries torch's wheel pins for this platform, one requirement per line, read from
+# its installed metadata (Requires-Dist, markers evaluated by pip's own packaging): cuda-toolkit
+# with its extras and the nvidia-* wheels. The Python-only ones (cuda-bindings, triton) are not
+# what libtorch_cuda.so needs.
+cuda_requirements() {
+    "$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+from pip._vendor.packaging.requirements import Requirement
+for line in md.requires("torch") or []:
+    r = Requirement(line)
+    if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+        continue
+    if r.name == "cuda-toolkit" or r.name.startswith("nvidia-"):
+        extras = "[" + ",".join(sorted(r.extras)) + "]" if r.extras else ""
+        print(f"{r.name}{extras}{r.specifier}")
+PY
+}
+
+# 3b. torch's CUDA libraries into the venv (pip resolves cuda-toolkit's extras to their exact
+# wheels), then a check that libtorch_cuda.so now loads, with the loader's message if not.
+install_cuda_libraries() {
+    local reason reqs want
+    reason="$(cuda_reason)"
+    if [[ -z "$reason" ]]; then
+        step "cuda: no NVIDIA driver here (CUDA=1 installs torch's CUDA libraries anyway): CPU only"
+        return
+    fi
+    mapfile -t reqs < <(cuda_requirements)
+    ((${#reqs[@]})) || die "torch's metadata in $VENV names no CUDA library to install"
+    want="${reqs[*]}"
+    if [[ "$(cat "$CUDA_STAMP" 2>/dev/null)" == "$want" ]]; then
+        step "cuda: torch's CUDA libraries already installed ($reason)"
+    else
+        step "cuda: $reason: installing torch's CUDA libraries (about 3 GB): ${want}"
+        rm -f "$CUDA_STAMP"
+        "$VENV/bin/python" -m pip install --no-input --disable-pip-version-check --no-warn-conflicts "${reqs[@]}"
+        printf '%s\n' "$want" >"$CUDA_STAMP"
+    fi
+    "$VENV/bin/python" - "$torch_dir/lib/libtorch_cuda.so" <<'PY' ||
+import ctypes, sys
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+PY
+        die "libtorch_cuda.so does not load after installing torch's CUDA libraries (the message above names what is missing)"
+    step "cuda: libtorch_cuda.so loads"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +247,23 @@ else
         ln -sfn "$rel" .libtorch
         step "libtorch: linked .libtorch -> $rel"
     fi
+
+    # 3b. CUDA libraries, when this machine can use them
+    if ((!cuda_plan)); then
+        install_cuda_libraries
+    fi
+fi
+
+if ((cuda_plan)); then
+    if [[ -n "${LIBTORCH:-}" ]]; then
+        step "cuda: LIBTORCH is set: that torch brings its own CUDA libraries; step 3b does not apply"
+    elif reason="$(cuda_reason)" && [[ -n "$reason" ]]; then
+        step "cuda: $reason: step 3b installs"
+        cuda_requirements >&3
+    else
+        step "cuda: no NVIDIA driver: step 3b installs nothing"
+    fi
+    exit 0
 fi
 
 # ---------------------------------------------------------------------------------------------
