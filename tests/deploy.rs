@@ -966,3 +966,111 @@ fn paper_configs_pass_plan() {
         assert!(out.contains("stage 3  cuda:3"), "{file}: four stages\n{out}");
     }
 }
+
+/// A packed mlaan-pipe for gpu_check.sh: one GPU in `doctor`, a finished run for `train`, a
+/// bench.md for `bench`; every call recorded.
+const FAKE_PACKED_BIN: &str = r#"#!/bin/bash
+echo "$*" >> "${FAKE_LOG:?}.calls"
+case $1 in
+doctor)
+    if [[ ${2:-} == --json ]]; then echo '{ "libtorch_cuda_devices": 1 }'; else echo "verdict        --gpus can use 1 GPU(s)"; fi ;;
+train) echo "mlaan-dgl resnet8 K=3 on synthetic: test accuracy 0.9100 (1 epochs, 300 steps), 5000.0 images/s, 8.0 s" ;;
+launch) echo "launched" ;;
+bench)
+    out=""
+    while (($#)); do [[ $1 == --out ]] && out=$2; shift; done
+    mkdir -p "$out"; echo "| case | images/s |" > "$out/bench.md" ;;
+--version) echo "mlaan-pipe 0.0.0-fake" ;;
+esac
+"#;
+
+/// A packed test binary: one test per filter, which passes, skips (no second GPU) or fails;
+/// records the strict switch it saw.
+const FAKE_TEST_BIN: &str = r#"#!/bin/bash
+echo "$1 MLAAN_REQUIRE_CUDA=${MLAAN_REQUIRE_CUDA:-unset}" >> "${FAKE_LOG:?}.tests"
+if [[ $1 == *across_two_gpus* ]]; then
+    echo "test $1 ... skipped: needs 2 CUDA devices, 1 visible"; echo ok
+    echo "test result: ok. 1 passed; 0 failed"
+elif [[ -n ${FAKE_FAIL:-} && $1 == *"$FAKE_FAIL"* ]]; then
+    echo "thread '$1' panicked at x.rs:1:1:"; echo "test result: FAILED. 0 passed; 1 failed"; exit 101
+else
+    echo "test $1 ... ok"; echo "test result: ok. 1 passed; 0 failed"
+fi
+"#;
+
+/// A pack as `gpu_check.sh --pack` makes it, with fakes for the binaries, and a torch dir.
+fn fake_pack(sb: &Sandbox) -> (PathBuf, PathBuf) {
+    let pack = sb.path("pack");
+    fs::create_dir_all(pack.join("tests")).unwrap();
+    fs::create_dir_all(pack.join("configs")).unwrap();
+    sb.script("pack/mlaan-pipe", FAKE_PACKED_BIN);
+    sb.script("pack/tests/mlaan-train--compute", FAKE_TEST_BIN);
+    fs::write(pack.join("tests.txt"), "mlaan-train--compute\n").unwrap();
+    fs::write(pack.join("manifest.txt"), "torch_series=2.11\n").unwrap();
+    fs::copy(root().join("deploy/gpu_bench.sh"), pack.join("gpu_bench.sh")).unwrap();
+    fs::copy(root().join("configs/default.toml"), pack.join("configs/default.toml")).unwrap();
+    let torch = sb.path("torch");
+    fs::create_dir_all(torch.join("lib")).unwrap();
+    fs::write(torch.join("version.py"), "__version__ = '2.11.0+cu130'\n").unwrap();
+    (pack, torch)
+}
+
+#[test]
+fn gpu_check_runs_every_row_strictly_and_prints_one_table() {
+    let sb = Sandbox::new();
+    let (pack, torch) = fake_pack(&sb);
+    let args = ["--pack-dir", pack.to_str().unwrap(), "--torch", torch.to_str().unwrap()];
+    let run = |extra: &[(&str, &str)]| {
+        let mut a = args.to_vec();
+        a.extend(["--out", "check"]);
+        code(sb.command("deploy/gpu_check.sh", &a, extra).status().unwrap())
+    };
+    assert_eq!(run(&[("FAKE_GPUS", "1")]), 0, "{}", sb.stderr());
+    let table = sb.read("check/gpu_check.md");
+    let rows: Vec<&str> =
+        table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| check")).collect();
+    assert!(rows.len() >= 8, "{table}");
+    for (check, result) in [
+        ("doctor", "PASS"),
+        ("sync = sequential, 2 and 4 stages on one GPU", "PASS"),
+        ("sync = sequential, --gpus 0,1", "SKIP"),
+        ("every other CUDA test", "PASS"),
+        ("train --gpus 0,0 fp32", "PASS"),
+        ("train --gpus 0,0 bf16", "PASS"),
+        ("gloo replicas, 2 processes on --gpus 0,0", "PASS"),
+        ("gpu_bench compute set", "PASS"),
+    ] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(&format!("| {check}")) && r.contains(&format!("| {result}"))),
+            "{check}: {result}\n{table}"
+        );
+    }
+    assert!(table.contains("5000.0 images/s"), "{table}");
+    // Every CUDA test ran with the strict switch.
+    let tests = sb.read("trainer.tests");
+    assert!(
+        tests.lines().count() >= 3 && tests.lines().all(|l| l.ends_with("MLAAN_REQUIRE_CUDA=1")),
+        "{tests}"
+    );
+    let calls = sb.read("trainer.calls");
+    assert!(calls.contains("train --config") && calls.contains("--gpus 0,0"), "{calls}");
+    assert!(calls.contains("train.precision=\"bf16\""), "{calls}");
+    assert!(calls.lines().any(|c| c.starts_with("launch --nproc-per-node 2 -- train")), "{calls}");
+
+    // A failing test fails the check, naming it; the other rows still run.
+    let sb = Sandbox::new();
+    let (pack, torch) = fake_pack(&sb);
+    let a =
+        ["--pack-dir", pack.to_str().unwrap(), "--torch", torch.to_str().unwrap(), "--out", "c"];
+    let st = sb.command("deploy/gpu_check.sh", &a, &[("FAKE_FAIL", "stages_sharing")]).status();
+    assert_eq!(code(st.unwrap()), 1, "{}", sb.stderr());
+    let table = sb.read("c/gpu_check.md");
+    assert!(table.contains("| sync = sequential, 2 and 4 stages on one GPU | FAIL"), "{table}");
+    assert!(table.contains("| gpu_bench compute set | PASS"), "{table}");
+
+    // Another torch than the pack's is refused before anything runs.
+    fs::write(torch.join("version.py"), "__version__ = '2.10.1'\n").unwrap();
+    let st = sb.command("deploy/gpu_check.sh", &a, &[]).status().unwrap();
+    assert_eq!(code(st), 2);
+    assert!(sb.stderr().contains("2.10"), "{}", sb.stderr());
+}
