@@ -882,9 +882,11 @@ fn gpu_bench_arguments_are_accepted_by_the_cli() {
 // ---------------------------------------------------------------------------------------------
 // The paper-setting configs.
 
-const CONFIGS: [(&str, &str, usize, &[&str]); 3] = [
+const CONFIGS: [(&str, &str, usize, &[&str]); 5] = [
     ("cifar10-resnet32-mlaan-dgl.toml", "resnet32", 15, &[]),
     ("cifar10-resnet110-mlaan-infopro.toml", "resnet110", 54, &[]),
+    ("svhn-resnet32-mlaan-dgl.toml", "resnet32", 15, &[]),
+    ("stl10-resnet32-mlaan-dgl.toml", "resnet32", 15, &["--set", "data.synthetic_size=96"]),
     ("imagenet-resnet34-mlaan.toml", "resnet34", 16, &["--set", "data.synthetic_size=224"]),
 ];
 
@@ -903,15 +905,23 @@ fn paper_configs_have_the_paper_settings() {
             c.pipeline.devices == [mlaan_core::device::DeviceSpec::Cpu],
             "{file}: devices come from --gpus, not the file"
         );
-        let (samples, steps_per_epoch) = if file.starts_with("cifar10") {
-            assert_eq!(c.data.dataset, "cifar10");
+        let (samples, steps_per_epoch) = if file.starts_with("cifar10") || file.starts_with("svhn")
+        {
+            // SVHN trains like CIFAR-10 in the reference code.
+            let (dataset, samples) =
+                if file.starts_with("svhn") { ("svhn", 73_257) } else { ("cifar10", 50_000) };
+            assert_eq!(c.data.dataset, dataset);
             assert_eq!(
                 (c.train.batch_size, c.optim.lr, c.train.epochs),
                 (1024, 0.8, 400),
                 "{file}"
             );
             assert_eq!((c.optim.warmup_epochs, c.optim.warmup_start_lr), (10.0, 0.01), "{file}");
-            (50_000, 50_000 / 1024)
+            (samples, samples / 1024)
+        } else if file.starts_with("stl10") {
+            assert_eq!(c.data.dataset, "stl10");
+            assert_eq!((c.train.batch_size, c.optim.lr, c.train.epochs), (128, 0.1, 400), "{file}");
+            (5_000, 5_000 / 128)
         } else {
             assert_eq!(c.data.dataset, "imagenet");
             assert_eq!(
@@ -925,7 +935,7 @@ fn paper_configs_have_the_paper_settings() {
         if c.method.name == Method::MlaanInfopro {
             assert_eq!(c.method.cascade_depth, 3, "{file}: the InfoPro variant uses d=3");
         }
-        if file.starts_with("cifar10") {
+        if arch == "resnet32" || file.starts_with("cifar10") {
             assert_eq!(c.method.lam.source, "official", "{file}: the official code's LAM chains");
         }
         if arch == "resnet110" && c.method.name.uses_infopro_loss() {
