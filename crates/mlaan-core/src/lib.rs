@@ -10,9 +10,11 @@ pub mod device;
 pub mod error;
 pub mod lam;
 pub mod metrics;
+pub mod micro;
 pub mod placement;
 pub mod plan;
 pub mod recipe;
+pub mod routes;
 pub mod schedule;
 pub mod split;
 

@@ -5,6 +5,7 @@
 //! message the event carried. The timelines in `docs/design.md` ("Stages and schedules") are asserted by
 //! the tests below, in milliseconds and without libtorch.
 
+use crate::micro::MicroBatches;
 use std::collections::VecDeque;
 
 /// What a stage worker has just received.
@@ -100,36 +101,34 @@ impl StageSchedule {
 }
 
 /// `sync`: keep each batch's graph until the next stage's last message for it, then step.
-/// With `accumulate = M` (GPipe) the stage forwards M batches before it waits, and waits for
-/// the oldest first.
+/// With M micro-batches per step (GPipe) the stage forwards a step's M batches before it
+/// waits, and waits for the oldest first.
 #[derive(Debug, Clone)]
 pub struct SyncSchedule {
-    accumulate: usize,
+    micro: MicroBatches,
     /// Whether the next stage sends gradients for every batch.
     expects_grads: bool,
     /// Forwarded batches whose last gradient message has not arrived, oldest first.
     waiting: VecDeque<u64>,
-    /// Batches forwarded, and stepped, in the current accumulation group.
-    forwarded: usize,
-    stepped: usize,
+    /// The last batch of the current step is forwarded: wait for gradients until it steps.
+    step_forwarded: bool,
     /// A control message arrived while batches were waiting: handle it once they are done.
     control_pending: bool,
 }
 
 impl SyncSchedule {
-    pub fn new(accumulate: usize, expects_grads: bool) -> Self {
+    pub fn new(micro: MicroBatches, expects_grads: bool) -> Self {
         SyncSchedule {
-            accumulate: accumulate.max(1),
+            micro,
             expects_grads,
             waiting: VecDeque::new(),
-            forwarded: 0,
-            stepped: 0,
+            step_forwarded: false,
             control_pending: false,
         }
     }
 
     pub fn wait(&self) -> Wait {
-        if self.control_pending || self.forwarded == self.accumulate {
+        if self.control_pending || self.step_forwarded {
             Wait::Grad
         } else {
             Wait::Input
@@ -141,7 +140,7 @@ impl SyncSchedule {
         match event {
             StageEvent::Input(Input::Train(id)) => {
                 actions.push(Action::Forward(id));
-                self.forwarded += 1;
+                self.step_forwarded = self.micro.closes_step(id);
                 if self.expects_grads {
                     self.waiting.push_back(id);
                 } else {
@@ -173,10 +172,8 @@ impl SyncSchedule {
 
     fn step(&mut self, id: u64, actions: &mut Vec<Action>) {
         actions.push(Action::Step { id, keep_inputs: false });
-        self.stepped += 1;
-        if self.stepped == self.accumulate {
-            self.forwarded = 0;
-            self.stepped = 0;
+        if self.micro.closes_step(id) {
+            self.step_forwarded = false;
         }
     }
 }
@@ -299,7 +296,7 @@ mod tests {
     #[test]
     fn sync_stage_waits_for_each_batch_gradient_before_the_next_input() {
         // design.md: stage 0:  F0 L0 ─ wait g0 ─ P0 | F1 L1 ─ wait g1 ─ P1
-        let mut s = StageSchedule::Sync(SyncSchedule::new(1, true));
+        let mut s = StageSchedule::Sync(SyncSchedule::new(MicroBatches::new(1), true));
         assert_eq!(s.wait(), Wait::Input);
         assert_eq!(timeline(&mut s, &[train(0)]), [Forward(0)]);
         assert_eq!(s.wait(), Wait::Grad, "a sync stage waits for the later stage, for batch 0");
@@ -315,7 +312,7 @@ mod tests {
     #[test]
     fn sync_last_stage_never_waits_for_a_gradient() {
         // design.md: stage 1:  F0 L0 X0 ──▶ P0 | F1 L1 X1 ──▶ P1
-        let mut s = StageSchedule::Sync(SyncSchedule::new(1, false));
+        let mut s = StageSchedule::Sync(SyncSchedule::new(MicroBatches::new(1), false));
         let t = timeline(&mut s, &[train(0), train(1), CONTROL, train(2), CLOSED]);
         assert_eq!(
             t,
@@ -326,14 +323,14 @@ mod tests {
 
     #[test]
     fn gpipe_forwards_the_whole_mini_batch_then_steps_oldest_first() {
-        let mut s = StageSchedule::Sync(SyncSchedule::new(3, true));
+        let mut s = StageSchedule::Sync(SyncSchedule::new(MicroBatches::new(3), true));
         let t = timeline(&mut s, &[train(0), train(1), train(2)]);
         assert_eq!(t, [Forward(0), Forward(1), Forward(2)]);
         assert_eq!(s.wait(), Wait::Grad);
         let t = timeline(&mut s, &[grad(0), grad(1), grad(2), train(3)]);
         assert_eq!(t, [Sweep(0), step(0), Sweep(1), step(1), Sweep(2), step(2), Forward(3)]);
         // Every wait points at the oldest unfinished batch: a gradient for another is refused.
-        let mut s = SyncSchedule::new(3, true);
+        let mut s = SyncSchedule::new(MicroBatches::new(3), true);
         s.on(train(0)).unwrap();
         s.on(train(1)).unwrap();
         assert_eq!(s.on(grad(1)), Err(OutOfOrder { got: 1, expected: Some(0) }));
@@ -341,7 +338,7 @@ mod tests {
 
     #[test]
     fn sync_finishes_waiting_batches_before_a_control_message() {
-        let mut s = StageSchedule::Sync(SyncSchedule::new(2, true));
+        let mut s = StageSchedule::Sync(SyncSchedule::new(MicroBatches::new(2), true));
         assert_eq!(timeline(&mut s, &[train(0), CONTROL]), [Forward(0)]);
         assert_eq!(s.wait(), Wait::Grad, "the drain waits for batch 0");
         assert_eq!(timeline(&mut s, &[grad(0)]), [Sweep(0), step(0), Control]);
@@ -423,8 +420,9 @@ mod tests {
         // an input (the earlier stage) or a gradient of its oldest batch (the later stage).
         for (d, accumulate) in [(2, 1), (4, 1), (4, 2), (3, 4)] {
             let batches = 12u64;
-            let mut stages: Vec<SyncSchedule> =
-                (0..d).map(|s| SyncSchedule::new(accumulate, s + 1 < d)).collect();
+            let mut stages: Vec<SyncSchedule> = (0..d)
+                .map(|s| SyncSchedule::new(MicroBatches::new(accumulate), s + 1 < d))
+                .collect();
             let mut inputs: Vec<VecDeque<u64>> = vec![VecDeque::new(); d];
             let mut grads: Vec<VecDeque<u64>> = vec![VecDeque::new(); d];
             inputs[0].extend(0..batches);
