@@ -18,9 +18,10 @@ use mlaan_core::config::RunConfig;
 use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::NetworkPlan;
 use mlaan_engine::init::build_nets;
-use mlaan_engine::module::{BatchTargets, LocalModule, ModuleSettings};
+use mlaan_engine::module::{LocalModule, ModuleSettings};
 use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::stage::Stage;
+use mlaan_engine::wire::BatchTargets;
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 32;
@@ -68,7 +69,7 @@ fn stage_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("stage_step");
     g.sample_size(20).throughput(Throughput::Elements(BATCH as u64));
     for (m, x) in inputs.iter().enumerate() {
-        let mut stage = Stage::new(&plan, vec![module(&plan, m)], Device::Cpu);
+        let mut stage = Stage::new(&plan, vec![module(&plan, m)], Device::Cpu, None);
         let t = targets();
         let mut id = 0u64;
         g.bench_function(BenchmarkId::new("mlaan-dgl resnet32 K=4 module", m), |b| {

@@ -4,15 +4,13 @@
 //!
 //! LAM copies start as copies of the real blocks they copy, EMA twins as well (docs/method.md §4).
 
-use crate::TrainError;
+use crate::error::TrainError;
+use crate::wire::ModuleState;
 use mlaan_core::plan::{ImageSpec, NetworkPlan};
 use mlaan_models::module::LocalNets;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use tch::{Device, Tensor};
-
-/// Named tensors of one module (its stores, EMA twins prefixed `ema.`).
-pub type ModuleState = Vec<(String, Tensor)>;
 
 /// libtorch's default generator is process-global: initialising networks in two threads at
 /// once interleaves their draws. Every initialisation holds this lock, so that a seed gives

@@ -1,88 +1,31 @@
-//! The training engine: one local module at work ([`module`]), modules sharing a device
-//! ([`stage`]), stage threads driven by the pure schedules of `mlaan_core::schedule`
-//! ([`pipeline`]), the optimizer ([`optim`]), initial state ([`init`]) and a measured cost per
-//! module for placement ([`profile`]). It computes on tensors and talks over channels; files,
-//! metrics sinks and the run's cadence belong to `mlaan-train`.
+//! The training engine, in layers that import only downwards (docs/design.md, "Layers"; the
+//! test `tests/layers.rs` keeps it so):
+//!
+//! 1. [`error`] and the crate root: the error type and what a tensor weighs;
+//! 2. [`wire`]: everything that crosses threads — messages forward and back, EMA snapshots,
+//!    events, failures, module snapshots — and the hand-off that lands each one on the
+//!    receiving stage's device and stream;
+//! 3. [`optim`] and [`init`]: the optimizer with its savable state, and initial weights;
+//! 4. [`module`]: one local module at work (five operations; its step, state, statistics,
+//!    fp16 scaling and replicas each in a file of their own);
+//! 5. [`stage`]: the modules sharing a device and a thread, their input, evaluation and
+//!    memory;
+//! 6. [`pipeline`]: stage threads driven by the pure schedules of `mlaan_core::schedule`, and
+//!    the coordinator's handle; [`profile`]: a measured cost per module for placement.
+//!
+//! It computes on tensors and talks over channels; files, metrics sinks and the run's cadence
+//! belong to `mlaan-train`.
 
-pub mod handoff;
+pub mod error;
 pub mod init;
 pub mod module;
 pub mod optim;
 pub mod pipeline;
 pub mod profile;
 pub mod stage;
+pub mod wire;
 
-use thiserror::Error;
-
-/// Why training stopped.
-#[derive(Debug, Error)]
-pub enum TrainError {
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
-    /// A stream, event, autocast or layout call into libtorch failed.
-    #[error("libtorch: {0}")]
-    Accel(#[from] mlaan_accel::AccelError),
-    #[error("non-finite value in module {module} at batch {batch}: {what}")]
-    NonFinite { module: usize, batch: u64, what: String },
-    /// A stage failed; `cause` is what it failed with, still matchable (a non-finite loss
-    /// stays [`TrainError::NonFinite`] through the pipeline, see [`TrainError::root`]). The
-    /// message includes the cause's own chain, so it is not also a `source`.
-    #[error("stage {stage} (modules {modules:?}) failed at batch {batch:?}: {}", chain(cause))]
-    Stage { stage: usize, modules: Vec<usize>, batch: Option<u64>, cause: Box<TrainError> },
-    /// A stage thread panicked (caught; the message is the panic's).
-    #[error("panicked: {0}")]
-    Panicked(String),
-    /// A neighbouring stage went away: a consequence of another failure, not a cause.
-    #[error("{0}")]
-    Peer(String),
-    #[error("internal protocol error: {0}")]
-    Protocol(String),
-    /// A module's state does not fit its networks (a missing tensor, a wrong shape, momentum
-    /// for a parameter the module does not have).
-    #[error("module {module}: {message}")]
-    State { module: usize, message: String },
-    /// The placement asks for more stages than there are devices.
-    #[error("{stages} stages but only {devices} devices")]
-    TooFewDevices { stages: usize, devices: usize },
-    /// The operating system refused a stage thread.
-    #[error("cannot start stage {stage}")]
-    Spawn {
-        stage: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A collective among the replicas of a module failed (a peer died, hung or left);
-    /// `peers` is what the heartbeats say about who is to blame.
-    #[error("module {module}'s replica group: {cause}; {peers}")]
-    Replica { module: usize, cause: mlaan_dist::DistError, peers: mlaan_dist::Peers },
-    /// A fault injected by a drill (`--inject-fault error@STAGE:BATCH`).
-    #[error("injected error at batch {0}")]
-    Injected(u64),
-    #[error("stopped")]
-    Stopped,
-}
-
-impl TrainError {
-    /// The error a stage failed with, through any [`TrainError::Stage`] wrapping.
-    pub fn root(&self) -> &TrainError {
-        match self {
-            TrainError::Stage { cause, .. } => cause.root(),
-            other => other,
-        }
-    }
-}
-
-/// An error and its sources, `: `-separated, as `{:#}` of anyhow shows them.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
-}
+pub use error::{chain, TrainError};
 
 /// Bytes of a tensor's elements (0 for an undefined tensor).
 pub fn bytes_of(t: &tch::Tensor) -> u64 {

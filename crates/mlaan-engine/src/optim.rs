@@ -67,6 +67,46 @@ impl Sgd {
     pub fn state_bytes(&self) -> u64 {
         self.momentum_buffers.iter().flatten().map(crate::bytes_of).sum()
     }
+
+    /// The momentum buffers by parameter name, as host copies in the standard layout (what a
+    /// checkpoint holds); parameters without one yet are left out.
+    pub fn save(&self) -> Result<Vec<(String, Tensor)>, TchError> {
+        self.params
+            .iter()
+            .zip(&self.momentum_buffers)
+            .filter_map(|((n, _), b)| b.as_ref().map(|b| Ok((n.clone(), to_host(b)?))))
+            .collect()
+    }
+
+    /// Back from [`Sgd::save`]: each buffer to its parameter by name, on the parameter's
+    /// device. A name the optimizer does not have, or a shape that is not its parameter's, is
+    /// an error naming it.
+    pub fn restore(&mut self, momentum: &[(String, Tensor)]) -> Result<(), String> {
+        let _guard = tch::no_grad_guard();
+        for (name, buf) in momentum {
+            let slot = self
+                .params
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| format!("momentum for unknown parameter `{name}`"))?;
+            let p = &self.params[slot].1;
+            if buf.size() != p.size() {
+                return Err(format!(
+                    "momentum of `{name}` has shape {:?}, the parameter {:?}",
+                    buf.size(),
+                    p.size()
+                ));
+            }
+            let copy = buf.f_to_device(p.device()).and_then(|b| b.f_detach_copy());
+            self.momentum_buffers[slot] = Some(copy.map_err(|e| e.to_string())?);
+        }
+        Ok(())
+    }
+}
+
+/// A host copy of `t` in the standard (contiguous) layout, whatever its device and layout.
+pub fn to_host(t: &Tensor) -> Result<Tensor, TchError> {
+    t.f_to_device_(tch::Device::Cpu, t.kind(), false, true)?.f_contiguous()
 }
 
 /// Cosine learning-rate schedule with a linear warm-up, by optimizer step.

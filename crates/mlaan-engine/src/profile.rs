@@ -2,14 +2,16 @@
 //! pipeline runs at the pace of its slowest stage, and a module's cost is far from its
 //! backbone FLOPs once heads, LAM chains, cascade passes and recomputation are counted.
 
+use crate::error::TrainError;
 use crate::init::{build_nets, initial_state, load_state};
-use crate::module::{BatchTargets, GradPart, LocalModule, ModuleSettings};
+use crate::module::{LocalModule, ModuleSettings};
 use crate::optim::LrSchedule;
 use crate::stage::Stage;
-use crate::TrainError;
+use crate::wire::{BatchTargets, GradPart};
 use mlaan_core::config::{OnNonFinite, OptimConfig, Schedule};
 use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::NetworkPlan;
+use mlaan_core::routes::ModuleRoutes;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -33,7 +35,7 @@ pub fn module_costs(
         let settings =
             ModuleSettings::for_module(plan, m, LrSchedule::constant(0.0), OptimConfig::default());
         let module = LocalModule::new(nets, settings);
-        let mut stage = Stage::new(plan, vec![module], device);
+        let mut stage = Stage::new(plan, vec![module], device, None);
         let x = if m == 0 {
             Tensor::randn(
                 [b, image.channels as i64, image.size[0] as i64, image.size[1] as i64],
@@ -53,7 +55,8 @@ pub fn module_costs(
                 )
             }),
         };
-        let late = schedule == Schedule::Async && plan.receives_from_later(m);
+        let from_later = ModuleRoutes::of(plan, m).from_later;
+        let late = schedule == Schedule::Async && from_later;
         let mut times = Vec::with_capacity(reps);
         for it in 0..=reps as u64 {
             let t = Instant::now();
@@ -63,7 +66,7 @@ pub fn module_costs(
             if late {
                 let g = GradPart { reach_left: 0, grad: h.randn_like() };
                 stage.late(it, vec![g], true)?;
-            } else if plan.receives_from_later(m) {
+            } else if from_later {
                 // Sync: the parameter pass of the gradient from later waits in `finish`; its
                 // cost is already in there. Nothing more to add.
             }

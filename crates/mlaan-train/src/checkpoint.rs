@@ -16,7 +16,7 @@
 //! at any point leaves either the previous checkpoints untouched or a `.tmp-*` directory that
 //! loading ignores.
 
-use mlaan_engine::pipeline::ModuleSnapshot;
+use mlaan_engine::wire::ModuleSnapshot;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -9,9 +9,10 @@ use mlaan_core::config::RunConfig;
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
 use mlaan_data::{Datasets, Loader, LoaderConfig};
-use mlaan_engine::init::ModuleState;
 use mlaan_engine::optim::LrSchedule;
-use mlaan_engine::pipeline::{Forward, ModuleEval, ModuleSnapshot, Pipeline};
+use mlaan_engine::pipeline::Pipeline;
+use mlaan_engine::wire::ModuleState;
+use mlaan_engine::wire::{Forward, ModuleEval, ModuleSnapshot};
 use std::sync::Arc;
 use tch::Device;
 

@@ -8,7 +8,7 @@
 
 use crate::checkpoint;
 use anyhow::{bail, Context, Result};
-use mlaan_engine::pipeline::ModuleSnapshot;
+use mlaan_engine::wire::ModuleSnapshot;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 

@@ -48,8 +48,9 @@ pub fn module_flops(
         let terms: u64 = (0..nets.terms.len())
             .map(|t| count_macs(|| nets.term_loss(t, &h_m, &targets, Mode::Eval)).1)
             .sum();
-        let input_grad = m > 0 && plan.incoming_reach_left(m - 1, m).is_some();
-        let separate_input_pass = input_grad && !plan.all_gradients_continue(m);
+        let routes = mlaan_core::routes::ModuleRoutes::of(plan, m);
+        let input_grad = routes.input_grad;
+        let separate_input_pass = input_grad && !routes.all_continue;
         let backbone_passes =
             3.0 + f64::from(u8::from(separate_input_pass)) + f64::from(u8::from(recompute));
         let (b, t) = (backbone as f64 / N as f64, terms as f64 / N as f64);

@@ -8,7 +8,7 @@ use anyhow::Result;
 use mlaan_core::config::RunConfig;
 use mlaan_core::metrics::{MetricRecord, StageWindow};
 use mlaan_core::plan::NetworkPlan;
-use mlaan_engine::pipeline::Event;
+use mlaan_engine::wire::Event;
 use mlaan_report::EventWriter;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;

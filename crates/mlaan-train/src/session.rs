@@ -9,15 +9,15 @@ use crate::evaluate::{evaluate, EvalResult};
 use crate::placement::{choose_placement, configure_threads, stage_devices};
 use anyhow::{bail, Context, Result};
 use mlaan_core::config::RunConfig;
+use mlaan_core::micro::MicroBatches;
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::{ImageSpec, NetworkPlan};
 use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
 use mlaan_engine::init::initial_state;
-use mlaan_engine::module::BatchTargets;
 use mlaan_engine::optim::LrSchedule;
-use mlaan_engine::pipeline::{
-    ComputeSettings, Event, Fault, Forward, ModuleSnapshot, Pipeline, PipelineSettings,
-};
+use mlaan_engine::pipeline::{ComputeSettings, Fault, Pipeline, PipelineSettings};
+use mlaan_engine::wire::BatchTargets;
+use mlaan_engine::wire::{Event, Forward, ModuleSnapshot};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -223,20 +223,21 @@ impl Session {
         }
     }
 
-    /// Send one training mini-batch, as its micro-batches under GPipe (ids `next_id · M + j`).
+    /// Send one training mini-batch: as its micro-batches under GPipe, numbered by
+    /// `MicroBatches::ids` of this step.
     pub fn send_batch(&mut self, x: Tensor, targets: BatchTargets) -> Result<()> {
-        let m = self.cfg.pipeline.micro_batches as i64;
-        let id = self.next_id;
+        let micro = MicroBatches::new(self.cfg.pipeline.micro_batches);
+        let ids = micro.ids(self.next_id);
         self.next_id += 1;
-        if m == 1 {
-            return Ok(self.pipe.send(Forward::Train { id, x, targets })?);
+        if micro.per_step() == 1 {
+            return Ok(self.pipe.send(Forward::Train { id: ids.start, x, targets })?);
         }
+        let m = micro.per_step() as i64;
         let xs = x.chunk(m, 0);
         let ys = targets.labels.chunk(m, 0);
         let images = targets.image_u8.map(|t| t.chunk(m, 0));
-        for (j, (x, labels)) in xs.into_iter().zip(ys).enumerate() {
+        for (j, ((x, labels), id)) in xs.into_iter().zip(ys).zip(ids).enumerate() {
             let image_u8 = images.as_ref().map(|v| v[j].shallow_clone());
-            let id = id * m as u64 + j as u64;
             self.pipe.send(Forward::Train { id, x, targets: BatchTargets { labels, image_u8 } })?;
         }
         Ok(())
@@ -420,7 +421,7 @@ pub fn pipeline_settings(
         mean: data.info.mean.clone(),
         std: data.info.std.clone(),
         log_every: cfg.train.log_every as u64,
-        accumulate: cfg.pipeline.micro_batches,
+        micro: MicroBatches::new(cfg.pipeline.micro_batches),
         on_nonfinite: cfg.pipeline.on_nonfinite,
         fault: opts.fault,
         intra_op_threads: Vec::new(),

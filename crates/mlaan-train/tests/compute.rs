@@ -11,7 +11,7 @@ use mlaan_core::config::{
     EmaLagRule, MemoryFormat, PlacementRule, Precision, RunConfig, Schedule, StreamMode,
 };
 use mlaan_core::device::DeviceSpec;
-use mlaan_engine::pipeline::Event;
+use mlaan_engine::wire::Event;
 use mlaan_train::session::{RunOptions, Session};
 use tch::Kind;
 

@@ -4,7 +4,7 @@ mod common;
 
 use common::{feed_steps, mlaan_on_four_stages};
 use mlaan_core::config::Schedule;
-use mlaan_engine::pipeline::Event;
+use mlaan_engine::wire::Event;
 use mlaan_train::session::{RunOptions, Session};
 use std::collections::BTreeMap;
 

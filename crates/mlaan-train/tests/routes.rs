@@ -7,12 +7,14 @@ mod common;
 use common::{max_rel_diff, nonzero, tiny};
 use mlaan_core::arch::Chw;
 use mlaan_core::config::OnNonFinite;
+use mlaan_core::micro::MicroBatches;
 use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::{NetworkPlan, TermKind};
-use mlaan_engine::init::{build_nets, initial_state, load_state, ModuleState};
-use mlaan_engine::module::{BatchTargets, LocalModule, ModuleSettings};
+use mlaan_engine::init::{build_nets, initial_state, load_state};
+use mlaan_engine::module::{LocalModule, ModuleSettings};
 use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::stage::Stage;
+use mlaan_engine::wire::{BatchTargets, ModuleState};
 use mlaan_models::module::{LocalNets, Objective, Targets};
 use mlaan_models::Mode;
 use tch::{Device, Kind, Tensor};
@@ -44,7 +46,7 @@ fn product_stage(plan: &NetworkPlan, states: &[ModuleState]) -> Stage {
             LocalModule::new(
                 nets,
                 ModuleSettings {
-                    accumulate: 1_000_000,
+                    micro: MicroBatches::new(1_000_000),
                     ema_momentum: 0.995,
                     ..ModuleSettings::for_module(
                         plan,
@@ -56,7 +58,7 @@ fn product_stage(plan: &NetworkPlan, states: &[ModuleState]) -> Stage {
             )
         })
         .collect();
-    Stage::new(plan, modules, Device::Cpu)
+    Stage::new(plan, modules, Device::Cpu, None)
 }
 
 /// Gradients of one batch through the product, by module and parameter name.

@@ -7,7 +7,7 @@ mod common;
 use common::{assert_close, max_rel_diff, run, tiny};
 use mlaan_core::config::{EmaLagRule, EmaUpdate, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
-use mlaan_engine::pipeline::ModuleSnapshot;
+use mlaan_engine::wire::ModuleSnapshot;
 
 fn assert_same(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot]) {
     assert_close(what, a, b, 1e-4);

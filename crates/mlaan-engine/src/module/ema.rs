@@ -3,18 +3,11 @@
 //! arrived yet stays *due*, and the module's owner (the stage worker, through its port) waits
 //! on [`EmaLinks::awaited`] and hands the snapshot in with [`EmaLinks::deliver`].
 
-use crate::handoff::Handed;
-use crate::TrainError;
+use crate::error::TrainError;
+use crate::wire::{EmaSnapshot, Handed};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::VecDeque;
 use tch::{Device, Tensor};
-
-/// A weight snapshot of a real block, published after optimizer step `step`.
-#[derive(Debug)]
-pub struct EmaSnapshot {
-    pub step: u64,
-    pub params: Vec<Tensor>,
-}
 
 /// How a twin picks the snapshot it folds in after step `b`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,16 +138,36 @@ impl EmaLinks {
         Ok(mlaan_models::lam::ema_update(&pairs, self.momentum)?)
     }
 
-    /// Snapshots received and not folded in, by twin block: (block, step, parameters).
-    pub fn backlog(&mut self) -> Result<Vec<(String, u64, Vec<Tensor>)>, TrainError> {
+    /// Snapshots received and not folded in, by twin block, as host copies: (block, step,
+    /// parameters). They are part of the twins' state (a lagged twin needs them to resume).
+    pub fn save_backlog(&mut self) -> Result<Vec<(String, u64, Vec<Tensor>)>, TrainError> {
         let mut out = Vec::new();
         for t in self.twins.iter_mut() {
             t.absorb()?;
             for snap in &t.backlog {
-                let params = snap.params.iter().map(Tensor::shallow_clone).collect();
+                let params =
+                    snap.params.iter().map(crate::optim::to_host).collect::<Result<_, _>>()?;
                 out.push((t.block.clone(), snap.step, params));
             }
         }
         Ok(out)
+    }
+
+    /// Back from [`EmaLinks::save_backlog`]: each twin takes the snapshots of its block, on
+    /// its device, after any it already holds.
+    pub fn restore_backlog(
+        &mut self,
+        saved: &[(String, u64, Vec<Tensor>)],
+    ) -> Result<(), TrainError> {
+        for t in self.twins.iter_mut() {
+            for (_, step, params) in saved.iter().filter(|(b, _, _)| *b == t.block) {
+                let params = params
+                    .iter()
+                    .map(|p| p.f_to_device(t.device))
+                    .collect::<Result<Vec<_>, _>>()?;
+                t.backlog.push_back(EmaSnapshot { step: *step, params });
+            }
+        }
+        Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //! the micro-batches of an optimizer step), which parameters are the backbone's and which each
 //! term's networks', and the one autograd call every pass uses.
 
-use crate::{bytes_of, TrainError};
+use crate::bytes_of;
+use crate::error::TrainError;
 use mlaan_models::module::LocalNets;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};

@@ -3,8 +3,9 @@
 //! gradients, with what they weigh. A batch dropped for a non-finite loss stays as a
 //! tombstone, so that every later operation on it is a no-op rather than a protocol error.
 
-use crate::module::{BatchTargets, GradPart};
-use crate::{bytes_of, TrainError};
+use crate::bytes_of;
+use crate::error::TrainError;
+use crate::wire::{BatchTargets, GradPart};
 use std::collections::BTreeMap;
 use tch::Tensor;
 

@@ -11,7 +11,7 @@
 //! positions) and S halves; after `GROWTH_INTERVAL` clean steps S doubles. These are
 //! `torch.amp.GradScaler`'s defaults.
 
-use crate::TrainError;
+use crate::error::TrainError;
 use tch::{Kind, Tensor};
 
 const INITIAL: f64 = 65536.0;
@@ -79,6 +79,23 @@ impl LossScale {
             self.skipped += 1;
         }
         Ok(finite)
+    }
+}
+
+/// `g` times the loss scale, before a backward pass (as it is without one).
+pub fn scaled(scaler: &Option<LossScale>, g: &Tensor) -> Tensor {
+    match scaler {
+        Some(s) => g * s.value(),
+        None => g.shallow_clone(),
+    }
+}
+
+/// A gradient of scaled losses in true units (as it is without a loss scale; undefined stays
+/// undefined).
+pub fn unscaled(scaler: &Option<LossScale>, g: &Tensor) -> Tensor {
+    match scaler {
+        Some(s) if g.defined() => s.unscale(g),
+        _ => g.shallow_clone(),
     }
 }
 

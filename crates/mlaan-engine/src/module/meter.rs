@@ -25,3 +25,18 @@ impl MemoryMeter {
         std::mem::take(&mut self.transient)
     }
 }
+
+impl super::LocalModule {
+    /// Bytes this module holds now: parameters, buffers, EMA twins, optimizer state,
+    /// accumulated gradients, batches in progress (inputs, outputs and graphs) and kept
+    /// inputs.
+    pub fn live_bytes(&self) -> u64 {
+        self.meter.fixed + self.opt.state_bytes() + self.grads.bytes() + self.batches.bytes()
+    }
+
+    /// Bytes the last calls held at their peak beyond what `live_bytes` shows after them;
+    /// reset.
+    pub fn take_call_transient(&mut self) -> u64 {
+        self.meter.take_transient()
+    }
+}

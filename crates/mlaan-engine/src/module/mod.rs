@@ -7,17 +7,20 @@
 //! local_losses(b) each term: loss, ∂loss/∂h      grads of term nets accumulate; ∂/∂h kept by reach
 //! add_grads(b,·)  parts ∂L/∂h from later modules  kept by remaining reach
 //! propagate(b)    for reach ≥ 1: ∂L/∂x = J_xᵀ g  returned as parts for module i−1 (reach − 1)
-//! finish(b)       θ_i += J_θᵀ Σg; step when the accumulation group is complete
+//! finish(b)       θ_i += J_θᵀ Σg; step when the batch closes its optimizer step
 //! ```
 //!
 //! A gradient part carries its remaining reach, so a cascade loss reaches exactly
 //! modules i−d+1..i (docs/method.md §4) and nothing earlier.
 //!
-//! The module's state lives by concern: gradient accumulators ([`grads`]), the batches in
-//! progress and the inputs kept for late gradients ([`in_flight`]), EMA publishing and
-//! folding ([`ema`], never blocking) and the memory meter ([`meter`]). A batch whose loss is
-//! not finite can be dropped ([`LocalModule::drop_batch`]): later calls on it do nothing, and
-//! it still counts in its accumulation group, so step counts stay aligned across modules.
+//! This file is the five operations (and a late gradient's replay of them). The rest lives by
+//! concern: [`settings`] (routes and switches), [`step`] (all-reduce → loss scale → SGD →
+//! EMA), [`state`] (save and restore, one symmetric pair), [`stats`] (per-term losses),
+//! [`loss_scale`] (fp16), [`rollback`] (batch-norm statistics of a dropped batch),
+//! [`replicas`], and the bookkeeping of [`grads`], [`in_flight`], [`ema`], [`meter`] and
+//! [`clock`]. A batch whose loss is not finite can be dropped ([`LocalModule::drop_batch`]):
+//! later calls on it do nothing, and it still counts for its step, so step counts stay
+//! aligned across modules.
 
 pub mod clock;
 pub mod ema;
@@ -26,110 +29,35 @@ pub mod in_flight;
 pub mod loss_scale;
 pub mod meter;
 pub mod replicas;
+pub mod rollback;
+pub mod settings;
+pub mod state;
+pub mod stats;
+pub mod step;
 
-pub use ema::{EmaLag, EmaLinks, EmaSnapshot, SourceLink, TwinLink};
+pub use ema::{EmaLag, EmaLinks, SourceLink, TwinLink};
 pub use replicas::{ReplicaSync, Replicas, Traffic};
+pub use settings::ModuleSettings;
+pub use stats::TermStats;
 
+use crate::bytes_of;
+use crate::error::TrainError;
 use crate::optim::{LrSchedule, Sgd};
-use crate::{bytes_of, TrainError};
+use crate::wire::{BatchTargets, GradPart};
 use clock::{Phase, PhaseTimes};
 use grads::{vjp, GradBook};
 use in_flight::{Entry, InFlight, Kept, Pending};
-use loss_scale::LossScale;
+use loss_scale::{scaled, unscaled, LossScale};
 use meter::MemoryMeter;
+use mlaan_core::micro::MicroBatches;
 use mlaan_core::plan::TermKind;
+use mlaan_core::routes::ModuleRoutes;
 use mlaan_models::layers::{count_saved, Mode};
 use mlaan_models::losses;
 use mlaan_models::module::{LocalNets, Targets};
+use rollback::RunningStats;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
-
-/// A gradient with respect to the receiving module's output, and how many more modules it
-/// may reach beyond the receiver.
-#[derive(Debug)]
-pub struct GradPart {
-    pub reach_left: usize,
-    pub grad: Tensor,
-}
-
-/// The labels and raw image that travel with a batch.
-#[derive(Debug)]
-pub struct BatchTargets {
-    pub labels: Tensor,
-    /// Un-normalised image as `u8` (InfoPro only).
-    pub image_u8: Option<Tensor>,
-}
-
-impl BatchTargets {
-    pub fn to_device(&self, device: Device) -> BatchTargets {
-        BatchTargets {
-            labels: self.labels.to_device(device),
-            image_u8: self.image_u8.as_ref().map(|t| t.to_device(device)),
-        }
-    }
-
-    pub fn shallow_clone(&self) -> BatchTargets {
-        BatchTargets {
-            labels: self.labels.shallow_clone(),
-            image_u8: self.image_u8.as_ref().map(Tensor::shallow_clone),
-        }
-    }
-}
-
-/// Per-term loss and accuracy sums since the last report.
-#[derive(Debug, Default, Clone)]
-pub struct TermStats {
-    pub loss_sum: f64,
-    pub correct: i64,
-    pub seen: i64,
-    pub batches: u64,
-}
-
-/// Which gradients the module's graph must give, from the plan.
-#[derive(Debug, Clone, Copy)]
-struct GraphRules {
-    /// Gradients go back to the module's input (module i−1 expects them).
-    input_grad: bool,
-    /// Every gradient on the output also goes to the input: parameter and input gradients
-    /// come from one backward pass.
-    all_continue: bool,
-    /// Forward without the graph, rebuild it for the backward passes.
-    recompute: bool,
-}
-
-/// Batch-norm running statistics, which a training forward moves: kept before each forward
-/// when batches may be dropped, so that a dropped batch leaves them as they were.
-struct RunningStats {
-    buffers: Vec<Tensor>,
-}
-
-impl RunningStats {
-    fn of(nets: &LocalNets) -> Self {
-        let is_stat = |n: &str| n.contains("running_") || n.ends_with("num_batches_tracked");
-        RunningStats {
-            buffers: nets.state().into_iter().filter(|(n, _)| is_stat(n)).map(|(_, t)| t).collect(),
-        }
-    }
-
-    fn copy(&self) -> Vec<Tensor> {
-        self.buffers.iter().map(Tensor::copy).collect()
-    }
-
-    fn restore(&self, saved: &[Tensor]) -> Result<(), TrainError> {
-        let _guard = tch::no_grad_guard();
-        for (b, s) in self.buffers.iter().zip(saved) {
-            b.shallow_clone().f_copy_(s)?;
-        }
-        Ok(())
-    }
-}
-
-/// Micro-batches per optimizer step, and how many of the current group are done.
-#[derive(Debug, Clone, Copy)]
-struct Accumulation {
-    size: usize,
-    done: usize,
-}
+use tch::{Kind, Tensor};
 
 /// One module and everything it owns.
 pub struct LocalModule {
@@ -141,8 +69,10 @@ pub struct LocalModule {
     batches: InFlight,
     pub ema: EmaLinks,
     meter: MemoryMeter,
-    rules: GraphRules,
-    group: Accumulation,
+    routes: ModuleRoutes,
+    /// Forward without the graph, rebuild it for the backward passes.
+    recompute: bool,
+    micro: MicroBatches,
     /// Present when batches may be dropped (`on_nonfinite = "skip"`).
     running: Option<RunningStats>,
     /// This module's group across data-parallel replicas, when there are several.
@@ -153,53 +83,7 @@ pub struct LocalModule {
     clock: PhaseTimes,
     /// Optimizer steps taken (positions the learning-rate schedule).
     pub step: u64,
-    pub stats: Vec<TermStats>,
-}
-
-/// Static settings of a module's runner.
-pub struct ModuleSettings {
-    pub lr: LrSchedule,
-    pub optim: mlaan_core::config::OptimConfig,
-    /// Whether gradients must be propagated to this module's input.
-    pub input_grad: bool,
-    /// Every gradient on the output also goes to the input (`NetworkPlan::all_gradients_continue`):
-    /// parameter and input gradients then come from one backward pass.
-    pub all_continue: bool,
-    /// Micro-batches per optimizer step.
-    pub accumulate: usize,
-    /// Forward without keeping the graph and rebuild it for the backward passes: one more
-    /// forward per batch for a peak of max(module graph, term graphs) instead of their sum.
-    pub recompute_graph: bool,
-    pub ema_momentum: f64,
-    /// Batches may be dropped after their forward (`on_nonfinite = "skip"`): keep the
-    /// running statistics before each forward to put them back.
-    pub may_drop: bool,
-    /// Scale losses dynamically (fp16 compute).
-    pub loss_scale: bool,
-}
-
-impl ModuleSettings {
-    /// Settings of module `m` of `plan`: its gradient routes come from the plan; one
-    /// micro-batch per step, graphs kept, and EMA twins equal to their source (momentum 0).
-    /// Callers override the rest with struct-update syntax.
-    pub fn for_module(
-        plan: &mlaan_core::plan::NetworkPlan,
-        m: usize,
-        lr: LrSchedule,
-        optim: mlaan_core::config::OptimConfig,
-    ) -> Self {
-        ModuleSettings {
-            lr,
-            optim,
-            input_grad: m > 0 && plan.incoming_reach_left(m - 1, m).is_some(),
-            all_continue: plan.all_gradients_continue(m),
-            accumulate: 1,
-            recompute_graph: false,
-            ema_momentum: 0.0,
-            may_drop: false,
-            loss_scale: false,
-        }
-    }
+    stats: Vec<TermStats>,
 }
 
 impl LocalModule {
@@ -215,12 +99,9 @@ impl LocalModule {
             batches: InFlight::default(),
             ema: EmaLinks::new(nets.index, s.ema_momentum),
             meter: MemoryMeter::new(fixed),
-            rules: GraphRules {
-                input_grad: s.input_grad,
-                all_continue: s.all_continue,
-                recompute: s.recompute_graph,
-            },
-            group: Accumulation { size: s.accumulate.max(1), done: 0 },
+            routes: s.routes,
+            recompute: s.recompute_graph,
+            micro: s.micro,
             running: s.may_drop.then(|| RunningStats::of(&nets)),
             replicas: None,
             scaler: s.loss_scale.then(LossScale::default),
@@ -249,7 +130,7 @@ impl LocalModule {
     ) -> Result<Tensor, TrainError> {
         let x = self.graph_input(x);
         let stats_before = self.running.as_ref().map(RunningStats::copy);
-        let (h, graph_bytes) = if self.rules.recompute {
+        let (h, graph_bytes) = if self.recompute {
             // Keep only the input: the graph is rebuilt when the gradients are known, so the
             // module's graph and its terms' graphs are never alive together.
             (tch::no_grad(|| self.nets.forward(&x, Mode::Train)), 0)
@@ -257,7 +138,7 @@ impl LocalModule {
             count_saved(|| self.nets.forward(&x, Mode::Train))
         };
         let out = h.detach();
-        let mut p = Pending::new(x, h, targets, graph_bytes, !self.rules.recompute);
+        let mut p = Pending::new(x, h, targets, graph_bytes, !self.recompute);
         p.stats_before = stats_before;
         self.batches.begin(id, p);
         Ok(out)
@@ -321,9 +202,9 @@ impl LocalModule {
 
     /// Gradient parts on h of batch `id` from later modules (or from this module's terms).
     pub fn add_grads(&mut self, id: u64, parts: Vec<GradPart>) -> Result<(), TrainError> {
-        let has_input_grad = self.index > 0;
+        let input_grad = self.routes.input_grad;
         match self.entry_mut(id, "gradient for")? {
-            Entry::Live(p) => p.add(parts, has_input_grad),
+            Entry::Live(p) => p.add(parts, input_grad),
             Entry::Dropped => Ok(()),
         }
     }
@@ -349,7 +230,7 @@ impl LocalModule {
     /// A detached copy of `x` that the graph starts from: requiring a gradient when one
     /// must go back to module i−1.
     fn graph_input(&self, x: &Tensor) -> Tensor {
-        if self.rules.input_grad {
+        if self.routes.input_grad {
             x.detach().set_requires_grad(true)
         } else {
             x.detach()
@@ -369,7 +250,7 @@ impl LocalModule {
 
     /// The backward passes of `propagate`, on a batch with unsent parts and its graph.
     fn send_back(&mut self, id: u64) -> Result<Vec<GradPart>, TrainError> {
-        let combined = self.rules.all_continue && !self.grads.backbone.is_empty();
+        let combined = self.routes.all_continue && !self.grads.backbone.is_empty();
         let Some(Entry::Live(p)) = self.batches.entry_mut(id) else { unreachable!("checked") };
         let unsent = p.take_unsent()?;
         let mut out = Vec::with_capacity(unsent.len());
@@ -391,8 +272,8 @@ impl LocalModule {
         Ok(out)
     }
 
-    /// The parameter pass of batch `id`; steps when the accumulation group is complete.
-    /// With `keep_input`, the input is kept for late gradients (async).
+    /// The parameter pass of batch `id`; steps when `id` closes its optimizer step. With
+    /// `keep_input`, the input is kept for late gradients (async).
     pub fn finish(&mut self, id: u64, keep_input: bool) -> Result<(), TrainError> {
         if matches!(self.entry(id, "finish")?, Entry::Live(p) if !p.param_parts.is_empty()) {
             self.ensure_graph(id)?;
@@ -410,8 +291,7 @@ impl LocalModule {
             Entry::Dropped if keep_input => self.batches.keep(id, Kept::Dropped),
             Entry::Dropped => {}
         }
-        self.group.done += 1;
-        if self.group.done == self.group.size {
+        if self.micro.closes_step(id) {
             self.step_now()?;
         }
         Ok(())
@@ -426,19 +306,6 @@ impl LocalModule {
             let grads = vjp(h, &scaled(&m.scaler, g), &inputs, false)?;
             m.grads.add_backbone(grads.iter().map(|g| unscaled(&m.scaler, g)))
         })
-    }
-
-    /// Run `f`, adding its wall time to `phase`.
-    fn timed<T>(&mut self, phase: Phase, f: impl FnOnce(&mut Self) -> T) -> T {
-        let start = Instant::now();
-        let out = f(self);
-        self.clock.add(phase, start.elapsed());
-        out
-    }
-
-    /// Time spent per phase so far.
-    pub fn phase_times(&self) -> PhaseTimes {
-        self.clock
     }
 
     /// A late gradient for a finished batch (async): recompute the module on the kept input
@@ -506,25 +373,23 @@ impl LocalModule {
         self.batches.pending_count()
     }
 
-    /// Optimizer step with the accumulated gradients (a group of dropped batches has none
-    /// and moves nothing), then EMA: publish real blocks, fold snapshots into twins.
-    fn step_now(&mut self) -> Result<(), TrainError> {
-        if let Some(sync) = &mut self.replicas {
-            sync.average(self.grads.accumulated_mut(), &self.opt.params)?;
-        }
-        let lr = self.lr.at(self.step);
-        let finite = match &mut self.scaler {
-            Some(scaler) => scaler.check_step(self.grads.accumulated())?,
-            None => true,
-        };
-        if finite {
-            self.timed(Phase::Optimizer, |m| m.opt.step(m.grads.accumulated(), lr))?;
-        }
-        self.grads.clear();
-        self.group.done = 0;
-        let step = self.step;
-        self.step += 1;
-        self.timed(Phase::Ema, |m| m.ema.after_step(step))
+    /// Run `f`, adding its wall time to `phase`.
+    fn timed<T>(&mut self, phase: Phase, f: impl FnOnce(&mut Self) -> T) -> T {
+        let start = Instant::now();
+        let out = f(self);
+        self.clock.add(phase, start.elapsed());
+        out
+    }
+
+    /// Time spent per phase so far.
+    pub fn phase_times(&self) -> PhaseTimes {
+        self.clock
+    }
+
+    /// Every term's mean loss since the last call (NaN for a term without a batch); the sums
+    /// start again (a metrics window's term losses).
+    pub fn take_term_losses(&mut self) -> Vec<f64> {
+        stats::take_means(&mut self.stats)
     }
 
     fn entry(&self, id: u64, what: &str) -> Result<&Entry, TrainError> {
@@ -550,75 +415,9 @@ impl LocalModule {
         unknown(self.index, what, id)
     }
 
-    /// Bytes this module holds now: parameters, buffers, EMA twins, optimizer state,
-    /// accumulated gradients, batches in progress (inputs, outputs and graphs) and kept
-    /// inputs.
-    pub fn live_bytes(&self) -> u64 {
-        self.meter.fixed + self.opt.state_bytes() + self.grads.bytes() + self.batches.bytes()
-    }
-
-    /// Bytes the last calls held at their peak beyond what `live_bytes` shows after them;
-    /// reset.
-    pub fn take_call_transient(&mut self) -> u64 {
-        self.meter.take_transient()
-    }
-
     /// Whether the module has a term of this kind.
     pub fn has_term(&self, kind: TermKind) -> bool {
         self.nets.terms.iter().any(|t| t.spec.kind == kind)
-    }
-
-    /// Take rank 0's values of every state tensor the optimizer does not train (BatchNorm
-    /// running statistics and EMA twins, which differ between replicas); nothing without
-    /// replicas. Trained parameters are equal on every rank already.
-    pub fn take_rank0_buffers(&mut self) -> Result<(), TrainError> {
-        let Some(sync) = &mut self.replicas else { return Ok(()) };
-        let trained: std::collections::HashSet<String> =
-            self.opt.params.iter().map(|(n, _)| n.clone()).collect();
-        let buffers: Vec<Tensor> = self
-            .nets
-            .state()
-            .into_iter()
-            .filter(|(n, _)| !trained.contains(n))
-            .map(|(_, t)| t)
-            .collect();
-        sync.broadcast_from_rank0(&buffers)
-    }
-
-    /// The fp16 loss scale's state, for a checkpoint (`None` in fp32 and bf16).
-    pub fn loss_scale_saved(&self) -> Option<[f64; 3]> {
-        self.scaler.as_ref().map(LossScale::saved)
-    }
-
-    /// Continue with a checkpoint's loss scale (fp16; without one, or in fp32 and bf16,
-    /// nothing changes).
-    pub fn restore_loss_scale(&mut self, saved: Option<[f64; 3]>) -> Result<(), TrainError> {
-        if let (Some(scaler), Some(v)) = (&mut self.scaler, saved) {
-            *scaler = LossScale::from_saved(v).ok_or_else(|| TrainError::State {
-                module: self.index,
-                message: format!("loss scale {v:?} is not a scale, clean-step and skip count"),
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Steps skipped for a loss-scale overflow so far (fp16).
-    pub fn overflow_skips(&self) -> u64 {
-        self.scaler.as_ref().map_or(0, |s| s.skipped)
-    }
-
-    /// What averaging this module's gradients across replicas has cost so far.
-    pub fn replica_traffic(&self) -> Traffic {
-        self.replicas.as_ref().map(ReplicaSync::traffic).unwrap_or_default()
-    }
-
-    /// Join this module's group across the data-parallel replicas and take rank 0's state
-    /// (after any checkpoint is loaded); from then on every step averages gradients first.
-    pub fn join_replicas(&mut self, r: &Replicas) -> Result<(), TrainError> {
-        let mut sync = ReplicaSync::join(r, self.index)?;
-        sync.take_rank0_state(&self.nets.state(), &self.opt.momentum_buffers)?;
-        self.replicas = Some(sync);
-        Ok(())
     }
 
     /// The module's optimizer; its momentum buffers go into checkpoints.
@@ -643,59 +442,6 @@ impl LocalModule {
             .zip(self.grads.accumulated())
             .map(|((n, _), g)| (n.clone(), g.as_ref().map(|t| t.shallow_clone())))
             .collect()
-    }
-
-    /// Accumulate gradients without stepping (tests).
-    pub fn set_accumulate(&mut self, n: usize) {
-        self.group.size = n.max(1);
-    }
-
-    /// Restore the optimizer from a checkpoint: momentum buffers by parameter name and the
-    /// number of steps taken (which positions the learning-rate schedule).
-    pub fn restore_optimizer(
-        &mut self,
-        momentum: &[(String, Tensor)],
-        step: u64,
-    ) -> Result<(), TrainError> {
-        let _guard = tch::no_grad_guard();
-        let device = self.nets.vs.device();
-        for (name, buf) in momentum {
-            let slot = self.grads.slot_of(name).ok_or_else(|| TrainError::State {
-                module: self.index,
-                message: format!("momentum for unknown parameter `{name}`"),
-            })?;
-            let shape = self.opt.params[slot].1.size();
-            if buf.size() != shape {
-                return Err(TrainError::State {
-                    module: self.index,
-                    message: format!(
-                        "momentum of `{name}` has shape {:?}, the parameter {:?}",
-                        buf.size(),
-                        shape
-                    ),
-                });
-            }
-            self.opt.momentum_buffers[slot] = Some(buf.f_to_device(device)?.f_detach_copy()?);
-        }
-        self.step = step;
-        Ok(())
-    }
-}
-
-/// `g` times the loss scale, before a backward pass (as it is without one).
-fn scaled(scaler: &Option<LossScale>, g: &Tensor) -> Tensor {
-    match scaler {
-        Some(s) => g * s.value(),
-        None => g.shallow_clone(),
-    }
-}
-
-/// A gradient of scaled losses in true units (as it is without a loss scale; undefined stays
-/// undefined).
-fn unscaled(scaler: &Option<LossScale>, g: &Tensor) -> Tensor {
-    match scaler {
-        Some(s) if g.defined() => s.unscale(g),
-        _ => g.shallow_clone(),
     }
 }
 

@@ -14,7 +14,7 @@
 //! which makes R replicas of batch B equal one process of batch R·B in R micro-batches.
 //! BatchNorm running statistics are not averaged: they stay per replica, as under DDP.
 
-use crate::TrainError;
+use crate::error::TrainError;
 use mlaan_dist::{liveness, Bind, DistError, Group, Store};
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,4 +215,37 @@ impl ReplicaSync {
 /// blame.
 fn replica_error(store: &Store, world: usize, module: usize, cause: DistError) -> TrainError {
     TrainError::Replica { module, peers: liveness::diagnose(store, world), cause }
+}
+
+impl super::LocalModule {
+    /// Join this module's group across the data-parallel replicas and take rank 0's state
+    /// (after any checkpoint is restored); from then on every step averages gradients first.
+    pub fn join_replicas(&mut self, r: &Replicas) -> Result<(), TrainError> {
+        let mut sync = ReplicaSync::join(r, self.index)?;
+        sync.take_rank0_state(&self.nets.state(), &self.opt.momentum_buffers)?;
+        self.replicas = Some(sync);
+        Ok(())
+    }
+
+    /// Take rank 0's values of every state tensor the optimizer does not train (BatchNorm
+    /// running statistics and EMA twins, which differ between replicas); nothing without
+    /// replicas. Trained parameters are equal on every rank already.
+    pub fn take_rank0_buffers(&mut self) -> Result<(), TrainError> {
+        let Some(sync) = &mut self.replicas else { return Ok(()) };
+        let trained: std::collections::HashSet<String> =
+            self.opt.params.iter().map(|(n, _)| n.clone()).collect();
+        let buffers: Vec<Tensor> = self
+            .nets
+            .state()
+            .into_iter()
+            .filter(|(n, _)| !trained.contains(n))
+            .map(|(_, t)| t)
+            .collect();
+        sync.broadcast_from_rank0(&buffers)
+    }
+
+    /// What averaging this module's gradients across replicas has cost so far.
+    pub fn replica_traffic(&self) -> Traffic {
+        self.replicas.as_ref().map(ReplicaSync::traffic).unwrap_or_default()
+    }
 }

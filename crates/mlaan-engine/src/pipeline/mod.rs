@@ -21,30 +21,30 @@
 //! `on_nonfinite = "skip"` a non-finite loss is not a failure: the stage reports
 //! `Event::Skipped` and the batch goes on as `Forward::Skip`, dropped by every later module.
 //!
-//! Files: [`messages`] (what flows), [`wiring`] (building a stage, EMA channels, snapshots),
-//! [`port`] (every blocking channel operation), [`worker`] (the stage loop), [`window`]
-//! (metrics windows); this file is the coordinator's handle.
+//! Files: [`settings`] (what every stage shares), [`wiring`] (building a stage, EMA
+//! channels), [`port`] (every blocking channel operation), [`worker`] (the stage loop),
+//! [`window`] (metrics windows), [`faults`] (drills); this file is the coordinator's handle.
+//! What flows is `crate::wire`'s.
 
-pub mod messages;
+pub mod faults;
 pub mod port;
+pub mod settings;
 pub mod window;
 pub mod wiring;
 pub mod worker;
 
-pub use messages::{
-    ComputeSettings, Event, Failure, Fault, FaultKind, Forward, ModuleEval, ModuleSnapshot,
-    PipelineSettings,
-};
+pub use faults::{Fault, FaultKind};
+pub use settings::{ComputeSettings, PipelineSettings};
 
-use crate::handoff::Handed;
-use crate::stage::BackMsg;
-use crate::TrainError;
+use crate::error::TrainError;
+use crate::stage::memory::Queued;
+use crate::wire::{BackMsg, Event, Failure, Forward, Handed, ModuleEval, ModuleSnapshot};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
 use port::{Port, POLL};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -90,7 +90,7 @@ impl Pipeline {
         // Gradient channels are unbounded: their occupancy is bounded by the in-flight limit
         // of the receiving stage, and a bounded one could deadlock against the forward one.
         let back: Vec<Channel<BackMsg>> = (1..d).map(|_| unbounded()).collect();
-        let queued: Vec<Arc<AtomicU64>> = (0..d).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let queued: Vec<Queued> = (0..d).map(|_| Queued::default()).collect();
         let rule = settings.ema_lag.resolve(settings.schedule);
         let EmaWires { mut twins, mut sources } = EmaWires::new(&plan, placement, devices, rule);
 
@@ -112,12 +112,13 @@ impl Pipeline {
                 states[modules.clone()].iter().map(ModuleSnapshot::shallow_clone).collect();
             let (plan, settings, events) = (plan.clone(), settings.clone(), ev_tx.clone());
             let (twins, sources) = (std::mem::take(&mut twins[s]), std::mem::take(&mut sources[s]));
-            let (device, queued_bytes) = (devices[s], queued[s].clone());
+            let (device, queued) = (devices[s], queued[s].clone());
             let build = move || {
                 tch::set_num_threads(settings.intra_op_threads.get(s).copied().unwrap_or(1) as i32);
                 settings.compute.enter_stage_thread(device)?;
-                let stage = build_stage(&plan, &settings, &states, device, twins, sources)?;
-                Ok(WorkerParts { index: s, stage, settings, port, events, queued_bytes })
+                let mut stage = build_stage(&plan, &settings, &states, device, twins, sources)?;
+                stage.memory.queued = queued;
+                Ok(WorkerParts { index: s, stage, settings, port, events })
             };
             let (events, stop) = (ev_tx.clone(), stop.clone());
             let module_list: Vec<usize> = modules.clone().collect();

@@ -4,13 +4,12 @@
 //! metrics window; a neighbour that went away becomes [`TrainError::Peer`], a stop
 //! [`TrainError::Stopped`].
 
-use super::messages::Forward;
-use crate::handoff::Handed;
-use crate::module::EmaSnapshot;
-use crate::stage::BackMsg;
-use crate::{bytes_of, TrainError};
+use crate::bytes_of;
+use crate::error::TrainError;
+use crate::stage::memory::Queued;
+use crate::wire::{BackMsg, EmaSnapshot, Forward, Handed};
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,8 +41,8 @@ pub struct Port {
     pub grads_in: Option<Receiver<Handed<BackMsg>>>,
     pub grads_out: Option<Sender<Handed<BackMsg>>>,
     pub stop: Arc<AtomicBool>,
-    /// Bytes queued towards the next stage (its share of the memory probe).
-    pub next_queued_bytes: Option<Arc<AtomicU64>>,
+    /// The next stage's count of bytes queued for it (its memory counts them).
+    pub next_queued: Option<Queued>,
     /// Stages compute on their own CUDA streams: what is sent carries an event.
     pub per_stage_streams: bool,
     /// The stage's device: everything received lands there (`Handed::receive`).
@@ -59,7 +58,7 @@ impl Port {
         grads_in: Option<Receiver<Handed<BackMsg>>>,
         grads_out: Option<Sender<Handed<BackMsg>>>,
         stop: Arc<AtomicBool>,
-        next_queued_bytes: Option<Arc<AtomicU64>>,
+        next_queued: Option<Queued>,
     ) -> Self {
         let waits = Waits::default();
         Port {
@@ -69,7 +68,7 @@ impl Port {
             grads_in,
             grads_out,
             stop,
-            next_queued_bytes,
+            next_queued,
             per_stage_streams: false,
             device: tch::Device::Cpu,
             waits,
@@ -159,8 +158,8 @@ impl Port {
                 }
             }
         }
-        if let Some(q) = &self.next_queued_bytes {
-            q.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(q) = &self.next_queued {
+            q.add(bytes);
         }
         self.waits.output += t.elapsed();
         Ok(())

@@ -13,7 +13,6 @@ pub struct Window {
     pub busy: Duration,
     pub batches: u64,
     pub images: u64,
-    pub peak_live: u64,
     /// Batches between the newest forward and the batch of the last late gradient (async).
     pub last_lag: u64,
     /// The stage's replica traffic and phase times when the window opened.
@@ -29,7 +28,6 @@ impl Default for Window {
             busy: Duration::ZERO,
             batches: 0,
             images: 0,
-            peak_live: 0,
             last_lag: 0,
             traffic_at_start: Traffic::default(),
             phases_at_start: PhaseTimes::default(),
@@ -41,11 +39,9 @@ impl Default for Window {
 /// Everything of the stage a window reports besides the window's own counts.
 pub struct StageView<'a> {
     pub index: usize,
-    pub device: tch::Device,
-    pub stage: &'a Stage,
+    pub stage: &'a mut Stage,
     pub waits: Waits,
     pub queue_depth: usize,
-    pub queued_bytes: u64,
 }
 
 impl Window {
@@ -65,7 +61,7 @@ impl Window {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         StageWindow {
             stage: v.index,
-            device: format!("{:?}", v.device),
+            device: format!("{:?}", v.stage.device),
             modules: v.stage.modules.iter().map(|m| m.index).collect(),
             batches: c.batches,
             images: c.images,
@@ -80,8 +76,8 @@ impl Window {
             phases_ms: spent.to_ms(),
             queue_depth: v.queue_depth,
             grad_lag: c.last_lag,
-            live_bytes: v.stage.live_bytes() + v.queued_bytes,
-            peak_live_bytes: c.peak_live,
+            live_bytes: v.stage.live_bytes(),
+            peak_live_bytes: v.stage.memory.take_window_peak(),
             overflow_skips: overflow_skips - c.overflow_skips_at_start,
             loss: Vec::new(),
         }

@@ -1,17 +1,19 @@
 //! Building a stage before its thread runs: its modules from their starting state, the EMA
-//! channels between real blocks and their twins (possibly on other stages), and the CPU
-//! snapshot of a module that a checkpoint is made of.
+//! channels between real blocks and their twins (possibly on other stages), the stage-0 input
+//! preparation and the compute layout.
 
-use super::messages::{ModuleSnapshot, PipelineSettings};
-use crate::handoff::Handed;
-use crate::init::{build_nets, load_state};
-use crate::module::{EmaLag, EmaSnapshot, LocalModule, ModuleSettings, SourceLink, TwinLink};
+use super::settings::PipelineSettings;
+use crate::error::TrainError;
+use crate::init::build_nets;
+use crate::module::{EmaLag, LocalModule, ModuleSettings, SourceLink, TwinLink};
+use crate::stage::input::InputPrep;
 use crate::stage::Stage;
-use crate::TrainError;
+use crate::wire::{EmaSnapshot, Handed, ModuleSnapshot};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use mlaan_core::config::{EmaLagRule, MemoryFormat, OnNonFinite, Precision};
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::NetworkPlan;
+use mlaan_core::routes::ModuleRoutes;
 use std::collections::HashMap;
 use tch::{Device, Tensor};
 
@@ -78,8 +80,9 @@ fn twin_lag(rule: EmaLagRule, twin_module: usize, source_module: usize) -> EmaLa
     }
 }
 
-/// The modules `states` (consecutive, in order) on `device`, with their optimizer state,
-/// EMA links and kept EMA backlog restored.
+/// The modules `states` (consecutive, in order) on `device`: each built, wired to its EMA
+/// twins and sources, restored from its snapshot, laid out for the compute format and joined
+/// to its replicas.
 pub fn build_stage(
     plan: &NetworkPlan,
     s: &PipelineSettings,
@@ -91,41 +94,23 @@ pub fn build_stage(
     let mut modules = Vec::with_capacity(states.len());
     for start in states {
         let nets = build_nets(plan, start.module, s.image, device);
-        load_state(&nets, &start.state)?;
-        if s.compute.memory_format == MemoryFormat::ChannelsLast {
-            for (_, t) in nets.state() {
-                mlaan_accel::set_channels_last(&t)?;
-            }
-        }
         let settings = ModuleSettings {
-            accumulate: s.accumulate,
+            lr: s.lr,
+            optim: s.optim.clone(),
+            routes: ModuleRoutes::of(plan, start.module),
+            micro: s.micro,
             recompute_graph: s.recompute,
             ema_momentum: s.ema_momentum,
             may_drop: s.on_nonfinite == OnNonFinite::Skip,
             loss_scale: s.compute.precision == Precision::Fp16,
-            ..ModuleSettings::for_module(plan, start.module, s.lr, s.optim.clone())
         };
-        let mut module = LocalModule::new(nets, settings);
-        module.restore_optimizer(&start.momentum, start.step)?;
-        module.restore_loss_scale(start.loss_scale)?;
-        if let Some(r) = &s.replicas {
-            module.join_replicas(r)?;
-        }
-        modules.push(module);
+        modules.push(LocalModule::new(nets, settings));
     }
     let first = states[0].module;
     for TwinWire { module: m, block, rx, lag } in twins {
         let module = &mut modules[m - first];
         let params = block_params(&module.nets.ema_vs.variables(), &block);
-        let backlog = states[m - first]
-            .ema_backlog
-            .iter()
-            .filter(|(b, _, _)| *b == block)
-            .map(|(_, step, p)| EmaSnapshot {
-                step: *step,
-                params: p.iter().map(|t| t.to_device(device)).collect(),
-            })
-            .collect();
+        let backlog = Default::default();
         module.ema.twins.push(TwinLink { block, params, rx, lag, backlog, device });
     }
     for SourceWire { module: m, block, tx, to } in sources {
@@ -134,36 +119,20 @@ pub fn build_stage(
         let per_stage_streams = s.per_stage_streams(device);
         module.ema.sources.push(SourceLink { block, params, tx, device: to, per_stage_streams });
     }
-    Ok(Stage::new(plan, modules, device))
-}
-
-/// A CPU copy of module `m`: state, momentum, step and the EMA snapshots not folded yet.
-pub fn snapshot(m: &mut LocalModule) -> Result<ModuleSnapshot, TrainError> {
-    // Contiguous (NCHW) whatever the training layout: checkpoints hold the standard one.
-    let cpu = |t: &Tensor| t.f_to_device_(Device::Cpu, t.kind(), false, true)?.f_contiguous();
-    let state = m
-        .nets
-        .state()
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), cpu(t)?)))
-        .collect::<Result<_, TrainError>>()?;
-    let opt = m.optimizer();
-    let momentum = opt
-        .params
-        .iter()
-        .zip(&opt.momentum_buffers)
-        .filter_map(|((n, _), b)| b.as_ref().map(|b| Ok((n.clone(), cpu(b)?))))
-        .collect::<Result<_, TrainError>>()?;
-    let ema_backlog = m
-        .ema
-        .backlog()?
-        .into_iter()
-        .map(|(block, step, params)| {
-            Ok((block, step, params.iter().map(cpu).collect::<Result<Vec<_>, _>>()?))
-        })
-        .collect::<Result<_, TrainError>>()?;
-    let loss_scale = m.loss_scale_saved();
-    Ok(ModuleSnapshot { module: m.index, state, momentum, step: m.step, ema_backlog, loss_scale })
+    for (module, start) in modules.iter_mut().zip(states) {
+        module.restore(start)?;
+        if s.compute.memory_format == MemoryFormat::ChannelsLast {
+            for (_, t) in module.nets.state() {
+                mlaan_accel::set_channels_last(&t)?;
+            }
+        }
+        if let Some(r) = &s.replicas {
+            module.join_replicas(r)?;
+        }
+    }
+    let input =
+        (first == 0).then(|| InputPrep::new(&s.mean, &s.std, s.compute.memory_format, device));
+    Ok(Stage::new(plan, modules, device, input))
 }
 
 /// Trainable parameters of block `block` (e.g. `layer3.0`) in a store, sorted by name.

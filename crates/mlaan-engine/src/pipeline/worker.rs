@@ -1,16 +1,16 @@
 //! A stage worker: the thread that owns one stage. Its loop waits for what the schedule waits
 //! for (through the [`Port`]), hands the event to the schedule, and executes the actions the
-//! schedule returns on the message the event carried. It decides nothing about order itself.
+//! schedule returns on the message the event carried. It decides nothing about order itself,
+//! and knows nothing of modules: everything it does to the batch is a call on its [`Stage`].
 
-use super::messages::{Event, Failure, FaultKind, Forward, ModuleEval, PipelineSettings};
+use super::faults::Fault;
 use super::port::{Port, Received};
+use super::settings::PipelineSettings;
 use super::window::{StageView, Window};
-use super::wiring::snapshot;
-use crate::module::BatchTargets;
-use crate::stage::{BackMsg, Stage};
-use crate::{bytes_of, TrainError};
+use crate::error::TrainError;
+use crate::stage::Stage;
+use crate::wire::{BackMsg, BatchTargets, Event, Failure, Forward};
 use crossbeam_channel::Sender;
-use mlaan_core::config::MemoryFormat;
 use mlaan_core::schedule::{
     Action, AsyncSchedule, Input, StageEvent, StageSchedule, SyncSchedule, Wait,
 };
@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// A stage worker's fixed surroundings, built by `Pipeline::start`.
 pub struct WorkerParts {
@@ -27,8 +27,6 @@ pub struct WorkerParts {
     pub settings: PipelineSettings,
     pub port: Port,
     pub events: Sender<Event>,
-    /// Bytes queued towards this stage, counted in its memory probe.
-    pub queued_bytes: Arc<AtomicU64>,
 }
 
 /// Run one stage to its end on this thread; a failure or panic becomes `Event::Failed`.
@@ -47,7 +45,7 @@ pub fn run_stage(
         let _ = w.events.send(Event::Exited {
             stage: w.index,
             live_bytes: w.stage.live_bytes(),
-            peak_live_bytes: w.peak_live,
+            peak_live_bytes: w.stage.memory.run_peak(),
         });
         r
     }));
@@ -116,12 +114,6 @@ impl Inbox {
     }
 }
 
-/// Mean and standard deviation that stage 0 normalises raw images with.
-struct Normalize {
-    mean: Tensor,
-    std: Tensor,
-}
-
 struct StageWorker {
     index: usize,
     stage: Stage,
@@ -131,20 +123,11 @@ struct StageWorker {
     /// The batch being worked on, for the failure report.
     current: Arc<AtomicU64>,
     window: Window,
-    peak_live: u64,
-    normalize: Normalize,
-    eval: Vec<ModuleEval>,
-    queued_bytes: Arc<AtomicU64>,
     last_forward: u64,
 }
 
 impl StageWorker {
     fn new(p: WorkerParts, current: Arc<AtomicU64>) -> Self {
-        let device = p.stage.device;
-        let c = p.settings.image.channels as i64;
-        let per_channel = |v: &[f32]| Tensor::from_slice(v).view([1, c, 1, 1]).to_device(device);
-        let normalize =
-            Normalize { mean: per_channel(&p.settings.mean), std: per_channel(&p.settings.std) };
         StageWorker {
             index: p.index,
             stage: p.stage,
@@ -153,10 +136,6 @@ impl StageWorker {
             events: p.events,
             current,
             window: Window::default(),
-            peak_live: 0,
-            normalize,
-            eval: Vec::new(),
-            queued_bytes: p.queued_bytes,
             last_forward: 0,
         }
     }
@@ -195,10 +174,10 @@ impl StageWorker {
             Schedule::Async => StageSchedule::Async(AsyncSchedule::new(
                 self.settings.in_flight,
                 self.port.grads_in.is_some(),
-                self.stage.stores_inputs(),
+                self.stage.routes.stores_inputs(),
             )),
             Schedule::Sync | Schedule::Sequential => StageSchedule::Sync(SyncSchedule::new(
-                self.settings.accumulate,
+                self.settings.micro,
                 self.stage.routes.expects_next,
             )),
         }
@@ -249,17 +228,10 @@ impl StageWorker {
     /// left the front goes back. A batch dropped here goes on as `Forward::Skip`.
     fn train_batch(&mut self, id: u64, x: Tensor, targets: BatchTargets) -> Result<(), TrainError> {
         self.current.store(id, Ordering::Relaxed);
-        let in_bytes = bytes_of(&x);
-        self.queued_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(in_bytes))
-            })
-            .ok();
         let t = Instant::now();
-        let x = self.stage_input(x)?;
-        let x = self.inject(id, x)?;
+        let x = Fault::inject(self.settings.fault, self.index, id, x, &mut self.port)?;
         let done = self.stage.process(id, &x, &targets, self.settings.on_nonfinite)?;
-        self.note_live();
+        self.stage.note_peak();
         self.window.busy += t.elapsed();
         match done.output {
             Ok(h) => {
@@ -275,7 +247,7 @@ impl StageWorker {
                 self.port.send_forward(Forward::Skip { id })?;
             }
         }
-        self.send_back(self.stage.routes.back_message(id, done.front, None))?;
+        self.send_back(self.stage.back_message(id, done.front, None))?;
         self.last_forward = id;
         Ok(())
     }
@@ -285,7 +257,7 @@ impl StageWorker {
         self.stage.drop_batch(id)?;
         self.window.batches += 1;
         self.port.send_forward(Forward::Skip { id })?;
-        self.send_back(self.stage.routes.back_message(id, Vec::new(), None))?;
+        self.send_back(self.stage.back_message(id, Vec::new(), None))?;
         self.last_forward = id;
         Ok(())
     }
@@ -295,14 +267,11 @@ impl StageWorker {
     fn step(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
         let t = Instant::now();
         self.stage.finish(id, keep_inputs)?;
-        self.note_live();
+        self.stage.note_peak();
         self.window.busy += t.elapsed();
-        for m in self.stage.modules.iter_mut() {
-            while let Some((twin, rx)) = m.ema.awaited() {
-                let rx = rx.clone();
-                let snap = self.port.recv_ema(&rx)?;
-                m.ema.deliver(twin, snap)?;
-            }
+        while let Some((module, twin, rx)) = self.stage.awaited_ema() {
+            let snap = self.port.recv_ema(&rx)?;
+            self.stage.deliver_ema(module, twin, snap)?;
         }
         self.maybe_report()
     }
@@ -311,9 +280,9 @@ impl StageWorker {
     fn sweep(&mut self, msg: BackMsg) -> Result<(), TrainError> {
         let t = Instant::now();
         let out = self.stage.receive(msg.id, msg.parts)?;
-        self.note_live();
+        self.stage.note_peak();
         self.window.busy += t.elapsed();
-        self.send_back(self.stage.routes.back_message(msg.id, out, Some(msg.last)))
+        self.send_back(self.stage.back_message(msg.id, out, Some(msg.last)))
     }
 
     /// A gradient message for a finished batch (async).
@@ -321,41 +290,13 @@ impl StageWorker {
         let t = Instant::now();
         self.window.last_lag = self.last_forward.saturating_sub(msg.id);
         let out = self.stage.late(msg.id, msg.parts, msg.last)?;
-        self.note_live();
+        self.stage.note_peak();
         self.window.busy += t.elapsed();
-        self.send_back(self.stage.routes.back_message(msg.id, out, Some(msg.last)))
+        self.send_back(self.stage.back_message(msg.id, out, Some(msg.last)))
     }
 
     fn send_back(&mut self, msg: Option<BackMsg>) -> Result<(), TrainError> {
         msg.map_or(Ok(()), |m| self.port.send_back(m))
-    }
-
-    /// Normalise raw images on stage 0 (they arrive on its device: the hand-off moved them).
-    fn stage_input(&self, x: Tensor) -> Result<Tensor, TrainError> {
-        if self.stage.first_module() == 0 {
-            let x = (x.to_kind(Kind::Float) / 255.0 - &self.normalize.mean) / &self.normalize.std;
-            Ok(match self.settings.compute.memory_format {
-                MemoryFormat::ChannelsLast => mlaan_accel::to_channels_last(&x)?,
-                MemoryFormat::Contiguous => x,
-            })
-        } else {
-            Ok(x)
-        }
-    }
-
-    fn inject(&mut self, id: u64, x: Tensor) -> Result<Tensor, TrainError> {
-        match self.settings.fault {
-            Some(f) if f.stage == self.index && f.batch == id => match f.kind {
-                FaultKind::Error => Err(TrainError::Injected(id)),
-                FaultKind::Panic => panic!("injected panic at batch {id}"),
-                FaultKind::NaN => Ok(x * f64::NAN),
-                FaultKind::CloseChannel => {
-                    self.port.close();
-                    Err(TrainError::Stopped)
-                }
-            },
-            _ => Ok(x),
-        }
     }
 
     /// Evaluation, drain and collection messages (no training batch in flight here).
@@ -366,13 +307,12 @@ impl StageWorker {
             }
             Forward::Eval { x, labels } => {
                 let t = Instant::now();
-                let x = self.stage_input(x)?;
-                let h = tch::no_grad(|| self.evaluate(&x, &labels));
+                let h = tch::no_grad(|| self.stage.eval_batch(&x, &labels))?;
                 self.window.busy += t.elapsed();
                 self.port.send_forward(Forward::Eval { x: h, labels })?;
             }
             Forward::EvalEnd => {
-                let modules = std::mem::take(&mut self.eval);
+                let modules = self.stage.take_eval();
                 let _ = self.events.send(Event::Eval { stage: self.index, modules });
                 self.port.send_forward(Forward::EvalEnd)?;
             }
@@ -383,8 +323,12 @@ impl StageWorker {
                 self.port.send_forward(Forward::TakeRank0Buffers)?;
             }
             Forward::Collect => {
-                let modules =
-                    self.stage.modules.iter_mut().map(snapshot).collect::<Result<Vec<_>, _>>()?;
+                let modules = self
+                    .stage
+                    .modules
+                    .iter_mut()
+                    .map(|m| m.save())
+                    .collect::<Result<Vec<_>, _>>()?;
                 let _ = self.events.send(Event::State { stage: self.index, modules });
                 self.port.send_forward(Forward::Collect)?;
             }
@@ -398,40 +342,6 @@ impl StageWorker {
             }
         }
         Ok(())
-    }
-
-    /// Every module's probe accuracy (and the classifier's loss) on one evaluation batch.
-    fn evaluate(&mut self, x: &Tensor, labels: &Tensor) -> Tensor {
-        if self.eval.is_empty() {
-            self.eval = self
-                .stage
-                .modules
-                .iter()
-                .map(|m| ModuleEval { module: m.index, ..Default::default() })
-                .collect();
-        }
-        let n = labels.size()[0];
-        let mut h = x.shallow_clone();
-        for (m, e) in self.stage.modules.iter().zip(self.eval.iter_mut()) {
-            h = m.nets.forward(&h, mlaan_models::Mode::Eval);
-            if let Some(logits) = m.nets.probe_logits(&h) {
-                e.has_head = true;
-                e.correct += mlaan_models::losses::correct(&logits, labels);
-                e.seen += n;
-                if m.nets.classifier.is_some() {
-                    e.loss_sum += mlaan_models::losses::cross_entropy(&logits, labels)
-                        .double_value(&[])
-                        * n as f64;
-                }
-            }
-        }
-        h
-    }
-
-    fn note_live(&mut self) {
-        let peak = self.stage.take_peak() + self.queued_bytes.load(Ordering::Relaxed);
-        self.window.peak_live = self.window.peak_live.max(peak);
-        self.peak_live = self.peak_live.max(peak);
     }
 
     fn maybe_report(&mut self) -> Result<(), TrainError> {
@@ -450,30 +360,12 @@ impl StageWorker {
         }
         let view = StageView {
             index: self.index,
-            device: self.stage.device,
-            stage: &self.stage,
+            stage: &mut self.stage,
             waits: self.port.take_waits(),
             queue_depth: self.port.input.len(),
-            queued_bytes: self.queued_bytes.load(Ordering::Relaxed),
         };
         let window = self.window.close(view);
-        let term_losses = self
-            .stage
-            .modules
-            .iter_mut()
-            .map(|m| {
-                let mean = |s: &crate::module::TermStats| {
-                    if s.batches > 0 {
-                        s.loss_sum / s.batches as f64
-                    } else {
-                        f64::NAN
-                    }
-                };
-                let l = m.stats.iter().map(mean).collect();
-                m.stats.iter_mut().for_each(|s| *s = Default::default());
-                (m.index, l)
-            })
-            .collect();
+        let term_losses = self.stage.take_term_losses();
         let step = self.stage.modules[0].step;
         let lr = self.settings.lr.at(step.saturating_sub(1));
         self.events

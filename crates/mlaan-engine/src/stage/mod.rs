@@ -11,65 +11,25 @@
 //! 4. `late` (async): a part for an already finished batch, applied by recomputation.
 //!
 //! Which of these leave a message for the previous stage, and when it is the batch's last, is
-//! [`StageRoutes::back_message`]'s one rule.
+//! the routes' one rule (`mlaan_core::routes::StageRoutes::back`). The stage also owns its
+//! input preparation ([`input`]), its evaluation counts ([`eval`]) and its memory count
+//! ([`memory`]).
 
-use crate::module::{BatchTargets, GradPart, LocalModule};
-use crate::TrainError;
+pub mod eval;
+pub mod input;
+pub mod memory;
+
+use crate::error::TrainError;
+use crate::module::clock::PhaseTimes;
+use crate::module::{LocalModule, Traffic};
+use crate::wire::{BackMsg, BatchTargets, EmaSnapshot, GradPart, Handed, ModuleEval};
+use crossbeam_channel::Receiver;
+use input::InputPrep;
+use memory::StageMemory;
 use mlaan_core::config::OnNonFinite;
 use mlaan_core::plan::NetworkPlan;
+use mlaan_core::routes::StageRoutes;
 use tch::{Device, Tensor};
-
-/// Gradient parts for the previous stage. `last` marks the final message for a batch.
-#[derive(Debug)]
-pub struct BackMsg {
-    pub id: u64,
-    pub parts: Vec<GradPart>,
-    pub last: bool,
-}
-
-/// Which messages a stage sends and expects, derived once from the plan.
-#[derive(Debug, Clone, Copy)]
-pub struct StageRoutes {
-    /// The previous stage expects gradient messages from this one.
-    pub prev_expects: bool,
-    /// This stage expects gradient messages from the next one.
-    pub expects_next: bool,
-    /// Parts from the next stage can travel through this stage to the previous one.
-    pub next_passes_through: bool,
-}
-
-impl StageRoutes {
-    pub fn new(plan: &NetworkPlan, modules: std::ops::Range<usize>) -> Self {
-        let (a, b) = (modules.start, modules.end);
-        let incoming = plan.incoming_reach_left(b - 1, b);
-        StageRoutes {
-            prev_expects: a > 0 && plan.incoming_reach_left(a - 1, a).is_some(),
-            expects_next: incoming.is_some(),
-            next_passes_through: a > 0 && incoming.is_some_and(|r| r >= b - a),
-        }
-    }
-
-    /// The message for the previous stage once batch `id`'s parts `front` have left this
-    /// stage's front: after the early sweep (`after_next = None`) or after a message from the
-    /// next stage (`Some(last)`, its `last` flag). A previous stage that expects gradients
-    /// gets exactly one message marked `last` per batch: from the early sweep when nothing
-    /// from later stages can pass through, else with the next stage's last one.
-    pub fn back_message(
-        &self,
-        id: u64,
-        front: Vec<GradPart>,
-        after_next: Option<bool>,
-    ) -> Option<BackMsg> {
-        if !self.prev_expects {
-            return None;
-        }
-        let last = match after_next {
-            None => !self.next_passes_through,
-            Some(last) => self.next_passes_through && last,
-        };
-        (last || !front.is_empty()).then_some(BackMsg { id, parts: front, last })
-    }
-}
 
 /// What [`Stage::process`] did with a batch.
 pub struct Processed {
@@ -84,23 +44,36 @@ pub struct Processed {
 pub struct Stage {
     pub modules: Vec<LocalModule>,
     pub routes: StageRoutes,
-    /// Per module: whether late parts can reach it (async keeps its inputs).
-    keeps_input: Vec<bool>,
     pub device: Device,
-    /// Highest live bytes seen since the last `take_peak`, probed after every module call.
-    peak: u64,
+    /// Stage 0 prepares the raw images it receives; later stages take activations as they are.
+    input: Option<InputPrep>,
+    pub memory: StageMemory,
+    eval: Vec<ModuleEval>,
 }
 
 impl Stage {
-    pub fn new(plan: &NetworkPlan, modules: Vec<LocalModule>, device: Device) -> Self {
+    /// The stage of `modules` (consecutive) on `device`; `input` for the stage holding module 0.
+    pub fn new(
+        plan: &NetworkPlan,
+        modules: Vec<LocalModule>,
+        device: Device,
+        input: Option<InputPrep>,
+    ) -> Self {
         let a = modules[0].index;
-        let b = a + modules.len();
-        let keeps_input = (a..b).map(|m| plan.incoming_reach_left(m, b).is_some()).collect();
-        Stage { routes: StageRoutes::new(plan, a..b), modules, keeps_input, device, peak: 0 }
+        let routes = StageRoutes::of(plan, a..a + modules.len());
+        Stage { routes, modules, device, input, memory: StageMemory::default(), eval: Vec::new() }
     }
 
     pub fn first_module(&self) -> usize {
         self.modules[0].index
+    }
+
+    /// A batch as the first module takes it: prepared on stage 0, as received elsewhere.
+    fn prepare(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        match &self.input {
+            Some(prep) => prep.apply(x),
+            None => Ok(x.shallow_clone()),
+        }
     }
 
     /// Forward and local losses of every module, and the early backward sweep. A non-finite
@@ -115,7 +88,8 @@ impl Stage {
     ) -> Result<Processed, TrainError> {
         let inputs = [Some(x), Some(&targets.labels), targets.image_u8.as_ref()];
         self.check_device(id, "input", inputs.into_iter().flatten())?;
-        let mut h: Result<Tensor, TrainError> = Ok(x.shallow_clone());
+        self.memory.queued.remove(crate::bytes_of(x));
+        let mut h: Result<Tensor, TrainError> = self.prepare(x);
         for i in 0..self.modules.len() {
             let Ok(input) = &h else {
                 self.modules[i].drop_batch(id)?;
@@ -134,6 +108,15 @@ impl Stage {
         }
         let front = self.sweep(id, Vec::new())?;
         Ok(Processed { output: h, front })
+    }
+
+    /// One evaluation batch as it arrived: its bytes off the queue, prepared, counted; the
+    /// stage's output for the next stage. Call under `no_grad`.
+    pub fn eval_batch(&mut self, x: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
+        self.check_device(0, "evaluation input", [x, labels])?;
+        self.memory.queued.remove(crate::bytes_of(x));
+        let x = self.prepare(x)?;
+        Ok(self.evaluate(&x, labels))
     }
 
     /// Batch `id` was dropped by an earlier stage: every module here drops it too.
@@ -159,6 +142,80 @@ impl Stage {
         self.sweep(id, parts)
     }
 
+    /// Parameter passes and optimizer steps for batch `id`. `keep_inputs` (async) stores the
+    /// inputs that late gradients will need. Later modules step first: they publish the
+    /// weights that earlier modules' EMA twins fold in after the same step.
+    pub fn finish(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
+        for i in (0..self.modules.len()).rev() {
+            self.modules[i].finish(id, keep_inputs && self.routes.keeps_input[i])?;
+            self.probe(i);
+        }
+        Ok(())
+    }
+
+    /// A late message from the next stage for a finished batch (async). Returns the parts for
+    /// the previous stage.
+    pub fn late(
+        &mut self,
+        id: u64,
+        parts: Vec<GradPart>,
+        last: bool,
+    ) -> Result<Vec<GradPart>, TrainError> {
+        self.check_device(id, "late gradient part", parts.iter().map(|p| &p.grad))?;
+        let mut parts = parts;
+        for i in (0..self.modules.len()).rev() {
+            if !self.routes.keeps_input[i] {
+                break;
+            }
+            if parts.is_empty() {
+                if last {
+                    self.modules[i].release(id);
+                }
+                continue;
+            }
+            parts = self.modules[i].apply_late(id, std::mem::take(&mut parts), last)?;
+            self.probe(i);
+        }
+        Ok(parts)
+    }
+
+    /// The message for the previous stage once batch `id`'s parts `front` have left this
+    /// stage's front: after the early sweep (`after_next = None`) or after a message from the
+    /// next stage (`Some(last)`); `None` when none is due (`StageRoutes::back`).
+    pub fn back_message(
+        &self,
+        id: u64,
+        front: Vec<GradPart>,
+        after_next: Option<bool>,
+    ) -> Option<BackMsg> {
+        let last = self.routes.back(!front.is_empty(), after_next)?;
+        Some(BackMsg { id, parts: front, last })
+    }
+
+    /// A twin of one of the stage's modules waiting for an exact snapshot from a later stage:
+    /// (module position, twin, the channel it comes on).
+    pub fn awaited_ema(&self) -> Option<(usize, usize, Receiver<Handed<EmaSnapshot>>)> {
+        self.modules
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| m.ema.awaited().map(|(twin, rx)| (i, twin, rx.clone())))
+    }
+
+    /// Hand the snapshot a twin waited for to its module.
+    pub fn deliver_ema(
+        &mut self,
+        module: usize,
+        twin: usize,
+        snap: EmaSnapshot,
+    ) -> Result<(), TrainError> {
+        self.modules[module].ema.deliver(twin, snap)
+    }
+
+    /// Every module's mean loss per term since the last call (a metrics window's).
+    pub fn take_term_losses(&mut self) -> Vec<(usize, Vec<f64>)> {
+        self.modules.iter_mut().map(|m| (m.index, m.take_term_losses())).collect()
+    }
+
     /// Every tensor a stage's modules compute with is on the stage's device (the hand-off
     /// puts it there); anything else is a protocol error naming the stage and the batch,
     /// rather than a kernel failing on mixed devices somewhere inside a module.
@@ -179,59 +236,28 @@ impl Stage {
         }
     }
 
-    /// Parameter passes and optimizer steps for batch `id`. `keep_inputs` (async) stores the
-    /// inputs that late gradients will need. Later modules step first: they publish the
-    /// weights that earlier modules' EMA twins fold in after the same step.
-    pub fn finish(&mut self, id: u64, keep_inputs: bool) -> Result<(), TrainError> {
-        for i in (0..self.modules.len()).rev() {
-            self.modules[i].finish(id, keep_inputs && self.keeps_input[i])?;
-            self.probe(i);
-        }
-        Ok(())
-    }
-
-    /// A late message from the next stage for a finished batch (async). Returns the parts for
-    /// the previous stage.
-    pub fn late(
-        &mut self,
-        id: u64,
-        parts: Vec<GradPart>,
-        last: bool,
-    ) -> Result<Vec<GradPart>, TrainError> {
-        self.check_device(id, "late gradient part", parts.iter().map(|p| &p.grad))?;
-        let mut parts = parts;
-        for i in (0..self.modules.len()).rev() {
-            if !self.keeps_input[i] {
-                break;
-            }
-            if parts.is_empty() {
-                if last {
-                    self.modules[i].release(id);
-                }
-                continue;
-            }
-            parts = self.modules[i].apply_late(id, std::mem::take(&mut parts), last)?;
-            self.probe(i);
-        }
-        Ok(parts)
-    }
-
-    /// Whether an async step stores inputs for late gradients (some module receives them).
-    pub fn stores_inputs(&self) -> bool {
-        self.keeps_input.iter().any(|&k| k)
-    }
-
     /// Batches whose inputs are still stored for late gradients.
     pub fn outstanding(&self) -> usize {
         self.modules.iter().map(|m| m.stored_count()).max().unwrap_or(0)
     }
 
+    /// Bytes the stage holds now: its modules' and the batches queued for it.
     pub fn live_bytes(&self) -> u64 {
+        self.modules_bytes() + self.memory.queued.get()
+    }
+
+    fn modules_bytes(&self) -> u64 {
         self.modules.iter().map(|m| m.live_bytes()).sum()
     }
 
+    /// Fold the peaks probed since the last call into the window's and the run's.
+    pub fn note_peak(&mut self) {
+        let now = self.modules_bytes();
+        self.memory.note(now);
+    }
+
     /// Time spent per phase so far, over the stage's modules.
-    pub fn phase_times(&self) -> crate::module::clock::PhaseTimes {
+    pub fn phase_times(&self) -> PhaseTimes {
         self.modules.iter().fold(Default::default(), |a, m| a.plus(&m.phase_times()))
     }
 
@@ -241,7 +267,7 @@ impl Stage {
     }
 
     /// Gradient averaging across replicas so far, over the stage's modules.
-    pub fn replica_traffic(&self) -> crate::module::Traffic {
+    pub fn replica_traffic(&self) -> Traffic {
         self.modules.iter().map(|m| m.replica_traffic()).fold(Default::default(), |a, b| a + b)
     }
 
@@ -249,12 +275,7 @@ impl Stage {
     /// freed, so the peak counts graphs that live only inside one call.
     fn probe(&mut self, i: usize) {
         let transient = self.modules[i].take_call_transient();
-        self.peak = self.peak.max(self.live_bytes() + transient);
-    }
-
-    /// Highest live bytes since the last call (at least what is live now); resets.
-    pub fn take_peak(&mut self) -> u64 {
-        let now = self.live_bytes();
-        std::mem::replace(&mut self.peak, 0).max(now)
+        let held = self.modules_bytes() + transient;
+        self.memory.probe(held);
     }
 }

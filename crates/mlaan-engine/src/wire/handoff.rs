@@ -12,10 +12,8 @@
 //! with a tensor of another device. On CPU, or when every stage shares the default stream, a
 //! message travels without an event.
 
-use crate::module::{BatchTargets, EmaSnapshot};
-use crate::pipeline::Forward;
-use crate::stage::BackMsg;
-use crate::TrainError;
+use super::{BackMsg, BatchTargets, EmaSnapshot, Forward};
+use crate::error::TrainError;
 use mlaan_accel::{record_stream, Event};
 use tch::{Device, Tensor};
 
@@ -134,7 +132,7 @@ impl Carries for EmaSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::module::GradPart;
+    use crate::wire::GradPart;
     use tch::Kind;
 
     fn floats(n: i64) -> Tensor {

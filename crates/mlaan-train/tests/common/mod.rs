@@ -3,7 +3,7 @@
 
 use mlaan_core::config::{RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
-use mlaan_engine::pipeline::{Event, ModuleSnapshot};
+use mlaan_engine::wire::{Event, ModuleSnapshot};
 use mlaan_train::session::{RunOptions, Session};
 use tch::Tensor;
 
