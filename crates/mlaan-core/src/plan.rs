@@ -313,7 +313,6 @@ impl NetworkPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
 
     fn plan(method: &str, k: usize, d: usize) -> NetworkPlan {
         let mut cfg = RunConfig::default();
