@@ -248,40 +248,6 @@ impl NetworkPlan {
         self.modules.len()
     }
 
-    /// Modules whose gradients reach module `i` from module `j > i` (by some term's reach).
-    pub fn receives_from_later(&self, i: usize) -> bool {
-        self.incoming_reach_left(i, i + 1).is_some()
-    }
-
-    /// Largest `reach_left` of the gradient parts that arrive at module `i` from modules
-    /// `j ≥ from` (a part from a term at j with reach r arrives with r − (j − i)); `None` if none
-    /// arrive.
-    pub fn incoming_reach_left(&self, i: usize, from: usize) -> Option<usize> {
-        self.modules
-            .iter()
-            .skip(from.max(i + 1))
-            .flat_map(|m| m.terms.iter().map(move |t| (m.index, t.reach)))
-            .filter(|&(j, r)| r >= j - i)
-            .map(|(j, r)| r - (j - i))
-            .max()
-    }
-
-    /// Whether every gradient on module `i`'s output also travels on to module i−1 (its own
-    /// terms and every incoming part reach further): then one backward pass yields both the
-    /// parameter gradient and the gradient for i−1.
-    pub fn all_gradients_continue(&self, i: usize) -> bool {
-        let own = self.modules[i].terms.iter().map(|t| t.reach);
-        let incoming = self
-            .modules
-            .iter()
-            .skip(i + 1)
-            .flat_map(|m| m.terms.iter().map(move |t| (m.index, t.reach)))
-            .filter(|&(j, r)| r >= j - i)
-            .map(|(j, r)| r - (j - i));
-        let mut reaches = own.chain(incoming).peekable();
-        i > 0 && reaches.peek().is_some() && reaches.all(|r| r >= 1)
-    }
-
     /// The largest reach of any term: how many hops a gradient message may travel.
     pub fn max_reach(&self) -> usize {
         self.modules.iter().flat_map(|m| m.terms.iter().map(|t| t.reach)).max().unwrap_or(0)
@@ -313,7 +279,6 @@ impl NetworkPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
 
     fn plan(method: &str, k: usize, d: usize) -> NetworkPlan {
         let mut cfg = RunConfig::default();
@@ -410,25 +375,27 @@ mod tests {
         }
         assert_eq!(p.modules[3].terms.len(), 1);
         assert_eq!((p.modules[3].terms[0].kind, p.modules[3].terms[0].reach), (TermKind::Final, 1));
-        assert!(p.receives_from_later(0) && p.receives_from_later(2) && !p.receives_from_later(3));
+        let r = |i| crate::routes::ModuleRoutes::of(&p, i);
+        assert!(r(0).from_later && r(2).from_later && !r(3).from_later);
         // The last module's only loss reaches back; the others also have local ones.
-        assert!(p.all_gradients_continue(3) && !p.all_gradients_continue(2));
-        assert!(!p.all_gradients_continue(0));
+        assert!(r(3).all_continue && !r(2).all_continue);
+        assert!(!r(0).all_continue);
         let p3 = plan("mlaan-infopro", 8, 3);
         assert!(p3.modules[1].terms.is_empty(), "official d = 3: no loss at step 1");
         assert_eq!(p3.modules[5].terms[1].reach, 2);
         assert_eq!(p3.max_reach(), 2);
         // Module 3 gets reach-left 1 from step 5's cascade (via 4) and 0 from step 4's.
-        assert_eq!(p3.incoming_reach_left(3, 4), Some(1));
-        assert_eq!(p3.incoming_reach_left(3, 5), Some(0));
-        assert_eq!(p3.incoming_reach_left(7, 8), None);
+        let reach_left = |i, from| crate::routes::incoming_reach_left(&p3, i, from);
+        assert_eq!(reach_left(3, 4), Some(1));
+        assert_eq!(reach_left(3, 5), Some(0));
+        assert_eq!(reach_left(7, 8), None);
     }
 
     #[test]
     fn base_methods_are_local() {
         let p = plan("dgl", 4, 2);
         assert!(p.modules.iter().all(|m| m.terms.len() == 1 && m.terms[0].reach == 0));
-        assert!(!p.receives_from_later(0));
+        assert!(!crate::routes::ModuleRoutes::of(&p, 0).from_later);
         let p = plan("infopro", 4, 2);
         match &p.modules[2].terms[0].objective {
             ObjectiveSpec::InfoPro { lambda1, lambda2, .. } => {

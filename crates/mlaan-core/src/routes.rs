@@ -103,8 +103,9 @@ fn incoming(plan: &NetworkPlan, i: usize, from: usize) -> impl Iterator<Item = u
         .map(move |(j, r)| r - (j - i))
 }
 
-/// The largest reach left of those parts; `None` if none arrive.
-fn incoming_reach_left(plan: &NetworkPlan, i: usize, from: usize) -> Option<usize> {
+/// The largest reach left of the parts arriving at module `i` from modules `j ≥ from` (a part
+/// from a term at j with reach r arrives with r − (j − i)); `None` if none arrive.
+pub fn incoming_reach_left(plan: &NetworkPlan, i: usize, from: usize) -> Option<usize> {
     incoming(plan, i, from).max()
 }
 

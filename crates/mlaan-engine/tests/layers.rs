@@ -7,14 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// The engine's top-level modules by layer, bottom first. Items of the crate root (re-exports
 /// of the error type, `bytes_of`) count as the bottom layer.
-const LAYERS: &[&[&str]] = &[
-    &["error"],
-    &["wire"],
-    &["optim", "init"],
-    &["module"],
-    &["stage"],
-    &["pipeline", "profile"],
-];
+const LAYERS: &[&[&str]] =
+    &[&["error"], &["wire"], &["optim", "init"], &["module"], &["stage"], &["pipeline", "profile"]];
 
 fn layer_of_module(name: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&name))

@@ -1,0 +1,55 @@
+//! Rules between sections: what a method needs of the model, and what micro-batches and the
+//! schedule allow. Each blames the key a user would change.
+
+use super::{bad_value, Method, RunConfig, Schedule};
+use crate::error::ConfigError;
+
+/// A local method (every one but e2e) needs at least two modules to be local about.
+pub(super) fn method_fits_model(cfg: &RunConfig) -> Result<(), ConfigError> {
+    let method = cfg.method.name;
+    if method.is_local() && cfg.model.k < 2 {
+        return Err(bad_value(
+            "model.k",
+            cfg.model.k,
+            &format!("method {method} needs at least 2 modules"),
+        ));
+    }
+    Ok(())
+}
+
+/// Micro-batches divide the training batch, and exist only under a schedule that accumulates
+/// them before stepping (`sync` or `sequential`; `async` steps on every batch).
+pub(super) fn micro_batches_fit(cfg: &RunConfig) -> Result<(), ConfigError> {
+    let p = &cfg.pipeline;
+    let batch_size = cfg.train.batch_size;
+    if p.micro_batches == 0 || batch_size % p.micro_batches != 0 {
+        return Err(bad_value(
+            "pipeline.micro_batches",
+            p.micro_batches,
+            &format!("must be ≥ 1 and divide train.batch_size ({batch_size})"),
+        ));
+    }
+    if p.micro_batches > 1 && p.schedule == Schedule::Async {
+        return Err(bad_value(
+            "pipeline.micro_batches",
+            p.micro_batches,
+            "gradient accumulation over micro-batches (GPipe for e2e) needs schedule sync \
+             or sequential: async steps on every batch",
+        ));
+    }
+    Ok(())
+}
+
+/// End-to-end training over several modules is pipelined backprop: every module waits for
+/// the gradient of the one after it, which `async` does not.
+pub(super) fn e2e_is_not_async(cfg: &RunConfig) -> Result<(), ConfigError> {
+    if cfg.method.name == Method::E2e && cfg.model.k > 1 && cfg.pipeline.schedule == Schedule::Async
+    {
+        return Err(bad_value(
+            "pipeline.schedule",
+            "async",
+            "e2e over several modules is pipelined backprop (GPipe): use sync",
+        ));
+    }
+    Ok(())
+}
