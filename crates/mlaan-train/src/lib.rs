@@ -19,4 +19,5 @@ pub mod plan_report;
 pub mod run_dir;
 pub mod session;
 pub mod skips;
+pub mod summary;
 pub mod trainer;

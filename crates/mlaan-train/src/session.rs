@@ -2,7 +2,7 @@
 //! the data, plans the network, places it, starts the engine's pipeline from an initial state
 //! or a checkpoint, and feeds it batches.
 
-use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::checkpoint::{self, resume, Checkpoint, CheckpointMeta};
 use crate::devices;
 use crate::distributed::World;
 use crate::evaluate::{evaluate, EvalResult};
@@ -18,7 +18,6 @@ use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::pipeline::{ComputeSettings, Fault, Pipeline, PipelineSettings};
 use mlaan_engine::wire::BatchTargets;
 use mlaan_engine::wire::{Event, Forward, ModuleSnapshot};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -117,25 +116,10 @@ impl Session {
         let mut settings = pipeline_settings(cfg, &data, image, lr, opts);
         settings.intra_op_threads = threads;
         settings.replicas = world.replicas();
-        let steps = world.gather("resume step", &from.as_ref().map(|c| c.meta.step))?;
-        if steps.iter().any(|s| *s != steps[0]) {
-            bail!(
-                "the ranks would resume from different steps ({}): every rank must see the same \
-                 run directory (a shared filesystem) and its checkpoints",
-                steps
-                    .iter()
-                    .enumerate()
-                    .map(|(r, s)| match s {
-                        Some(s) => format!("rank {r}: step {s}"),
-                        None => format!("rank {r}: no checkpoint"),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        resume::agree(&world, from.as_ref())?;
         let (states, next_id) = match from {
             Some(c) => {
-                check_compatible(&c, cfg, &plan, steps_per_epoch, world.size())?;
+                resume::check_compatible(&c, cfg, &plan, steps_per_epoch, world.size())?;
                 tracing::info!("resuming from {} at step {}", c.dir.display(), c.meta.step);
                 (c.modules, c.meta.step)
             }
@@ -325,19 +309,14 @@ impl Session {
             return Ok(root.join(checkpoint::dir_name(self.next_id)));
         }
         let modules = self.snapshots()?;
-        let meta = CheckpointMeta {
-            step: self.next_id,
-            steps_per_epoch: self.steps_per_epoch,
-            method: self.cfg.method.name.to_string(),
-            arch: self.cfg.model.arch.clone(),
-            k: self.plan.k(),
-            schedule: self.cfg.pipeline.schedule.to_string(),
-            seed: self.cfg.train.seed,
-            world_size: self.world.size(),
-            global_batch: self.cfg.train.batch_size * self.world.size(),
-            placement: self.placement.groups.iter().map(|g| [g.start, g.end]).collect(),
-            files: BTreeMap::new(),
-        };
+        let meta = CheckpointMeta::of(
+            &self.cfg,
+            self.plan.k(),
+            &self.placement,
+            self.next_id,
+            self.steps_per_epoch,
+            self.world.size(),
+        );
         let keep = self.cfg.checkpoint.keep_last;
         Ok(checkpoint::write(root, meta, &modules, &self.cfg.to_toml(), keep, pause)?)
     }
@@ -346,55 +325,6 @@ impl Session {
     pub fn finish(self) -> Result<Vec<(u64, u64)>> {
         Ok(self.pipe.finish()?)
     }
-}
-
-/// A checkpoint must come from the same network and the same data order.
-/// Whether `c` can continue as this run. Another number of replicas can, at the same global
-/// batch: a step then covers the same images, every rank takes rank 0's weights, and only
-/// BatchNorm's running statistics (per replica) restart from rank 0's.
-fn check_compatible(
-    c: &Checkpoint,
-    cfg: &RunConfig,
-    plan: &NetworkPlan,
-    spe: u64,
-    world: usize,
-) -> Result<()> {
-    let m = &c.meta;
-    let global = cfg.train.batch_size * world;
-    if m.global_batch != 0 && m.global_batch != global {
-        bail!(
-            "checkpoint {} was trained with a global batch of {} ({} rank(s)) but this run's is \
-             {global} ({world} rank(s) × {}): a step there is not a step here. Resume with \
-             ranks × batch size = {}",
-            c.dir.display(),
-            m.global_batch,
-            m.world_size,
-            cfg.train.batch_size,
-            m.global_batch
-        );
-    }
-    let mismatch = |what: &str, had: String, now: String| {
-        anyhow::anyhow!(
-            "checkpoint {} has {what} {had} but the config asks for {now}",
-            c.dir.display()
-        )
-    };
-    if m.method != cfg.method.name.to_string() {
-        return Err(mismatch("method", m.method.clone(), cfg.method.name.to_string()));
-    }
-    if m.arch != cfg.model.arch {
-        return Err(mismatch("arch", m.arch.clone(), cfg.model.arch.clone()));
-    }
-    if m.k != plan.k() {
-        return Err(mismatch("K", m.k.to_string(), plan.k().to_string()));
-    }
-    if m.steps_per_epoch != spe {
-        return Err(mismatch("steps per epoch", m.steps_per_epoch.to_string(), spe.to_string()));
-    }
-    if m.seed != cfg.train.seed {
-        return Err(mismatch("seed", m.seed.to_string(), cfg.train.seed.to_string()));
-    }
-    Ok(())
 }
 
 /// The network plan for a config on an opened dataset.

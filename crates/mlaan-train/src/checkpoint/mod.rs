@@ -16,6 +16,10 @@
 //! at any point leaves either the previous checkpoints untouched or a `.tmp-*` directory that
 //! loading ignores.
 
+pub mod resume;
+
+use mlaan_core::config::RunConfig;
+use mlaan_core::placement::Placement;
 use mlaan_engine::wire::ModuleSnapshot;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -54,6 +58,31 @@ fn one() -> usize {
 }
 
 impl CheckpointMeta {
+    /// What a checkpoint of the run `cfg` at `step` records about itself (the files are added
+    /// as they are written); `resume::check_compatible` checks the same fields.
+    pub fn of(
+        cfg: &RunConfig,
+        k: usize,
+        placement: &Placement,
+        step: u64,
+        steps_per_epoch: u64,
+        world_size: usize,
+    ) -> Self {
+        CheckpointMeta {
+            step,
+            steps_per_epoch,
+            method: cfg.method.name.to_string(),
+            arch: cfg.model.arch.clone(),
+            k,
+            schedule: cfg.pipeline.schedule.to_string(),
+            seed: cfg.train.seed,
+            world_size,
+            global_batch: cfg.train.batch_size * world_size,
+            placement: placement.groups.iter().map(|g| [g.start, g.end]).collect(),
+            files: BTreeMap::new(),
+        }
+    }
+
     /// Epoch and batch within it where training continues.
     pub fn position(&self) -> (usize, u64) {
         ((self.step / self.steps_per_epoch) as usize, self.step % self.steps_per_epoch)
