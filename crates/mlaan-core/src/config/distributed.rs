@@ -16,11 +16,41 @@ pub struct DistributedConfig {
     pub timeout_s: f64,
     /// Gradients are all-reduced in flat buckets of at most this many MiB.
     pub bucket_mb: f64,
+    /// Which library all-reduces a module's gradients across the replicas.
+    pub backend: Backend,
 }
 
 impl Default for DistributedConfig {
     fn default() -> Self {
-        DistributedConfig { world_size: 0, timeout_s: 300.0, bucket_mb: 25.0 }
+        DistributedConfig {
+            world_size: 0,
+            timeout_s: 300.0,
+            bucket_mb: 25.0,
+            backend: Backend::Auto,
+        }
+    }
+}
+
+/// The collective library of the replica groups (`distributed.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// NCCL for modules on CUDA stages when it loads and every rank of the group has its own
+    /// GPU; Gloo otherwise.
+    Auto,
+    /// c10d's Gloo: host memory (a CUDA bucket is copied to the host and back).
+    Gloo,
+    /// NCCL on the GPU, on the stage's stream; every stage must be on a CUDA device.
+    Nccl,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        })
     }
 }
 

@@ -21,7 +21,7 @@ mod train;
 
 pub use checkpoint::CheckpointConfig;
 pub use data::{AugmentConfig, DataConfig, OnBadSample, PadMode};
-pub use distributed::DistributedConfig;
+pub use distributed::{Backend, DistributedConfig};
 pub use load::{set_dotted, ConfigSource};
 pub use method::{EmaLagRule, EmaUpdate, HeadKind, InfoProMode, Method, MethodConfig};
 pub use model::ModelConfig;
@@ -65,6 +65,7 @@ impl RunConfig {
         rules::e2e_is_not_async(self)?;
         self.data.validate()?;
         self.distributed.validate()?;
+        rules::nccl_needs_gpus(self)?;
         self.checkpoint.validate()?;
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Rules between sections: what a method needs of the model, and what micro-batches and the
 //! schedule allow. Each blames the key a user would change.
 
-use super::{bad_value, Method, RunConfig, Schedule};
+use super::{bad_value, Backend, Method, RunConfig, Schedule};
 use crate::error::ConfigError;
 
 /// A local method (every one but e2e) needs at least two modules to be local about.
@@ -52,4 +52,44 @@ pub(super) fn e2e_is_not_async(cfg: &RunConfig) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// NCCL reduces GPU memory: asked for by name, every stage must be on a CUDA device (`auto`
+/// takes Gloo for CPU stages by itself).
+pub(super) fn nccl_needs_gpus(cfg: &RunConfig) -> Result<(), ConfigError> {
+    let cpu = cfg.pipeline.devices.iter().position(|d| !d.is_cuda());
+    if let (Backend::Nccl, Some(i)) = (cfg.distributed.backend, cpu) {
+        return Err(bad_value(
+            "distributed.backend",
+            "nccl",
+            &format!(
+                "NCCL all-reduces GPU memory, but stage device {i} is {}: use --gpus, or \
+                 backend \"gloo\" (or \"auto\", which takes Gloo for CPU stages)",
+                cfg.pipeline.devices[i]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load::load_text as load;
+    use super::*;
+
+    #[test]
+    fn nccl_by_name_needs_every_stage_on_a_gpu() {
+        let gpus = "pipeline.devices=[\"cuda:0\",\"cuda:1\"]";
+        let c = load("", &["distributed.backend=nccl", gpus]).unwrap();
+        assert_eq!(c.distributed.backend, Backend::Nccl);
+        let e = load("", &["distributed.backend=nccl", "pipeline.devices=[\"cuda:0\",\"cpu\"]"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("distributed.backend") && e.contains("stage device 1 is cpu"), "{e}");
+        // `auto` (the default) and `gloo` take CPU stages.
+        assert_eq!(load("", &[]).unwrap().distributed.backend, Backend::Auto);
+        load("", &["distributed.backend=gloo"]).unwrap();
+        let e = load("", &["distributed.backend=mpi"]).unwrap_err().to_string();
+        assert!(e.contains("`mpi`") && e.contains("`nccl`"), "{e}");
+    }
 }
