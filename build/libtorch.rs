@@ -8,6 +8,12 @@
 //    does not have, so without this a wrong torch fails late with C++ or linker errors.
 // 2. Bakes libtorch's lib directory into the RUNPATH of this package's binaries, tests and
 //    benches, so they run without LD_LIBRARY_PATH.
+// 3. Gives cudarc's NCCL loader the NCCL that libtorch uses: cudarc looks for `libnccl.so`
+//    (and `.so.13`, `.so.12`, ...), the torch wheel ships `libnccl.so.2` only. A directory of
+//    this package's build output holds a link `libnccl.so` to the wheel's file, and is in the
+//    RUNPATH too; the dynamic loader recognises the linked file as the copy libtorch_cuda.so
+//    already loaded. On a CPU-only install the link dangles, harmlessly, until set-up installs
+//    torch's CUDA libraries.
 //
 // `LIBTORCH` normally comes from `.cargo/config.toml` (`.libtorch`, a symlink made by
 // `make setup`); an environment variable of that name takes precedence (docs/setup.md).
@@ -23,7 +29,28 @@ fn libtorch_build() {
     // torch-sys (`links = "tch"`) exports the lib directory it linked against.
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+        link_nccl(std::path::Path::new(&dir));
     }
+}
+
+/// Point `$OUT_DIR/nccl/libnccl.so` at the torch wheel's NCCL (`site-packages/nvidia/nccl/lib/
+/// libnccl.so.2`, beside `site-packages/torch/lib`) and put the directory on the RUNPATH.
+fn link_nccl(torch_lib: &std::path::Path) {
+    let Some(out) = std::env::var_os("OUT_DIR") else { return };
+    let torch_lib = std::fs::canonicalize(torch_lib).unwrap_or_else(|_| torch_lib.to_path_buf());
+    let Some(site) = torch_lib.parent().and_then(|t| t.parent()) else { return };
+    let target = site.join("nvidia/nccl/lib/libnccl.so.2");
+    let dir = std::path::Path::new(&out).join("nccl");
+    let link = dir.join("libnccl.so");
+    let _ = std::fs::create_dir_all(&dir);
+    if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        let _ = std::fs::remove_file(&link);
+        if let Err(e) = std::os::unix::fs::symlink(&target, &link) {
+            println!("cargo:warning=cannot link {} to {}: {e}", link.display(), target.display());
+            return;
+        }
+    }
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
 }
 
 /// The libtorch directory `LIBTORCH` names (relative to the workspace root when relative).

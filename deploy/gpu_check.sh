@@ -20,6 +20,12 @@
 #   train fp32/bf16   `train --gpus 0` of the make-run model (ResNet-8 K=3 MLAAN, async over two
 #                     stages on the one GPU) for 300 steps on Fashion-MNIST-shaped data
 #   gloo replicas     two data-parallel replicas on the one GPU (`launch`, Gloo)
+#   nccl              NCCL all-reduces to Gloo's values (a CUDA test); a one-replica run whose
+#                     modules reduce with NCCL; NCCL's bandwidth beside Gloo through host memory
+#                     for 64 KiB-64 MiB buffers (`cargo bench --bench allreduce`, packed); with
+#                     two GPUs, 2 ranks x 1 stage with NCCL = 1 process with 2 micro-batches,
+#                     and a killed rank ends the other within the timeout (tests/distributed.rs
+#                     under MLAAN_TEST_NCCL=1)
 #   gpu bench         deploy/gpu_bench.sh's compute set, one repeat
 #
 # With --devices cpu the same runs use CPU stand-ins (no strict switch: the CUDA tests then
@@ -30,7 +36,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 
 options:
@@ -102,7 +108,7 @@ for line in sys.stdin:
         # A library's unit tests live anywhere under its src/; an integration test is one file
         # plus what it includes from its directory.
         if [[ $src == */src/lib.rs ]]; then scope=$(dirname "$src"); else scope=$src; fi
-        if grep -rqE 'cuda_for_test|cuda_devices_for_test' "$scope"; then
+        if grep -rqE 'cuda_for_test|cuda_devices_for_test|MLAAN_TEST_NCCL' "$scope"; then
             crate=$(basename "$(dirname "$(dirname "$src")")")
             [[ $src == "$ROOT/src/"* || $src == "$ROOT/tests/"* ]] && crate=mlaan-pipe
             packed="$crate--$name"
@@ -111,6 +117,17 @@ for line in sys.stdin:
             echo "$packed" >>"$PACK_DIR/tests.txt"
         fi
     done
+    # The all-reduce benchmark (NCCL against Gloo through host memory).
+    cargo bench --bench allreduce --no-run --message-format=json-render-diagnostics >"$artifacts"
+    bench=$(python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "allreduce":
+        print(m["executable"])
+' <"$artifacts")
+    cp "$bench" "$PACK_DIR/allreduce-bench"
+    strip "$PACK_DIR/allreduce-bench"
     cp deploy/gpu_check.sh deploy/gpu_bench.sh "$PACK_DIR/"
     cp -r configs "$PACK_DIR/"
     {
@@ -245,7 +262,39 @@ check "gloo replicas, 2 processes on ${two[*]}" gloo.log "$BIN" launch --nproc-p
     --batch-size 64 --max-steps 40 --set data.synthetic_size=28 --set data.synthetic_channels=1 \
     --set data.synthetic_samples=8192 --set data.workers=2 --out "$OUT/gloo"
 
-# 5. the gpu_bench compute set, one repeat
+# 5. NCCL: its all-reduce against Gloo's, a run whose groups reduce with it, its bandwidth
+# against Gloo through host memory, and (two GPUs) the replica equality and a killed rank.
+if [[ $DEVICES == cpu ]]; then
+    row "nccl" "SKIP (CPU stand-ins)" 0 "NCCL reduces GPU memory"
+else
+    export MLAAN_REQUIRE_CUDA=1
+    run_tests "NCCL all-reduce = Gloo" cuda_nccl_all_reduce_equals_gloo
+    unset MLAAN_REQUIRE_CUDA
+    check "nccl, 1 replica, --gpus 0" nccl-train.log "$BIN" launch --nproc-per-node 1 -- \
+        train --dataset synthetic --arch resnet8 --k 3 --method mlaan-dgl --schedule sync \
+        --gpus 0 --batch-size 128 --max-steps 100 --set data.synthetic_size=28 \
+        --set data.synthetic_channels=1 --set data.synthetic_samples=12800 \
+        --set 'distributed.backend="nccl"' --out "$OUT/nccl-train"
+    if ((CHECK_RC == 0)) && ! grep -q '"nccl"' "$OUT/nccl-train/summary.json"; then
+        ROWS[-1]="| nccl, 1 replica, --gpus 0 | FAIL | $CHECK_SECONDS | summary.json names no NCCL group |"
+        failed=$((failed + 1))
+    fi
+    check "all-reduce bandwidth, NCCL and Gloo through host" allreduce.log "$PACK_DIR/allreduce-bench"
+    if ((CHECK_RC == 0)); then
+        ratio=$(grep -A8 'NCCL / Gloo' allreduce.log | grep '65536 KiB' | tr -d ' ' | cut -d'|' -f3)
+        ROWS[-1]="| all-reduce bandwidth, NCCL and Gloo through host | PASS | $CHECK_SECONDS | 64 MiB: NCCL takes ${ratio:-?}× Gloo-through-host's time (allreduce.log) |"
+    fi
+    if ((gpus >= 2)); then
+        export MLAAN_PIPE=$BIN MLAAN_TEST_NCCL=1
+        run_tests "NCCL: 2 ranks x 1 stage = 1 process, 2 micro-batches" two_replicas_equal_one_process_accumulating_two_micro_batches --exact
+        run_tests "NCCL: a killed rank ends the other" a_killed_rank_ends_the_other_promptly_naming_it --exact
+        unset MLAAN_PIPE MLAAN_TEST_NCCL
+    else
+        row "NCCL across two GPUs" "SKIP (needs 2 GPUs)" 0 "$gpus GPU(s) here"
+    fi
+fi
+
+# 6. the gpu_bench compute set, one repeat
 bench_args=(--bin "$BIN" --out "$OUT/bench" --repeats 1 --steps 15 --warmup 5)
 [[ $DEVICES == cpu ]] && bench_args+=(--devices cpu --steps 2 --warmup 1 --batch-size 32 --imagenet-batch-size 4)
 check "gpu_bench compute set" bench.log bash "$PACK_DIR/gpu_bench.sh" "${bench_args[@]}"

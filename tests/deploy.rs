@@ -985,7 +985,11 @@ case $1 in
 doctor)
     if [[ ${2:-} == --json ]]; then echo '{ "libtorch_cuda_devices": 1 }'; else echo "verdict        --gpus can use 1 GPU(s)"; fi ;;
 train) echo "mlaan-dgl resnet8 K=3 on synthetic: test accuracy 0.9100 (1 epochs, 300 steps), 5000.0 images/s, 8.0 s" ;;
-launch) echo "launched" ;;
+launch)
+    out=""
+    while (($#)); do [[ $1 == --out ]] && out=$2; shift; done
+    if [[ -n $out ]]; then mkdir -p "$out"; echo '{ "reducers": ["nccl", "nccl", "nccl"] }' > "$out/summary.json"; fi
+    echo "launched" ;;
 bench)
     out=""
     while (($#)); do [[ $1 == --out ]] && out=$2; shift; done
@@ -1008,6 +1012,11 @@ else
 fi
 "#;
 
+/// The packed all-reduce benchmark: its ratio table.
+const FAKE_ALLREDUCE: &str = r#"#!/bin/bash
+printf '| buffer | NCCL / Gloo through host (time) |\n|--:|--:|\n| 65536 KiB | 0.031 |\n'
+"#;
+
 /// A pack as `gpu_check.sh --pack` makes it, with fakes for the binaries, and a torch dir.
 fn fake_pack(sb: &Sandbox) -> (PathBuf, PathBuf) {
     let pack = sb.path("pack");
@@ -1015,6 +1024,7 @@ fn fake_pack(sb: &Sandbox) -> (PathBuf, PathBuf) {
     fs::create_dir_all(pack.join("configs")).unwrap();
     sb.script("pack/mlaan-pipe", FAKE_PACKED_BIN);
     sb.script("pack/tests/mlaan-train--compute", FAKE_TEST_BIN);
+    sb.script("pack/allreduce-bench", FAKE_ALLREDUCE);
     fs::write(pack.join("tests.txt"), "mlaan-train--compute\n").unwrap();
     fs::write(pack.join("manifest.txt"), "torch_series=2.11\n").unwrap();
     fs::copy(root().join("deploy/gpu_bench.sh"), pack.join("gpu_bench.sh")).unwrap();
@@ -1048,6 +1058,10 @@ fn gpu_check_runs_every_row_strictly_and_prints_one_table() {
         ("train --gpus 0,0 fp32", "PASS"),
         ("train --gpus 0,0 bf16", "PASS"),
         ("gloo replicas, 2 processes on --gpus 0,0", "PASS"),
+        ("NCCL all-reduce = Gloo", "PASS"),
+        ("nccl, 1 replica, --gpus 0", "PASS"),
+        ("all-reduce bandwidth, NCCL and Gloo through host", "PASS"),
+        ("NCCL across two GPUs", "SKIP"),
         ("gpu_bench compute set", "PASS"),
     ] {
         assert!(
@@ -1055,7 +1069,7 @@ fn gpu_check_runs_every_row_strictly_and_prints_one_table() {
             "{check}: {result}\n{table}"
         );
     }
-    assert!(table.contains("5000.0 images/s"), "{table}");
+    assert!(table.contains("5000.0 images/s") && table.contains("0.031×"), "{table}");
     // Every CUDA test ran with the strict switch.
     let tests = sb.read("trainer.tests");
     assert!(
@@ -1066,6 +1080,7 @@ fn gpu_check_runs_every_row_strictly_and_prints_one_table() {
     assert!(calls.contains("train --config") && calls.contains("--gpus 0,0"), "{calls}");
     assert!(calls.contains("train.precision=\"bf16\""), "{calls}");
     assert!(calls.lines().any(|c| c.starts_with("launch --nproc-per-node 2 -- train")), "{calls}");
+    assert!(calls.contains("distributed.backend=\"nccl\""), "{calls}");
 
     // A failing test fails the check, naming it; the other rows still run.
     let sb = Sandbox::new();

@@ -15,7 +15,16 @@ fn free_port() -> u16 {
 
 /// ResNet-8 K=3 on 16×16 synthetic images, two CPU stages, placed by FLOPs (a measured
 /// placement could differ between runs; the maths does not depend on it either way).
+///
+/// With `MLAAN_TEST_NCCL=1` (the GPU check runs these tests so on a machine with two GPUs)
+/// the devices are `--gpus 0,1` and the replicas reduce with NCCL: each of two ranks takes
+/// one GPU (one stage), a single process both (two stages).
 fn args(method: &str, batch: usize, out: &Path, extra: &[&str]) -> Vec<String> {
+    let devices: &[&str] = if nccl() {
+        &["--gpus", "0,1", "--set", "distributed.backend=\"nccl\""]
+    } else {
+        &["--devices", "cpu,cpu"]
+    };
     let mut v: Vec<String> = [
         "train",
         "--dataset",
@@ -28,8 +37,10 @@ fn args(method: &str, batch: usize, out: &Path, extra: &[&str]) -> Vec<String> {
         "3",
         "--schedule",
         "sync",
-        "--devices",
-        "cpu,cpu",
+    ]
+    .iter()
+    .chain(devices)
+    .chain(&[
         "--epochs",
         "1",
         "--set",
@@ -44,8 +55,7 @@ fn args(method: &str, batch: usize, out: &Path, extra: &[&str]) -> Vec<String> {
         "train.log_every=1",
         "--set",
         "distributed.timeout_s=30",
-    ]
-    .iter()
+    ])
     .map(|s| s.to_string())
     .collect();
     v.extend(["--batch-size".into(), batch.to_string(), "--out".into(), out.display().to_string()]);
@@ -53,8 +63,16 @@ fn args(method: &str, batch: usize, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// Whether the replicas run on GPUs with NCCL (see [`args`]).
+fn nccl() -> bool {
+    std::env::var("MLAAN_TEST_NCCL").is_ok_and(|v| v == "1")
+}
+
+/// The binary under test: this build's, or `MLAAN_PIPE` (a packed binary on a GPU machine).
 fn command(a: &[String]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"));
+    let bin =
+        std::env::var("MLAAN_PIPE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mlaan-pipe").into());
+    let mut c = Command::new(bin);
     c.args(a).env("MLAAN_LOG", "info").env_remove("MLAAN_DATA_DIR");
     for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
     {

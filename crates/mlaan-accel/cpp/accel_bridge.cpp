@@ -189,6 +189,31 @@ int ma_event_block(void* event, int index, char** err) {
 
 void ma_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 
+// 1 when the work before `event` is done, 0 when not yet, -1 on an error.
+int ma_event_query(void* event, char** err) {
+    return guarded<int>(err, -1, [&]() { return static_cast<c10::Event*>(event)->query() ? 1 : 0; });
+}
+
+// The calling thread's current stream of CUDA device `index`, as the CUDA runtime's handle
+// (`cudaStream_t`; null is the legacy default stream): what a library that queues its own
+// kernels (NCCL) needs to queue them in order with libtorch's.
+void* ma_stream_native(int index, char** err) {
+    return guarded<void*>(err, nullptr, [&]() -> void* {
+        c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+        return impl.getStream(cuda(index)).native_handle();
+    });
+}
+
+// Make CUDA device `index` the calling thread's current device (cudaSetDevice), as a library
+// that creates its own CUDA objects (an NCCL communicator) for "the current device" needs.
+int ma_cuda_set_device(int index, char** err) {
+    return guarded<int>(err, -1, [&]() {
+        c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+        impl.setDevice(cuda(index));
+        return 0;
+    });
+}
+
 // Tell the caching allocator that `tensor`'s memory is used on the calling thread's current
 // stream: its block is not reused until the work queued there so far is done.
 int ma_record_stream(void* tensor, char** err) {

@@ -26,6 +26,9 @@ extern "C" {
     pub fn ma_event_record(index: c_int, err: *mut *mut c_char) -> *mut c_void;
     pub fn ma_event_block(event: *mut c_void, index: c_int, err: *mut *mut c_char) -> c_int;
     pub fn ma_event_free(event: *mut c_void);
+    pub fn ma_event_query(event: *mut c_void, err: *mut *mut c_char) -> c_int;
+    pub fn ma_stream_native(index: c_int, err: *mut *mut c_char) -> *mut c_void;
+    pub fn ma_cuda_set_device(index: c_int, err: *mut *mut c_char) -> c_int;
     pub fn ma_record_stream(tensor: *mut c_void, err: *mut *mut c_char) -> c_int;
     pub fn ma_cuda_memory(index: c_int, out4: *mut i64, err: *mut *mut c_char) -> c_int;
     pub fn ma_cuda_reset_peak(index: c_int, err: *mut *mut c_char) -> c_int;

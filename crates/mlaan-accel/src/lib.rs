@@ -23,7 +23,10 @@ pub use autocast::{set_autocast, without_autocast};
 pub use layout::{is_channels_last, set_channels_last, to_channels_last};
 pub use libs::{libtorch_dir, libtorch_version, loaded_library};
 pub use memory::{cuda_memory, empty_cuda_cache, reset_cuda_peak, AllocatorMemory};
-pub use stream::{cuda_math, record_stream, set_cuda_math, Event, Stream};
+pub use stream::{
+    cuda_math, current_stream_handle, record_stream, set_cuda_math, set_current_device, Event,
+    Stream,
+};
 
 /// A call into libtorch failed; the message is libtorch's own.
 #[derive(Debug, thiserror::Error)]

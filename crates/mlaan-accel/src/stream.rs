@@ -93,6 +93,17 @@ impl Event {
         Ok(Event { ptr: NonNull::new(ptr).expect("checked non-null"), device })
     }
 
+    /// Whether the work queued before the event is done (without waiting).
+    pub fn query(&self) -> Result<bool, AccelError> {
+        // SAFETY: `ptr` is a live c10::Event.
+        let rc = call(
+            "event",
+            |err| unsafe { ffi::ma_event_query(self.ptr.as_ptr(), err) },
+            |r| *r < 0,
+        )?;
+        Ok(rc == 1)
+    }
+
     /// Make the calling thread's current stream wait (on the device, not the host) for the
     /// work queued before the event.
     pub fn wait(&self) -> Result<(), AccelError> {
@@ -107,6 +118,28 @@ impl Drop for Event {
         // SAFETY: `ptr` came from the bridge and is freed once.
         unsafe { ffi::ma_event_free(self.ptr.as_ptr()) }
     }
+}
+
+/// The calling thread's current stream on CUDA device `device` as the runtime's raw handle
+/// (`cudaStream_t`; null for the legacy default stream), for a library that queues its own
+/// kernels (NCCL) in order with this thread's.
+pub fn current_stream_handle(device: Device) -> Result<*mut c_void, AccelError> {
+    let index = cuda_index("stream", device)?;
+    let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+    // SAFETY: returns the handle (possibly null for the legacy stream) and sets `err` on failure.
+    let h = unsafe { ffi::ma_stream_native(index, &mut err) };
+    if !err.is_null() {
+        return Err(AccelError { what: "stream", message: ffi::take_error(err) });
+    }
+    Ok(h)
+}
+
+/// Make `device` the calling thread's current CUDA device (`cudaSetDevice`): what a library
+/// that builds its own CUDA objects for "the current device" (an NCCL communicator) reads.
+pub fn set_current_device(device: Device) -> Result<(), AccelError> {
+    let index = cuda_index("device", device)?;
+    // SAFETY: a plain call with a valid out-pointer.
+    status("device", |err| unsafe { ffi::ma_cuda_set_device(index, err) })
 }
 
 /// Tell the caching allocator that `tensor` is used on the calling thread's current stream

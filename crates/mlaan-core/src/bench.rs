@@ -60,6 +60,9 @@ pub struct CaseResult {
     /// the case started (empty on CPU).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allocator: Vec<AllocatorPeak>,
+    /// With replicas: the library that reduced each module's gradients (`nccl`, `gloo`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reducers: Vec<String>,
 }
 
 /// The caching allocator's peak bytes on one CUDA device: what `torch.cuda.

@@ -13,6 +13,10 @@ pub enum DistError {
     /// A collective failed or timed out (a peer died, closed its socket or never came).
     #[error("{op} in group '{group}' (rank {rank} of {world}): {message}")]
     Collective { op: &'static str, group: String, rank: usize, world: usize, message: String },
+    /// A library or device the collective needs is not there (NCCL not loadable, a CPU
+    /// tensor for NCCL); the message says why and what was tried.
+    #[error("{what}: {message}")]
+    Unavailable { what: &'static str, message: String },
     /// A tensor a collective cannot take (not contiguous, wrong shape).
     #[error("{op} in group '{group}': {message}")]
     BadTensor { op: &'static str, group: String, message: String },

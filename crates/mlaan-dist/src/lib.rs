@@ -22,5 +22,24 @@ pub use group::{Bind, Group};
 pub use liveness::{Heartbeat, Peers};
 pub use store::Store;
 
+/// The library that reduces a replica group's tensors, once the ranks have chosen
+/// (`distributed.backend = "auto"` resolves to one of these per module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reducer {
+    /// c10d's Gloo, in host memory.
+    Gloo,
+    /// NCCL, on the GPU and on the stage's stream.
+    Nccl,
+}
+
+impl std::fmt::Display for Reducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reducer::Gloo => "gloo",
+            Reducer::Nccl => "nccl",
+        })
+    }
+}
+
 /// Result of a distributed operation.
 pub type Result<T, E = DistError> = std::result::Result<T, E>;

@@ -92,3 +92,40 @@ pub fn diagnose(store: &Store, world: usize) -> Peers {
         Peers::Silent(silent)
     }
 }
+
+/// Heartbeats watched over time (for a watchdog that must notice a dead peer while a
+/// collective runs on a device, where nothing times out by itself): when each rank's counter
+/// last moved.
+pub struct Watch {
+    conn: Store,
+    /// Per rank: the counter last read, and when it last changed.
+    seen: Vec<(i64, std::time::Instant)>,
+}
+
+impl Watch {
+    /// Watch the `world` ranks' heartbeats through a connection of its own.
+    pub fn new(store: &Store, world: usize) -> Result<Watch, DistError> {
+        let conn = store.connection()?;
+        let now = std::time::Instant::now();
+        let seen = (0..world)
+            .map(|r| Ok((conn.add(&key(r), 0)?, now)))
+            .collect::<Result<_, DistError>>()?;
+        Ok(Watch { conn, seen })
+    }
+
+    /// Read every counter; the ranks whose counter has not moved for `at_least`.
+    pub fn silent_for(&mut self, at_least: Duration) -> Result<Vec<usize>, DistError> {
+        let now = std::time::Instant::now();
+        let mut silent = Vec::new();
+        for (r, (value, changed)) in self.seen.iter_mut().enumerate() {
+            let v = self.conn.add(&key(r), 0)?;
+            if v != *value {
+                *value = v;
+                *changed = now;
+            } else if now.duration_since(*changed) >= at_least {
+                silent.push(r);
+            }
+        }
+        Ok(silent)
+    }
+}

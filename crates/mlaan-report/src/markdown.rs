@@ -163,19 +163,27 @@ pub fn bench_markdown(r: &BenchReport) -> String {
         if !replicated.is_empty() {
             o.push_str("### Data-parallel replicas\n\n");
             o.push_str(
-                "| case | replicas | global batch | all-reduced MiB per step, per stage \
-                 | all-reduce % of wall, per stage |\n|---|--:|--:|--:|--:|\n",
+                "| case | replicas | global batch | reduced with | all-reduced MiB per step, per \
+                 stage | all-reduce % of wall, per stage |\n|---|--:|--:|---|--:|--:|\n",
             );
             for case in replicated {
                 let per_stage = |f: &dyn Fn(&StageShare) -> String| {
                     case.stages.iter().map(f).collect::<Vec<_>>().join(" / ")
                 };
+                let reducers = if case.reducers.is_empty() {
+                    "gloo".to_string()
+                } else {
+                    let mut names = case.reducers.clone();
+                    names.dedup();
+                    names.join(", ")
+                };
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} |",
                     cell(&case.name),
                     case.replicas,
                     case.replicas * r.batch_size,
+                    reducers,
                     per_stage(&|s| format!(
                         "{:.2}",
                         s.allreduce_bytes_per_step / (1u64 << 20) as f64
@@ -185,7 +193,11 @@ pub fn bench_markdown(r: &BenchReport) -> String {
             }
             o.push_str(
                 "\nImages/s of a replicated case are all replicas' together; bytes are what one \
-                 rank puts into its all-reduces (Gloo's ring moves about twice that per rank).\n\n",
+                 rank puts into its all-reduces (a ring moves about twice that per rank). Gloo \
+                 reduces on the host, so its share is the time it took; NCCL queues on the \
+                 stage's stream, so its share is the host's time to queue it (the device's \
+                 bandwidth is `cargo bench --bench allreduce`'s, NCCL beside Gloo through host \
+                 memory).\n\n",
             );
         }
 

@@ -40,6 +40,7 @@ fn case(name: &str, ips: &[f64], stages: Vec<StageShare>) -> CaseResult {
         stages,
         gpu_peak_bytes: vec![],
         allocator: vec![],
+        reducers: vec![],
     }
 }
 

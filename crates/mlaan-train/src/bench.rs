@@ -180,6 +180,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         r.stages = pick.stages;
         r.gpu_peak_bytes = pick.gpu_peak_bytes;
         r.allocator = pick.allocator;
+        r.reducers = pick.reducers;
     }
     let image = data.info.image();
     for (r, (_, cfg)) in results.iter_mut().zip(&configs) {
@@ -323,6 +324,7 @@ fn launch_case(spec: &BenchSpec, case: &str, replicas: usize) -> Result<Measurem
         stages: c.stages,
         gpu_peak_bytes: c.gpu_peak_bytes,
         allocator: c.allocator,
+        reducers: c.reducers,
     })
 }
 
@@ -352,6 +354,8 @@ struct Measurement {
     stages: Vec<StageShare>,
     gpu_peak_bytes: Vec<u64>,
     allocator: Vec<AllocatorPeak>,
+    /// With replicas: each module's reducer.
+    reducers: Vec<String>,
 }
 
 fn measure(
@@ -391,6 +395,8 @@ fn measure(
     let elapsed = t.elapsed().as_secs_f64();
     let gpu_peak_bytes = sampler.map(|g| g.finish()).unwrap_or_default();
     let stages_n = s.num_stages();
+    let reducers =
+        s.reducers().map_or_else(Vec::new, |r| r.iter().map(ToString::to_string).collect());
     let final_bytes = s.finish()?;
     let allocator = crate::devices::allocator_peaks(&devices)?;
     let mut stages: Vec<StageShare> =
@@ -428,5 +434,6 @@ fn measure(
         stages,
         gpu_peak_bytes,
         allocator,
+        reducers,
     })
 }

@@ -132,7 +132,7 @@ impl World {
     }
 
     /// What the engine needs to form the replica groups (`None` with one process).
-    pub fn replicas(&self) -> Option<Replicas> {
+    pub fn replicas(&self, reducers: Vec<mlaan_dist::Reducer>) -> Option<Replicas> {
         Some(Replicas {
             store: self.store.clone()?,
             rank: self.rank(),
@@ -140,6 +140,7 @@ impl World {
             bind: self.bind.clone(),
             timeout: self.timeout,
             bucket_bytes: self.bucket_bytes,
+            reducers,
         })
     }
 

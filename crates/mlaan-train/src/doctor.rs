@@ -63,6 +63,9 @@ pub struct Nccl {
     pub path: String,
     pub version: String,
     pub loaded_by_libtorch: bool,
+    /// `None` when cudarc loads it (replicas on GPUs reduce with it under `auto`); else why
+    /// not.
+    pub cudarc_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,6 +134,7 @@ pub fn inspect(dataset: Option<&str>, dir: Option<&std::path::Path>) -> Report {
             path: l.path.display().to_string(),
             version: l.version,
             loaded_by_libtorch: l.loaded_by_libtorch,
+            cudarc_error: mlaan_dist::nccl::load().err().map(|e| e.to_string()),
         }),
         gloo: "compiled into libtorch_cpu (c10d's ProcessGroupGloo)".into(),
         cores: cores(),
@@ -269,10 +273,14 @@ pub fn render(r: &Report) -> String {
     let _ = match &r.nccl {
         Ok(n) => writeln!(
             o,
-            "NCCL           {} at {}{}",
+            "NCCL           {} at {}{}; {}",
             n.version,
             n.path,
-            if n.loaded_by_libtorch { " (loaded by libtorch)" } else { "" }
+            if n.loaded_by_libtorch { " (loaded by libtorch)" } else { "" },
+            match &n.cudarc_error {
+                None => "replicas on GPUs reduce with it (distributed.backend = auto)".into(),
+                Some(e) => format!("not usable through cudarc: {e}"),
+            }
         ),
         Err(e) => writeln!(o, "NCCL           not available: {e}"),
     };

@@ -16,6 +16,7 @@ pub mod flops;
 pub mod metrics;
 pub mod placement;
 pub mod plan_report;
+pub mod reducers;
 pub mod run_dir;
 pub mod session;
 pub mod skips;

@@ -13,6 +13,7 @@ use mlaan_core::micro::MicroBatches;
 use mlaan_core::placement::Placement;
 use mlaan_core::plan::{ImageSpec, NetworkPlan};
 use mlaan_data::{Batch, Datasets, Loader, LoaderConfig};
+use mlaan_dist::Reducer;
 use mlaan_engine::init::initial_state;
 use mlaan_engine::optim::LrSchedule;
 use mlaan_engine::pipeline::{ComputeSettings, Fault, Pipeline, PipelineSettings};
@@ -70,6 +71,8 @@ pub struct Session {
     /// This rank's slice of `pipeline.devices`, resolved once at start.
     devices: Vec<Device>,
     world: Arc<World>,
+    /// The library reducing each module's gradients across the replicas (`None` alone).
+    reducers: Option<Vec<Reducer>>,
 }
 
 impl Session {
@@ -115,7 +118,18 @@ impl Session {
         let lr = LrSchedule::new(&cfg.optim, steps_per_epoch, cfg.train.epochs);
         let mut settings = pipeline_settings(cfg, &data, image, lr, opts);
         settings.intra_op_threads = threads;
-        settings.replicas = world.replicas();
+        let stage_devs = stage_devices(&placement, &devices);
+        // Launched (torchrun, SLURM, `launch`): every module joins its group across the
+        // replicas, each reduced by the library the ranks choose together.
+        let mut reducers = None;
+        if let Some(mut replicas) = world.replicas(Vec::new()) {
+            let module_devices: Vec<Device> =
+                (0..plan.k()).map(|m| stage_devs[placement.stage_of(m)]).collect();
+            let choice = crate::reducers::choose(&world, cfg.distributed.backend, &module_devices)?;
+            reducers = Some(choice.reducers.clone());
+            replicas.reducers = choice.reducers;
+            settings.replicas = Some(replicas);
+        }
         resume::agree(&world, from.as_ref())?;
         let (states, next_id) = match from {
             Some(c) => {
@@ -134,7 +148,6 @@ impl Session {
                 )
             }
         };
-        let stage_devs = stage_devices(&placement, &devices);
         if stage_devs.iter().any(|d| d.is_cuda()) {
             // Process-wide in libtorch; the per-thread settings are each stage's own.
             mlaan_accel::set_cuda_math(cfg.train.cudnn_benchmark, cfg.train.tf32)?;
@@ -155,6 +168,7 @@ impl Session {
             skipped_samples: 0,
             devices,
             world,
+            reducers,
         })
     }
 
@@ -295,6 +309,11 @@ impl Session {
     /// CPU copies of every module (after a drain).
     pub fn snapshots(&mut self) -> Result<Vec<ModuleSnapshot>> {
         Ok(self.pipe.collect()?)
+    }
+
+    /// The library reducing each module's gradients across the replicas (`None` alone).
+    pub fn reducers(&self) -> Option<&[Reducer]> {
+        self.reducers.as_deref()
     }
 
     /// This process's place among the replicas.

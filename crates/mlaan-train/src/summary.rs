@@ -38,6 +38,8 @@ pub struct Summary {
     pub batch_size: usize,
     /// Data-parallel replicas (processes) and the samples of one step over all of them.
     pub world_size: usize,
+    /// With replicas: the library that reduced each module's gradients (`nccl`, `gloo`).
+    pub reducers: Option<Vec<String>>,
     pub global_batch_size: usize,
     pub test_accuracy: f64,
     pub test_loss: f64,
@@ -102,6 +104,7 @@ pub fn finish(
     let placement = s.placement().groups.iter().map(|g| [g.start, g.end]).collect();
     let dataset = s.dataset_name().to_string();
     let devices = s.devices().to_vec();
+    let reducers = s.reducers().map(|r| r.iter().map(ToString::to_string).collect());
     let final_bytes = s.finish()?;
     let steps_this_run = steps - totals.resumed_at;
     let train_s = totals.train_time.as_secs_f64();
@@ -128,6 +131,7 @@ pub fn finish(
         steps_this_run,
         batch_size: cfg.train.batch_size,
         world_size: world.size(),
+        reducers,
         global_batch_size: cfg.train.batch_size * world.size(),
         test_accuracy: eval.accuracy(),
         test_loss: eval.loss(),

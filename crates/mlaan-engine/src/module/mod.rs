@@ -22,6 +22,7 @@
 //! later calls on it do nothing, and it still counts for its step, so step counts stay
 //! aligned across modules.
 
+pub mod buckets;
 pub mod clock;
 pub mod ema;
 pub mod grads;

@@ -1,8 +1,14 @@
 //! Data parallelism for one module: the same module in every replica of the pipeline forms a
-//! Gloo group (c10d, through `mlaan-dist`), and before each optimizer step its gradients —
-//! backbone, auxiliary heads and LAM copies alike, everything its optimizer trains — are
-//! averaged over the group, flattened into buckets of at most `bucket_bytes` (a few calls per
-//! step, not one per tensor). At start every replica takes rank 0's state.
+//! group (through `mlaan-dist`), and before each optimizer step its gradients — backbone,
+//! auxiliary heads and LAM copies alike, everything its optimizer trains — are averaged over
+//! the group, flattened into buckets of at most `bucket_bytes` ([`super::buckets`]: a few
+//! calls per step, not one per tensor). At start every replica takes rank 0's state.
+//!
+//! Two libraries reduce: c10d's Gloo, in host memory (a CUDA bucket is copied to the host and
+//! back), and NCCL for a module on a GPU when the ranks chose it (`distributed.backend`), on
+//! the device and on the stage's own stream, with no host synchronisation. Every group also
+//! has a Gloo group for what is small or rare: which gradients exist (host flags), and the
+//! broadcasts of rank 0's state.
 //!
 //! One group per module, not per stage: a stage thread steps its modules in an order that
 //! depends on when messages arrive, and collectives on one group must come in the same order
@@ -14,11 +20,13 @@
 //! which makes R replicas of batch B equal one process of batch R·B in R micro-batches.
 //! BatchNorm running statistics are not averaged: they stay per replica, as under DDP.
 
+use super::buckets;
 use crate::error::TrainError;
-use mlaan_dist::{liveness, Bind, DistError, Group, Store};
+use mlaan_dist::nccl::Communicator;
+use mlaan_dist::{liveness, Bind, DistError, Group, Reducer, Store};
 use std::sync::Arc;
 use std::time::Duration;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// How the modules of this process meet their replicas: shared by every stage.
 #[derive(Clone)]
@@ -32,6 +40,9 @@ pub struct Replicas {
     pub timeout: Duration,
     /// Largest flattened bucket of one all-reduce.
     pub bucket_bytes: usize,
+    /// The library that reduces each module's gradients, by module (chosen by the ranks
+    /// together, so that a group's ranks agree).
+    pub reducers: Vec<Reducer>,
 }
 
 /// What a module's gradient averaging has cost so far (cumulative; windows take differences).
@@ -60,25 +71,60 @@ impl std::ops::Sub for Traffic {
 /// One module's group.
 pub struct ReplicaSync {
     module: usize,
+    /// Gloo: presence flags, broadcasts, and the buckets unless NCCL reduces them.
     group: Group,
+    /// NCCL, when it reduces this module's buckets.
+    nccl: Option<Communicator>,
     store: Arc<Store>,
     bucket_bytes: usize,
     traffic: Traffic,
 }
 
 impl ReplicaSync {
-    /// Join module `module`'s group (every rank must, before any step).
-    pub fn join(r: &Replicas, module: usize) -> Result<ReplicaSync, TrainError> {
+    /// Join module `module`'s group (every rank must, before any step), on `device`, the
+    /// module's stage device (NCCL's communicator is made for it).
+    pub fn join(r: &Replicas, module: usize, device: Device) -> Result<ReplicaSync, TrainError> {
         let name = format!("module{module}");
-        let group = Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout)
-            .map_err(|cause| replica_error(&r.store, r.world, module, cause))?;
+        let fail = |cause| replica_error(&r.store, r.world, module, cause);
+        let group =
+            Group::new(&r.store, &name, r.rank, r.world, &r.bind, r.timeout).map_err(fail)?;
+        let nccl = match r.reducers.get(module) {
+            Some(Reducer::Nccl) => Some(
+                Communicator::new(&r.store, &name, r.rank, r.world, device, r.timeout)
+                    .map_err(fail)?,
+            ),
+            _ => None,
+        };
         Ok(ReplicaSync {
             module,
             group,
+            nccl,
             store: r.store.clone(),
             bucket_bytes: r.bucket_bytes.max(1),
             traffic: Traffic::default(),
         })
+    }
+
+    /// The library that reduces this module's buckets.
+    pub fn reducer(&self) -> Reducer {
+        if self.nccl.is_some() {
+            Reducer::Nccl
+        } else {
+            Reducer::Gloo
+        }
+    }
+
+    /// Why the group failed underneath the module (an NCCL communicator its watchdog
+    /// aborted: a dead or hung peer), naming the peers; `None` while it has not.
+    pub fn failure(&self) -> Option<TrainError> {
+        let why = self.nccl.as_ref()?.aborted()?;
+        Some(self.error(DistError::Collective {
+            op: "NCCL all-reduce",
+            group: self.group.name().into(),
+            rank: self.group.rank(),
+            world: self.group.world(),
+            message: format!("aborted: {why}"),
+        }))
     }
 
     /// Make this replica's module rank 0's: every state tensor (parameters, buffers, EMA
@@ -106,7 +152,7 @@ impl ReplicaSync {
     /// Overwrite `tensors` with rank 0's, in place (every rank passes the same list).
     pub fn broadcast_from_rank0(&mut self, tensors: &[Tensor]) -> Result<(), TrainError> {
         let _guard = tch::no_grad_guard();
-        self.coalesced(tensors, |group, flat| group.broadcast(flat, 0))
+        self.coalesced(tensors, |group, flat| through_host(group, flat, |h| group.broadcast(h, 0)))
     }
 
     /// Average `grads` (by optimizer slot; `params` gives each slot's shape) over the group.
@@ -130,9 +176,13 @@ impl ReplicaSync {
         }
         let world = self.group.world() as f64;
         let mut bytes = (grads.len() * 4) as u64; // the presence flags
+        let nccl = self.nccl.as_ref();
         self.coalesced(&tensors, |group, flat| {
             bytes += (flat.numel() * flat.kind().elt_size_in_bytes()) as u64;
-            group.all_reduce_sum(flat)?;
+            match nccl {
+                Some(comm) if flat.device().is_cuda() => comm.all_reduce_sum(flat)?,
+                _ => through_host(group, flat, |h| group.all_reduce_sum(h))?,
+            }
             let _ = flat.f_div_scalar_(world).map_err(|e| DistError::BadTensor {
                 op: "average",
                 group: group.name().into(),
@@ -165,50 +215,43 @@ impl ReplicaSync {
         Ok(counts.into_iter().map(|c| c.round() as usize).collect())
     }
 
-    /// Run `op` on flat buckets of `tensors` (consecutive tensors of one kind and device, at
-    /// most `bucket_bytes` each unless a single tensor is larger), copying the result back.
+    /// Run `op` on the flat buckets of `tensors` ([`buckets::plan`]), copying the result back.
+    /// `op` gets the bucket on its device; a CUDA bucket goes to Gloo through host memory, to
+    /// NCCL as it is (`op` decides which), and the copy back is queued after it.
     fn coalesced(
         &self,
         tensors: &[Tensor],
         mut op: impl FnMut(&Group, &mut Tensor) -> Result<(), DistError>,
     ) -> Result<(), TrainError> {
-        let mut start = 0;
-        while start < tensors.len() {
-            let (kind, device) = (tensors[start].kind(), tensors[start].device());
-            let elt = kind.elt_size_in_bytes();
-            let mut end = start;
-            let mut bytes = 0;
-            while end < tensors.len()
-                && tensors[end].kind() == kind
-                && tensors[end].device() == device
-                && (end == start || bytes + tensors[end].numel() * elt <= self.bucket_bytes)
-            {
-                bytes += tensors[end].numel() * elt;
-                end += 1;
-            }
-            let bucket = &tensors[start..end];
-            let flats: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
-            let mut flat = Tensor::f_cat(&flats, 0)?;
-            if device.is_cuda() {
-                // Gloo reduces host memory: a CUDA bucket goes through it (NCCL, which would
-                // reduce on the device, is not wired in yet).
-                let mut host = flat.f_to(tch::Device::Cpu)?;
-                op(&self.group, &mut host).map_err(|e| self.error(e))?;
-                flat.f_copy_(&host)?;
-            } else {
-                op(&self.group, &mut flat).map_err(|e| self.error(e))?;
-            }
-            let mut offset = 0;
-            for t in bucket {
-                let n = t.numel() as i64;
-                let mut dst = t.shallow_clone();
-                dst.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(t)?)?;
-                offset += n;
-            }
-            start = end;
+        for range in buckets::plan(tensors, self.bucket_bytes) {
+            let bucket = &tensors[range];
+            let mut flat = buckets::flatten(bucket)?;
+            op(&self.group, &mut flat).map_err(|e| self.error(e))?;
+            buckets::unflatten(&flat, bucket)?;
         }
         Ok(())
     }
+}
+
+/// Run a Gloo collective on `flat`: in place on the host, or, for a CUDA bucket, on a host
+/// copy whose result is copied back (Gloo reduces host memory).
+fn through_host(
+    group: &Group,
+    flat: &mut Tensor,
+    op: impl FnOnce(&mut Tensor) -> Result<(), DistError>,
+) -> Result<(), DistError> {
+    if !flat.device().is_cuda() {
+        return op(flat);
+    }
+    let bad = |e: tch::TchError| DistError::BadTensor {
+        op: "copy through the host",
+        group: group.name().into(),
+        message: e.to_string(),
+    };
+    let mut host = flat.f_to(Device::Cpu).map_err(bad)?;
+    op(&mut host)?;
+    flat.f_copy_(&host).map_err(bad)?;
+    Ok(())
 }
 
 /// A failed collective of `module`'s group, with the heartbeats' word on which peer is to
@@ -221,7 +264,7 @@ impl super::LocalModule {
     /// Join this module's group across the data-parallel replicas and take rank 0's state
     /// (after any checkpoint is restored); from then on every step averages gradients first.
     pub fn join_replicas(&mut self, r: &Replicas) -> Result<(), TrainError> {
-        let mut sync = ReplicaSync::join(r, self.index)?;
+        let mut sync = ReplicaSync::join(r, self.index, self.nets.vs.device())?;
         sync.take_rank0_state(&self.nets.state(), &self.opt.momentum_buffers)?;
         self.replicas = Some(sync);
         Ok(())
@@ -242,6 +285,17 @@ impl super::LocalModule {
             .map(|(_, t)| t)
             .collect();
         sync.broadcast_from_rank0(&buffers)
+    }
+
+    /// Why this module's replica group failed underneath it, if it did (see
+    /// [`ReplicaSync::failure`]).
+    pub fn replica_failure(&self) -> Option<TrainError> {
+        self.replicas.as_ref()?.failure()
+    }
+
+    /// The library that reduces this module's gradients (`None` without replicas).
+    pub fn reducer(&self) -> Option<Reducer> {
+        self.replicas.as_ref().map(ReplicaSync::reducer)
     }
 
     /// What averaging this module's gradients across replicas has cost so far.

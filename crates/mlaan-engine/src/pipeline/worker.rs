@@ -41,7 +41,9 @@ pub fn run_stage(
     let cur = current.clone();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let mut w = StageWorker::new(build()?, cur);
-        let r = w.run();
+        // An error met after a replica group failed underneath (an aborted communicator makes
+        // the next device operation fail) is told as that failure, which names the peer.
+        let r = w.run().map_err(|e| w.stage.replica_failure().unwrap_or(e));
         let _ = w.events.send(Event::Exited {
             stage: w.index,
             live_bytes: w.stage.live_bytes(),

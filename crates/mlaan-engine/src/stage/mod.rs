@@ -266,6 +266,12 @@ impl Stage {
         self.modules.iter().map(|m| m.overflow_skips()).sum()
     }
 
+    /// The first failure of a module's replica group underneath it (an aborted NCCL
+    /// communicator), which explains an error the stage met better than the error itself.
+    pub fn replica_failure(&self) -> Option<TrainError> {
+        self.modules.iter().find_map(LocalModule::replica_failure)
+    }
+
     /// Gradient averaging across replicas so far, over the stage's modules.
     pub fn replica_traffic(&self) -> Traffic {
         self.modules.iter().map(|m| m.replica_traffic()).fold(Default::default(), |a, b| a + b)

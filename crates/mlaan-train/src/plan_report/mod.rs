@@ -158,6 +158,9 @@ pub struct PlanReport {
     pub arch_params: usize,
     pub placement: PlacementReport,
     pub replicas: Option<ReplicasReport>,
+    /// How replicas would reduce their gradients (`distributed.backend`, and whether NCCL
+    /// loads here).
+    pub collectives: String,
 }
 
 /// Derive the plan of `cfg` and measure it, for `per_node` data-parallel processes per node.
@@ -251,7 +254,25 @@ pub fn build(cfg: &RunConfig, source: &str, per_node: usize) -> Result<PlanRepor
         arch_params: plan.arch.total_params(plan.input.c, plan.num_classes),
         placement,
         replicas,
+        collectives: collectives(cfg.distributed.backend),
     })
+}
+
+/// `distributed.backend` in words, with what this machine's NCCL says.
+fn collectives(backend: mlaan_core::config::Backend) -> String {
+    use mlaan_core::config::Backend;
+    let here = match mlaan_dist::nccl::load() {
+        Ok(l) => format!("NCCL {} loads here", l.version),
+        Err(e) => format!("NCCL does not load here: {e}"),
+    };
+    match backend {
+        Backend::Gloo => "gloo (c10d, host memory)".into(),
+        Backend::Nccl => format!("nccl (on the GPU, on each stage's stream; {here})"),
+        Backend::Auto => format!(
+            "auto: NCCL for modules on GPUs when it loads on every rank and each rank has its \
+             own GPU, Gloo otherwise ({here})"
+        ),
+    }
 }
 
 /// The dataset as opened, or, when its files are not on this machine (planning a run for a

@@ -357,6 +357,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         );
         let _ = writeln!(o, "              the placement below is each replica's (local rank 0's)");
     }
+    let _ = writeln!(o, "replicas reduce with {}", r.collectives);
     let _ = writeln!(
         o,
         "placement on {} ({})",

@@ -1,7 +1,17 @@
-//! NCCL, as libtorch ships it: the `libnccl.so.2` that `libtorch_cuda.so` loads (from the
-//! `nvidia-nccl-cu13` wheel next to torch), found and named so that every report and error
-//! says which file is meant.
+//! NCCL for the replica groups of modules on GPUs, through cudarc's bindings (`cudarc::nccl`,
+//! loaded at run time): the `libnccl.so.2` that `libtorch_cuda.so` loads (from the
+//! `nvidia-nccl-cu13` wheel beside torch), found and named so that every report and error
+//! says which file is meant ([`locate`]), made loadable by cudarc ([`load`]: the build links
+//! it under the name cudarc looks for), a unique id passed from rank 0 through the c10d store
+//! ([`id`]), and communicators that reduce on the stage's stream and are aborted rather than
+//! left hanging when a peer dies ([`comm`]).
 
+pub mod comm;
+pub mod id;
+
+pub use comm::Communicator;
+
+use crate::DistError;
 use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
 
@@ -80,6 +90,74 @@ fn describe(handle: *mut c_void, loaded_by_libtorch: bool) -> Result<NcclLibrary
     Ok(NcclLibrary { path, version: version_text(code), loaded_by_libtorch })
 }
 
+/// The NCCL series cudarc's bindings are built for (`nccl-02028`): a library of another
+/// major.minor could lay its structures out differently.
+pub const SERIES: (c_int, c_int) = (2, 28);
+
+/// Make NCCL usable through cudarc, once per process: cudarc must find a library under the
+/// names it tries (`libnccl.so`, `.so.13`, ...; the build links torch's `libnccl.so.2` as
+/// `libnccl.so` on the binary's library path), it must be the very copy libtorch loaded (two
+/// NCCLs in one process do not share state), and of the series the bindings describe. Every
+/// failure is an error naming the files and paths involved, never a panic.
+pub fn load() -> Result<NcclLibrary, DistError> {
+    static LOADED: std::sync::OnceLock<Result<NcclLibrary, String>> = std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(load_once)
+        .clone()
+        .map_err(|message| DistError::Unavailable { what: "NCCL", message })
+}
+
+fn load_once() -> Result<NcclLibrary, String> {
+    let torch = locate()?;
+    // SAFETY: only tries dlopen on each name cudarc would use, resolving no symbol.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err(format!(
+            "libtorch's NCCL is {} ({SONAME}), but cudarc finds none under the names it tries \
+             ({}) on this binary's library path (the build links the wheel's file as \
+             libnccl.so beside the binary's RUNPATH; LD_LIBRARY_PATH may name a directory \
+             with such a link instead)",
+            torch.path.display(),
+            cudarc::get_lib_name_candidates("nccl").join(", ")
+        ));
+    }
+    let ours = same_object("libnccl.so", SONAME);
+    if ours == Some(false) {
+        return Err(format!(
+            "cudarc loaded a libnccl.so that is not libtorch's {} ({SONAME}): two NCCLs in one \
+             process; remove the other from LD_LIBRARY_PATH",
+            torch.path.display()
+        ));
+    }
+    let mut code: c_int = 0;
+    // SAFETY: the library is present (checked above); one int is written.
+    let rc = unsafe { cudarc::nccl::sys::ncclGetVersion(&mut code) };
+    if rc != cudarc::nccl::sys::ncclResult_t::ncclSuccess {
+        return Err(format!("ncclGetVersion failed ({rc:?}) in {}", torch.path.display()));
+    }
+    if (code / 10000, (code % 10000) / 100) != SERIES {
+        return Err(format!(
+            "{} is NCCL {}; the bindings are for {}.{}.x (torch 2.11's wheel ships 2.28.9)",
+            torch.path.display(),
+            version_text(code),
+            SERIES.0,
+            SERIES.1
+        ));
+    }
+    Ok(NcclLibrary { version: version_text(code), ..torch })
+}
+
+/// Whether two library names resolve to the one loaded object (`None` when either is not
+/// loaded).
+fn same_object(a: &str, b: &str) -> Option<bool> {
+    let open = |name: &str| {
+        let c = std::ffi::CString::new(name).expect("no NUL");
+        // SAFETY: RTLD_NOLOAD returns a handle only for a library already loaded.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        (!h.is_null()).then_some(h as usize)
+    };
+    Some(open(a)? == open(b)?)
+}
+
 /// NCCL's version code as text: 22809 → `2.28.9` (NCCL ≥ 2.9 codes are major·10000 +
 /// minor·100 + patch).
 pub fn version_text(code: c_int) -> String {
@@ -104,6 +182,24 @@ mod tests {
     fn version_codes_read_as_nccl_prints_them() {
         assert_eq!(version_text(22809), "2.28.9");
         assert_eq!(version_text(21803), "2.18.3");
+    }
+
+    /// With libtorch's CUDA backend loaded (a CUDA install, GPU or not), cudarc loads the very
+    /// NCCL libtorch did; on the slim install the error names the file and the names tried.
+    #[test]
+    fn cudarc_loads_libtorchs_nccl_or_says_why_not() {
+        let loaded = mlaan_accel::load_cuda_backend() == &mlaan_accel::CudaBackend::Loaded;
+        match load() {
+            Ok(lib) => {
+                assert!(loaded && lib.loaded_by_libtorch, "{lib:?}");
+                assert!(lib.version.starts_with("2.28."), "{lib:?}");
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(!loaded, "libtorch_cuda.so is loaded but NCCL is not usable: {e}");
+                assert!(e.starts_with("NCCL: ") && e.contains(SONAME), "{e}");
+            }
+        }
     }
 
     #[test]
