@@ -236,7 +236,7 @@ pub struct ConfigArgs {
     /// Backbone, e.g. resnet20, resnet32, resnet110, resnet34.
     #[arg(long)]
     pub arch: Option<String>,
-    /// e2e, dgl, infopro, mlaan-dgl, mlaan-infopro.
+    /// e2e, dgl, infopro, auglocal, mlaan-dgl, mlaan-infopro, mlaan-auglocal.
     #[arg(long)]
     pub method: Option<String>,
     /// Number of local modules. The split and the LAM chains then follow this K
@@ -272,13 +272,14 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// What the config starts from: `--config`, else the recipe of `--dataset` (or of the
-    /// default dataset), else the built-in defaults (a dataset without a recipe).
+    /// default dataset) for `--method`, else the built-in defaults (a dataset without a recipe).
     pub fn source(&self) -> ConfigSource<'_> {
         if let Some(path) = &self.config {
             return ConfigSource::File(path);
         }
         let dataset = self.dataset.clone().unwrap_or_else(|| DataConfig::default().dataset);
-        recipe::for_dataset(&dataset).map_or(ConfigSource::Defaults, ConfigSource::Recipe)
+        recipe::for_dataset(&dataset, self.method.as_deref())
+            .map_or(ConfigSource::Defaults, ConfigSource::Recipe)
     }
 
     /// The source (see [`ConfigArgs::source`]), then `--set`, then the dedicated flags.

@@ -977,6 +977,89 @@ fn paper_configs_pass_plan() {
     }
 }
 
+/// One of AugLocal's official runs as a shipped config.
+struct AugLocalRun {
+    file: &'static str,
+    arch: &'static str,
+    k: usize,
+    depth: usize,
+    pyramid: f64,
+    batch: usize,
+    lr: f64,
+    epochs: usize,
+    warmup: f64,
+}
+
+const AUGLOCAL_CONFIGS: [AugLocalRun; 3] = [
+    AugLocalRun {
+        file: "cifar10-resnet32-auglocal.toml",
+        arch: "resnet32",
+        k: 14,
+        depth: 2,
+        pyramid: 0.5,
+        batch: 1024,
+        lr: 0.8,
+        epochs: 400,
+        warmup: 10.0,
+    },
+    AugLocalRun {
+        file: "cifar10-resnet110-auglocal.toml",
+        arch: "resnet110",
+        k: 52,
+        depth: 3,
+        pyramid: 0.5,
+        batch: 1024,
+        lr: 0.8,
+        epochs: 400,
+        warmup: 10.0,
+    },
+    AugLocalRun {
+        file: "imagenet-resnet34-auglocal.toml",
+        arch: "resnet34",
+        k: 17,
+        depth: 4,
+        pyramid: 0.0,
+        batch: 1024,
+        lr: 0.4,
+        epochs: 200,
+        warmup: 0.0,
+    },
+];
+
+#[test]
+fn auglocal_configs_have_the_official_settings_and_plan() {
+    use mlaan_core::config::{Method, RunConfig};
+    for AugLocalRun { file, arch, k, depth, pyramid, batch, lr, epochs, warmup } in AUGLOCAL_CONFIGS
+    {
+        let path = root().join("configs").join(file);
+        let c = RunConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.method.name, Method::Auglocal, "{file}");
+        assert_eq!((c.model.arch.as_str(), c.model.k), (arch, k), "{file}");
+        assert_eq!(
+            (c.method.auglocal.depth, c.method.auglocal.pyramid),
+            (depth, pyramid),
+            "{file}"
+        );
+        assert_eq!((c.train.batch_size, c.optim.lr, c.train.epochs), (batch, lr, epochs), "{file}");
+        assert_eq!(c.optim.warmup_epochs, warmup, "{file}");
+        assert!(c.optim.nesterov && c.optim.momentum == 0.9 && c.optim.weight_decay == 1e-4);
+        let size =
+            if arch == "resnet34" { "data.synthetic_size=224" } else { "data.synthetic_size=32" };
+        let o = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
+            .args(["plan", "--config", path.to_str().unwrap(), "--dataset", "synthetic"])
+            .args(["--set", "pipeline.placement=\"flops\"", "--gpus", "0,1,2,3", "--set", size])
+            .env("MLAAN_LOG", "warn")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "plan {file}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains(&format!("auglocal {arch} K={k} ")), "{file}:\n{out}");
+        assert!(out.contains("one module per layer, the stem its own"), "{file}:\n{out}");
+        assert!(out.contains(&format!("CE(AugLocal net d={depth}: ")), "{file}:\n{out}");
+        assert!(out.contains("stage 3  cuda:3"), "{file}: four stages\n{out}");
+    }
+}
+
 /// A packed mlaan-pipe for gpu_check.sh: one GPU in `doctor`, a finished run for `train`, a
 /// bench.md for `bench`; every call recorded.
 const FAKE_PACKED_BIN: &str = r#"#!/bin/bash

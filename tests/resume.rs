@@ -115,6 +115,7 @@ fn resumed_runs_continue_exactly() {
         ("mlaan-dgl", "sync", "cpu,cpu", &[]),
         ("dgl", "async", "cpu,cpu", &[]),
         ("mlaan-dgl", "async", "cpu,cpu", &[]),
+        ("mlaan-auglocal", "sync", "cpu,cpu", &[]),
         // Mixed precision resumes as exactly: the masters, momentum and twins are float32.
         ("mlaan-infopro", "sync", "cpu,cpu", &mixed[..]),
         // fp16 too: each module's loss scale is in the checkpoint.

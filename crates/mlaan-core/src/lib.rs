@@ -4,6 +4,7 @@
 //! stage schedules are state machines ([`schedule`]).
 
 pub mod arch;
+pub mod auglocal;
 pub mod bench;
 pub mod config;
 pub mod device;

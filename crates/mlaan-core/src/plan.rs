@@ -7,10 +7,16 @@
 //! | e2e | — | — | CE(fc), reach K-1 |
 //! | dgl | CE(head) | CE(head) | CE(fc) |
 //! | infopro | λ1·BCE + λ2·L_cls | λ1·BCE + λ2·L_cls | CE(fc) |
+//! | auglocal | CE(aux net) | CE(aux net) | CE(fc) |
 //! | mlaan-* | — (only the cascade of later steps) | w_ind·base + w_casc·base(LAM), reach d-1 | CE(fc), reach d-1 |
+//!
+//! Under `mlaan-auglocal` the base is AugLocal's auxiliary network; its cascade runs the LAM
+//! chain and a classifier head (`method.auglocal.cascade = "lam"`) or, in the chain's place,
+//! the step's own AugLocal network (`"auxiliary"`).
 
 use crate::arch::{ArchSpec, BlockInfo, Chw};
-use crate::config::{EmaUpdate, HeadKind, InfoProMode, Method, RunConfig};
+use crate::auglocal::{aux_nets, AuxNetSpec};
+use crate::config::{AugLocalCascade, EmaUpdate, HeadKind, InfoProMode, Method, RunConfig};
 use crate::error::PlanError;
 use crate::lam::{derive_chains, LamChain};
 use crate::split::Split;
@@ -54,6 +60,8 @@ pub enum ObjectiveSpec {
         mode: InfoProMode,
         temperature: f64,
     },
+    /// AugLocal: cross-entropy of a network of fresh blocks shaped like later layers.
+    AugLocal(AuxNetSpec),
     /// The backbone's own classifier (`fc`).
     FinalClassifier,
 }
@@ -130,8 +138,16 @@ impl NetworkPlan {
         // The first step with a loss of its own: 1, or d − 1 when steps whose cascade cannot
         // reach d modules get none (the official code).
         let first_loss = if m.early_cascades { 1 } else { m.cascade_depth.max(2) - 1 };
+        // MLAAN on AugLocal may put the step's AugLocal network where the LAM chain goes.
+        let cascade_lam = method.is_mlaan()
+            && !(method.uses_auglocal_net() && m.auglocal.cascade == AugLocalCascade::Auxiliary);
         let mut chains =
-            if method.is_mlaan() { derive_chains(&arch, &split, &m.lam)? } else { Vec::new() };
+            if cascade_lam { derive_chains(&arch, &split, &m.lam)? } else { Vec::new() };
+        let aug_nets = if method.uses_auglocal_net() {
+            aux_nets(&arch, &split, m.auglocal.depth, m.auglocal.pyramid)
+        } else {
+            Vec::new()
+        };
         chains.retain(|c| c.step >= first_loss);
         let last_step = chains.iter().map(|c| c.step).max();
         for c in &mut chains {
@@ -161,6 +177,11 @@ impl NetworkPlan {
         };
         let base = |i: usize, in_channels: usize| base_in(m.infopro_mode, i, in_channels);
         let independent_mode = m.independent_mode.unwrap_or(m.infopro_mode);
+        // The loss of module i on its own output h_i.
+        let independent = |i: usize, in_channels: usize| match aug_nets.get(i) {
+            Some(net) => ObjectiveSpec::AugLocal(net.clone()),
+            None => base_in(independent_mode, i, in_channels),
+        };
         let mut modules = Vec::with_capacity(k);
         for i in 0..k {
             let range = split.module_blocks(i);
@@ -183,7 +204,7 @@ impl NetworkPlan {
                         terms.push(final_term(i));
                     }
                 }
-                Method::Dgl | Method::Infopro => terms.push(if last {
+                Method::Dgl | Method::Infopro | Method::Auglocal => terms.push(if last {
                     final_term(0)
                 } else {
                     TermSpec {
@@ -191,10 +212,10 @@ impl NetworkPlan {
                         weight: 1.0,
                         reach: 0,
                         lam: None,
-                        objective: base(i, output.c),
+                        objective: independent(i, output.c),
                     }
                 }),
-                Method::MlaanDgl | Method::MlaanInfopro => {
+                Method::MlaanDgl | Method::MlaanInfopro | Method::MlaanAuglocal => {
                     let reach = (m.cascade_depth - 1).min(i);
                     if last {
                         terms.push(final_term(reach));
@@ -204,24 +225,40 @@ impl NetworkPlan {
                             weight: m.w_ind,
                             reach: 0,
                             lam: None,
-                            objective: base_in(independent_mode, i, output.c),
+                            objective: independent(i, output.c),
                         });
-                        let chain = chains
-                            .iter()
-                            .find(|c| c.step == i)
-                            .cloned()
-                            .expect("a chain for every step 1..K-2");
-                        let lam_blocks = chain
-                            .blocks
-                            .iter()
-                            .map(|b| blocks[arch.index_of(*b).expect("validated chain")])
-                            .collect();
+                        let (lam, objective) = if cascade_lam {
+                            let chain = chains
+                                .iter()
+                                .find(|c| c.step == i)
+                                .cloned()
+                                .expect("a chain for every step 1..K-2");
+                            let lam_blocks = chain
+                                .blocks
+                                .iter()
+                                .map(|b| blocks[arch.index_of(*b).expect("validated chain")])
+                                .collect();
+                            // After the chain: the base method's head on the last features
+                            // (AugLocal's own network reads h_i, so a plain classifier here).
+                            let objective = if method.uses_auglocal_net() {
+                                ObjectiveSpec::Classify {
+                                    head,
+                                    in_channels: arch.feature_channels(),
+                                }
+                            } else {
+                                base(i, arch.feature_channels())
+                            };
+                            (Some(LamSpec { blocks: lam_blocks, chain }), objective)
+                        } else {
+                            // The step's AugLocal network, as its independent loss has.
+                            (None, independent(i, output.c))
+                        };
                         terms.push(TermSpec {
                             kind: TermKind::Cascade,
                             weight: m.w_casc,
                             reach,
-                            lam: Some(LamSpec { blocks: lam_blocks, chain }),
-                            objective: base(i, arch.feature_channels()),
+                            lam,
+                            objective,
                         });
                     }
                 }
@@ -405,6 +442,40 @@ mod tests {
         }
         let e = plan("e2e", 1, 2);
         assert_eq!(e.modules[0].terms[0].kind, TermKind::Final);
+    }
+
+    #[test]
+    fn mlaan_on_auglocal_puts_its_network_where_the_config_says() {
+        use crate::config::AugLocalCascade;
+        let of = |cascade: AugLocalCascade| {
+            let mut cfg = RunConfig::default();
+            cfg.method.name = Method::MlaanAuglocal;
+            cfg.model.k = 4;
+            cfg.method.auglocal.cascade = cascade;
+            cfg.validate().unwrap();
+            NetworkPlan::new(&cfg, Chw { c: 3, h: 32, w: 32 }, 10).unwrap()
+        };
+        let lam = of(AugLocalCascade::Lam);
+        let t = &lam.modules[1].terms;
+        let c = lam.modules[1].output.c;
+        assert!(matches!(&t[0].objective, ObjectiveSpec::AugLocal(n) if n.in_channels == c));
+        assert!(t[1].lam.is_some());
+        assert_eq!(
+            t[1].objective,
+            ObjectiveSpec::Classify { head: HeadKind::GapFc, in_channels: 64 }
+        );
+        assert_eq!(lam.chains.len(), 2);
+        let aux = of(AugLocalCascade::Auxiliary);
+        let t = &aux.modules[2].terms;
+        assert_eq!((t[1].kind, t[1].reach, t[1].lam.is_none()), (TermKind::Cascade, 1, true));
+        assert_eq!(t[0].objective, t[1].objective, "both read h_i through the step's network");
+        assert!(aux.chains.is_empty(), "no LAM chains, no EMA twins");
+        let mut cfg = RunConfig::default();
+        cfg.method.name = Method::Auglocal;
+        cfg.model.k = 4;
+        cfg.method.auglocal.cascade = AugLocalCascade::Auxiliary;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("method.auglocal.cascade"), "{e}");
     }
 
     #[test]

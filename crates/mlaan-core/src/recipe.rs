@@ -1,6 +1,8 @@
 //! Recipes: the published training setting of each dataset, so that
 //! `mlaan-pipe --gpus 0,1,2,3 --dataset imagenet` trains what the paper trained on ImageNet
-//! without a config file. A recipe *is* a shipped config file (`configs/*.toml`), compiled into
+//! without a config file. A dataset has one recipe per method that has a published setting of
+//! its own (`--dataset cifar10 --method auglocal` takes AugLocal's); any other method starts
+//! from the dataset's default recipe. A recipe *is* a shipped config file (`configs/*.toml`), compiled into
 //! the binary: the files stay the one place the settings are written, and `--config FILE`
 //! replaces the recipe altogether.
 
@@ -11,6 +13,8 @@ pub struct Recipe {
     pub file: &'static str,
     /// The datasets it is the recipe for (`--dataset` names); the first is the file's own.
     pub datasets: &'static [&'static str],
+    /// The method it is the recipe for; `None`: the dataset's default, for any other method.
+    pub method: Option<&'static str>,
     /// The file's text, compiled in.
     pub text: &'static str,
 }
@@ -31,9 +35,13 @@ impl std::fmt::Display for Recipe {
 
 macro_rules! recipe {
     ($file:literal, $datasets:expr) => {
+        recipe!($file, $datasets, None)
+    };
+    ($file:literal, $datasets:expr, $method:expr) => {
         Recipe {
             file: concat!("configs/", $file),
             datasets: $datasets,
+            method: $method,
             text: include_str!(concat!("../../../configs/", $file)),
         }
     };
@@ -49,11 +57,16 @@ pub const RECIPES: &[Recipe] = &[
     recipe!("stl10-resnet32-mlaan-dgl.toml", &["stl10"]),
     // An ImageNet-style folder of photographs gets the ImageNet setting.
     recipe!("imagenet-resnet34-mlaan.toml", &["imagenet", "imagefolder"]),
+    // AugLocal's official runs (its README's ResNet-32, its ImageNet run.sh).
+    recipe!("cifar10-resnet32-auglocal.toml", &["cifar10", "cifar100"], Some("auglocal")),
+    recipe!("imagenet-resnet34-auglocal.toml", &["imagenet", "imagefolder"], Some("auglocal")),
 ];
 
-/// The recipe of `dataset`, if it has one.
-pub fn for_dataset(dataset: &str) -> Option<&'static Recipe> {
-    RECIPES.iter().find(|r| r.datasets.contains(&dataset))
+/// The recipe of `dataset` for `method` (its own, else the dataset's default), if any.
+pub fn for_dataset(dataset: &str, method: Option<&str>) -> Option<&'static Recipe> {
+    let of =
+        |m: Option<&str>| RECIPES.iter().find(|r| r.datasets.contains(&dataset) && r.method == m);
+    method.and_then(|m| of(Some(m))).or_else(|| of(None))
 }
 
 #[cfg(test)]
@@ -66,7 +79,8 @@ mod tests {
         for r in RECIPES {
             let cfg = RunConfig::from_recipe(r, &[]).unwrap_or_else(|e| panic!("{r}: {e}"));
             assert_eq!(cfg.data.dataset, r.datasets[0], "{r}");
-            assert_eq!(for_dataset(r.datasets[0]), Some(r));
+            assert_eq!(cfg.method.name.name(), r.method.unwrap_or(cfg.method.name.name()), "{r}");
+            assert_eq!(for_dataset(r.datasets[0], r.method), Some(r));
         }
     }
 
@@ -75,10 +89,14 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for r in RECIPES {
             for d in r.datasets {
-                assert!(seen.insert(*d), "{d} has two recipes");
+                assert!(seen.insert((*d, r.method)), "{d} has two recipes for {:?}", r.method);
             }
         }
-        assert!(for_dataset("synthetic").is_none());
-        assert_eq!(for_dataset("imagenet").unwrap().name(), "imagenet-resnet34-mlaan");
+        assert!(for_dataset("synthetic", None).is_none());
+        assert_eq!(for_dataset("imagenet", None).unwrap().name(), "imagenet-resnet34-mlaan");
+        let name = |d, m| for_dataset(d, Some(m)).unwrap().name();
+        assert_eq!(name("imagenet", "auglocal"), "imagenet-resnet34-auglocal");
+        assert_eq!(name("cifar100", "auglocal"), "cifar10-resnet32-auglocal");
+        assert_eq!(name("imagenet", "mlaan-infopro"), "imagenet-resnet34-mlaan", "the default");
     }
 }

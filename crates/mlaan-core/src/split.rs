@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum SplitSpec {
-    /// `auto`, `infopro`, `infopro-balanced`, `mlaan`, `every-block`, `even`.
+    /// `auto`, `infopro`, `infopro-balanced`, `mlaan`, `every-block`, `per-layer`, `even`.
     Named(String),
     /// The end block of modules 0..K-2, e.g. `[[1,2],[2,1],[3,0]]`.
     Ends(Vec<BlockRef>),
@@ -204,6 +204,25 @@ impl Split {
                     }
                     Split::from_ends(arch, Split::even_ends(arch, k), "one module per block")
                 }
+                "per-layer" => {
+                    // The stem its own module, then one module per block; the last takes
+                    // every block left (AugLocal's official split: K layers' worth of modules
+                    // less the auxiliary depth).
+                    if k > n + 1 {
+                        return Err(bad(format!(
+                            "per-layer gives at most K={} for {} (the stem and {n} blocks) but \
+                             K={k} was asked for",
+                            n + 1,
+                            arch.name
+                        )));
+                    }
+                    let blocks = arch.blocks();
+                    let ends = std::iter::once(BlockRef::new(0, 0))
+                        .chain(blocks.iter().map(|b| b.at))
+                        .take(k - 1)
+                        .collect();
+                    Split::from_ends(arch, ends, "one module per layer, the stem its own")
+                }
                 "even" => Split::even(arch, k),
                 "auto" => {
                     if let Some(t) = infopro_table(&arch.name, k) {
@@ -215,7 +234,7 @@ impl Split {
                     }
                 }
                 other => Err(bad(format!(
-                    "unknown split `{other}` (use auto, infopro, infopro-balanced, mlaan, every-block, even, or a list of [stage,index] ends)"
+                    "unknown split `{other}` (use auto, infopro, infopro-balanced, mlaan, every-block, per-layer, even, or a list of [stage,index] ends)"
                 ))),
             },
         }

@@ -1,6 +1,9 @@
-//! Auxiliary networks: classifier heads and InfoPro's decoder.
+//! Auxiliary networks: classifier heads, AugLocal's networks and InfoPro's decoder.
 
 use crate::layers::{global_avg_pool, relu, saved, BatchNorm2d, Conv2d, Linear, Mode};
+use crate::resnet::Block;
+use mlaan_core::arch::BlockKind;
+use mlaan_core::auglocal::AuxNetSpec;
 use mlaan_core::config::HeadKind;
 use tch::nn;
 use tch::Tensor;
@@ -21,6 +24,9 @@ pub enum Head {
     /// The DGL paper's deeper head: two 3x3 conv + BN + ReLU layers, 2x2 average pool, and a
     /// three-layer MLP.
     Dgl { convs: Vec<(Conv2d, BatchNorm2d)>, fcs: Vec<Linear> },
+    /// AugLocal's network: fresh residual blocks shaped like later layers (`block0`, ...),
+    /// global average pool, a batch norm at depth 1 (CIFAR), linear.
+    AugLocal { blocks: Vec<Block>, bn: Option<BatchNorm2d>, fc: Linear },
 }
 
 impl Head {
@@ -62,9 +68,34 @@ impl Head {
         }
     }
 
+    /// AugLocal's network `spec` of `kind` blocks, classifying into `out`.
+    pub fn aux_net(p: &nn::Path, kind: BlockKind, spec: &AuxNetSpec, out: usize) -> Self {
+        Head::AugLocal {
+            blocks: spec
+                .blocks
+                .iter()
+                .enumerate()
+                .map(|(j, b)| Block::new(&(p / format!("block{j}")), kind, b))
+                .collect(),
+            bn: spec.batch_norm.then(|| BatchNorm2d::new(p / "bn", spec.features)),
+            fc: Linear::new(p / "fc", spec.features, out),
+        }
+    }
+
     pub fn forward(&self, h: &Tensor, mode: Mode) -> Tensor {
         match self {
             Head::GapFc(fc) => fc.forward(&global_avg_pool(h)),
+            Head::AugLocal { blocks, bn, fc } => {
+                let mut x = h.shallow_clone();
+                for b in blocks {
+                    x = b.forward(&x, mode);
+                }
+                let pooled = global_avg_pool(&x);
+                fc.forward(&match bn {
+                    Some(bn) => bn.forward(&pooled, mode),
+                    None => pooled,
+                })
+            }
             Head::OneConvTwoFc { conv, bn, fc1, fc2 } => {
                 let x = relu(bn.forward(&conv.forward(h), mode));
                 fc2.forward(&relu(fc1.forward(&global_avg_pool(&x))))
@@ -114,5 +145,68 @@ impl Decoder {
         let y = self.conv2.forward(&x).sigmoid();
         saved(&y);
         y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlaan_core::arch::{ArchSpec, BlockRef};
+    use mlaan_core::auglocal::aux_net;
+    use mlaan_core::split::{Split, SplitSpec};
+    use tch::{Device, Kind};
+
+    /// The official ResNet-32 run's first auxiliary network (module 0, the stem, depth 2):
+    /// `Block(16->32,s2,proj) > Block(32->64,s2,proj) > GAP > Linear(64, 10)`, parameter by
+    /// parameter as PyTorch would name and shape them.
+    #[test]
+    fn auglocal_network_has_the_official_shapes() {
+        let arch = ArchSpec::from_name("resnet32").unwrap();
+        let split = Split::resolve(&arch, 14, &SplitSpec::Named("per-layer".into())).unwrap();
+        let spec = aux_net(&arch, &split, 0, 2);
+        assert_eq!(spec.layers, [BlockRef::new(2, 2), BlockRef::new(3, 4)]);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let head = Head::aux_net(&vs.root(), arch.block, &spec, 10);
+        let mut shapes: Vec<(String, Vec<i64>)> =
+            vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        shapes.retain(|(n, _)| !n.contains("running_"));
+        shapes.sort();
+        let expect: Vec<(String, Vec<i64>)> = [
+            ("block0.bn1.bias", vec![32]),
+            ("block0.bn1.weight", vec![32]),
+            ("block0.bn2.bias", vec![32]),
+            ("block0.bn2.weight", vec![32]),
+            ("block0.conv1.weight", vec![32, 16, 3, 3]),
+            ("block0.conv2.weight", vec![32, 32, 3, 3]),
+            ("block0.downsample.0.weight", vec![32, 16, 1, 1]),
+            ("block0.downsample.1.bias", vec![32]),
+            ("block0.downsample.1.weight", vec![32]),
+            ("block1.bn1.bias", vec![64]),
+            ("block1.bn1.weight", vec![64]),
+            ("block1.bn2.bias", vec![64]),
+            ("block1.bn2.weight", vec![64]),
+            ("block1.conv1.weight", vec![64, 32, 3, 3]),
+            ("block1.conv2.weight", vec![64, 64, 3, 3]),
+            ("block1.downsample.0.weight", vec![64, 32, 1, 1]),
+            ("block1.downsample.1.bias", vec![64]),
+            ("block1.downsample.1.weight", vec![64]),
+            ("fc.bias", vec![10]),
+            ("fc.weight", vec![10, 64]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
+        assert_eq!(shapes, expect);
+        let logits =
+            head.forward(&Tensor::ones([2, 16, 32, 32], (Kind::Float, Device::Cpu)), Mode::Train);
+        assert_eq!(logits.size(), [2, 10]);
+        // Depth 1 adds a batch norm over the 64 pooled features.
+        let one = Head::aux_net(
+            &nn::VarStore::new(Device::Cpu).root(),
+            arch.block,
+            &aux_net(&arch, &split, 0, 1),
+            10,
+        );
+        assert!(matches!(one, Head::AugLocal { bn: Some(_), .. }));
     }
 }

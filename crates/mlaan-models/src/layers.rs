@@ -133,7 +133,8 @@ impl Conv2d {
     }
 }
 
-/// Batch normalisation (momentum 0.1, eps 1e-5, as PyTorch).
+/// Batch normalisation over dimension 1 (momentum 0.1, eps 1e-5, as PyTorch): of feature
+/// maps (N, C, H, W), or of pooled features (N, C) as `BatchNorm1d`.
 #[derive(Debug)]
 pub struct BatchNorm2d {
     pub weight: Tensor,

@@ -103,6 +103,12 @@ impl LocalNets {
                     ObjectiveSpec::Classify { head, in_channels } => Objective::Classify(
                         Head::new(&(&p / "head"), *head, *in_channels, num_classes),
                     ),
+                    ObjectiveSpec::AugLocal(net) => Objective::Classify(Head::aux_net(
+                        &(&p / "net"),
+                        arch.block,
+                        net,
+                        num_classes,
+                    )),
                     ObjectiveSpec::InfoPro {
                         head,
                         in_channels,

@@ -24,7 +24,8 @@ pub struct ResultRow {
 }
 
 /// Methods in the order the table shows them.
-const ORDER: [&str; 5] = ["e2e", "dgl", "mlaan-dgl", "infopro", "mlaan-infopro"];
+const ORDER: [&str; 7] =
+    ["e2e", "dgl", "mlaan-dgl", "infopro", "mlaan-infopro", "auglocal", "mlaan-auglocal"];
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
@@ -132,7 +133,7 @@ pub fn results_markdown(title: &str, level: usize, command: &str, rows: &[Result
             .find(|m| m.method == method && m.variant.is_none() && k.is_none_or(|k| m.k == k))
     };
     if let Some(e2e) = reference("e2e", None) {
-        for base in ["dgl", "infopro"] {
+        for base in ["dgl", "infopro", "auglocal"] {
             let mlaan = format!("mlaan-{base}");
             for m in means.iter().filter(|r| r.method == mlaan) {
                 let Some(b) = reference(base, Some(m.k)) else { continue };

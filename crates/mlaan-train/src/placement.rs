@@ -13,7 +13,7 @@ const PROFILE_BATCH: usize = 32;
 
 /// Which modules run on which device: everything on one stage for `sequential` and plain
 /// e2e; one module per device when K ≤ D; otherwise contiguous groups balanced by a measured
-/// profile (`auto`, `profile`) or by backbone FLOPs (`flops`).
+/// profile (`auto`, `profile`) or by counted training FLOPs (`flops`).
 pub fn choose_placement(
     cfg: &RunConfig,
     plan: &NetworkPlan,
@@ -29,8 +29,15 @@ pub fn choose_placement(
     if d == 1 {
         return Ok((Placement { groups: std::iter::once(0..plan.k()).collect() }, None));
     }
-    if plan.k() <= d || cfg.pipeline.placement == PlacementRule::Flops {
+    if plan.k() <= d {
         return Ok((place(&plan.module_macs(), d)?, None));
+    }
+    if cfg.pipeline.placement == PlacementRule::Flops {
+        // Training FLOPs, not the backbone's: auxiliary networks and LAM chains can cost
+        // several times their module (AugLocal's early networks are most of the network).
+        let flops = crate::flops::module_flops(plan, image, cfg.pipeline.recompute)?;
+        let costs: Vec<f64> = flops.iter().map(|f| f.train_flops).collect();
+        return Ok((place(&costs, d)?, None));
     }
     // Profile on the first device with the threads each stage will have.
     let cpu_stages = devices.iter().filter(|x| **x == Device::Cpu).count();

@@ -6,7 +6,7 @@ mod common;
 
 use common::{max_rel_diff, nonzero, tiny};
 use mlaan_core::arch::Chw;
-use mlaan_core::config::OnNonFinite;
+use mlaan_core::config::{AugLocalCascade, OnNonFinite};
 use mlaan_core::micro::MicroBatches;
 use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::{NetworkPlan, TermKind};
@@ -21,8 +21,15 @@ use tch::{Device, Kind, Tensor};
 
 const IMAGE: ImageSpec = ImageSpec { channels: 3, size: [8, 8], classes: 4 };
 
+/// `method` may end in `/auxiliary`: MLAAN on AugLocal with the step's AugLocal network in
+/// the LAM chain's place (`method.auglocal.cascade`).
 fn plan_of(method: &str, k: usize, d: usize) -> NetworkPlan {
-    let mut cfg = tiny(method, k);
+    let (name, cascade) = method.split_once('/').unwrap_or((method, "lam"));
+    let mut cfg = tiny(name, k);
+    cfg.method.auglocal.cascade = match cascade {
+        "auxiliary" => AugLocalCascade::Auxiliary,
+        _ => AugLocalCascade::Lam,
+    };
     cfg.method.cascade_depth = d;
     cfg.method.infopro_mode = mlaan_core::config::InfoProMode::Softmax;
     NetworkPlan::new(&cfg, Chw { c: 3, h: 8, w: 8 }, 4).unwrap()
@@ -155,6 +162,9 @@ fn summed_gradients_equal_the_literal_reference() {
         ("mlaan-dgl", 6, 3),
         ("mlaan-infopro", 4, 2),
         ("mlaan-infopro", 5, 3),
+        ("auglocal", 4, 2),
+        ("mlaan-auglocal", 4, 2),
+        ("mlaan-auglocal/auxiliary", 5, 3),
     ] {
         check_against_reference(method, k, d);
     }
@@ -189,6 +199,9 @@ fn every_loss_reaches_exactly_its_modules() {
         ("infopro", 4, 2),
         ("mlaan-dgl", 5, 2),
         ("mlaan-infopro", 5, 3),
+        ("auglocal", 5, 2),
+        ("mlaan-auglocal", 4, 2),
+        ("mlaan-auglocal/auxiliary", 5, 3),
         ("e2e", 1, 2),
     ] {
         let plan = plan_of(method, k, d);

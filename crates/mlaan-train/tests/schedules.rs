@@ -31,9 +31,15 @@ fn with(
 
 #[test]
 fn sync_equals_sequential_for_every_method() {
-    for (method, k) in
-        [("dgl", 4), ("infopro", 4), ("mlaan-dgl", 4), ("mlaan-infopro", 4), ("e2e", 1)]
-    {
+    for (method, k) in [
+        ("dgl", 4),
+        ("infopro", 4),
+        ("auglocal", 4),
+        ("mlaan-dgl", 4),
+        ("mlaan-infopro", 4),
+        ("mlaan-auglocal", 4),
+        ("e2e", 1),
+    ] {
         let reference = run(&with(method, k, Schedule::Sequential, 1, EmaLagRule::Distance), 20);
         let pipelined = run(&with(method, k, Schedule::Sync, 4, EmaLagRule::Distance), 20);
         assert_same(&format!("{method} sync on 4 stages"), &reference, &pipelined);
@@ -52,13 +58,14 @@ fn grouped_depth_three(stages: usize) {
 
 #[test]
 fn sync_with_grouped_modules_and_depth_three_equals_sequential() {
-    // K > D: modules share stages (0..3 | 3..6 by FLOPs); d = 3 sends gradients two hops and
+    // K > D: modules share stages (0..3 | 3..6 by training FLOPs); d = 3 sends gradients two hops and
     // across the stage boundary.
     grouped_depth_three(2);
 }
 
-/// 4 stages (0..1 | 1..2 | 2..4 | 4..6 by FLOPs): module 3's gradients from stage 3 come in a
-/// message of their own, after its local parts have gone back. Summed in arrival order they
+/// 4 stages (0..2 | 2..3 | 3..4 | 4..6 by training FLOPs): module 3's gradients from stage 3
+/// come in messages of their own, after its local parts have gone back, and module 2's cross
+/// two stage boundaries. Summed in arrival order they
 /// differed from sequential in the last bit, and this small network (batch 8) amplified that to
 /// 8.5e-3 in 12 steps; summed in a fixed order they are bitwise the same.
 #[test]
@@ -75,7 +82,7 @@ fn sync_with_exact_ema_equals_sequential_exact() {
 
 #[test]
 fn async_without_cascade_equals_sequential() {
-    for method in ["dgl", "infopro"] {
+    for method in ["dgl", "infopro", "auglocal"] {
         let reference = run(&with(method, 4, Schedule::Sequential, 1, EmaLagRule::Auto), 20);
         let mut a = with(method, 4, Schedule::Async, 4, EmaLagRule::Auto);
         a.pipeline.in_flight = 1;

@@ -1,5 +1,5 @@
-//! `[method]`: the training method (end-to-end, DGL, InfoPro or MLAAN on either) and its
-//! losses, heads, EMA twins and LAM chains.
+//! `[method]`: the training method (end-to-end, DGL, InfoPro, AugLocal, or MLAAN on any of the
+//! three) and its losses, heads, auxiliary networks, EMA twins and LAM chains.
 
 use super::{bad_value, is_positive, Schedule};
 use crate::error::ConfigError;
@@ -13,20 +13,34 @@ pub enum Method {
     E2e,
     Dgl,
     Infopro,
+    Auglocal,
     MlaanDgl,
     MlaanInfopro,
+    MlaanAuglocal,
 }
 
 impl Method {
-    pub const ALL: [Method; 5] =
-        [Method::E2e, Method::Dgl, Method::Infopro, Method::MlaanDgl, Method::MlaanInfopro];
+    pub const ALL: [Method; 7] = [
+        Method::E2e,
+        Method::Dgl,
+        Method::Infopro,
+        Method::Auglocal,
+        Method::MlaanDgl,
+        Method::MlaanInfopro,
+        Method::MlaanAuglocal,
+    ];
 
     pub fn is_mlaan(self) -> bool {
-        matches!(self, Method::MlaanDgl | Method::MlaanInfopro)
+        matches!(self, Method::MlaanDgl | Method::MlaanInfopro | Method::MlaanAuglocal)
     }
     /// InfoPro's local loss (decoder + classifier) is the base objective.
     pub fn uses_infopro_loss(self) -> bool {
         matches!(self, Method::Infopro | Method::MlaanInfopro)
+    }
+    /// AugLocal's auxiliary network (fresh blocks shaped like later layers) is the base
+    /// objective.
+    pub fn uses_auglocal_net(self) -> bool {
+        matches!(self, Method::Auglocal | Method::MlaanAuglocal)
     }
     pub fn is_local(self) -> bool {
         self != Method::E2e
@@ -36,8 +50,10 @@ impl Method {
             Method::E2e => "e2e",
             Method::Dgl => "dgl",
             Method::Infopro => "infopro",
+            Method::Auglocal => "auglocal",
             Method::MlaanDgl => "mlaan-dgl",
             Method::MlaanInfopro => "mlaan-infopro",
+            Method::MlaanAuglocal => "mlaan-auglocal",
         }
     }
 }
@@ -52,7 +68,8 @@ impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            format!("unknown method `{s}` (e2e, dgl, infopro, mlaan-dgl, mlaan-infopro)")
+            let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            format!("unknown method `{s}` ({})", known.join(", "))
         })
     }
 }
@@ -133,6 +150,41 @@ pub enum InfoProMode {
     Contrast,
 }
 
+/// AugLocal's auxiliary networks (`[method.auglocal]`, docs/method.md §3): module i's is
+/// `depth_i` fresh blocks shaped like later layers chosen uniformly up to the last one, then
+/// pooling and a linear classifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugLocalConfig {
+    /// d: the depth of the first module's auxiliary network (the official README's ResNet-32
+    /// run uses 2, its ResNet-110 run 3, its ImageNet ResNet-34 run 4).
+    pub depth: usize,
+    /// c: how much the depth shrinks toward the last module, `depth_i = max(1,
+    /// round(d·(1 − t) + t))` with t = i·c/(K−2) (ties to even, as Python rounds); 0 keeps
+    /// every depth d (the official ImageNet runs), 0.5 is the official CIFAR runs'.
+    pub pyramid: f64,
+    /// MLAAN on AugLocal: what the cascade loss runs after the cascade's modules: `lam` (the
+    /// default: MLAAN's leap-augmented chain with its EMA twin, then a classifier), or
+    /// `auxiliary` (AugLocal's auxiliary network of the step in its place).
+    pub cascade: AugLocalCascade,
+}
+
+impl Default for AugLocalConfig {
+    fn default() -> Self {
+        AugLocalConfig { depth: 2, pyramid: 0.5, cascade: AugLocalCascade::Lam }
+    }
+}
+
+/// What follows the cascade's modules under `mlaan-auglocal` (`method.auglocal.cascade`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AugLocalCascade {
+    /// MLAAN's LAM chain (copies of later blocks with an EMA twin), then a classifier head.
+    Lam,
+    /// AugLocal's auxiliary network of the step (fresh blocks shaped like later layers).
+    Auxiliary,
+}
+
 /// The method and its hyper-parameters (`[method]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,6 +218,8 @@ pub struct MethodConfig {
     /// Which twins are updated at all (`all`, or the official CIFAR code's `last`, or `none`).
     pub ema_update: EmaUpdate,
     pub lam: LamConfig,
+    /// AugLocal's auxiliary networks (`auglocal`, `mlaan-auglocal`).
+    pub auglocal: AugLocalConfig,
 }
 
 impl Default for MethodConfig {
@@ -186,6 +240,7 @@ impl Default for MethodConfig {
             ema_lag: EmaLagRule::Auto,
             ema_update: EmaUpdate::All,
             lam: LamConfig::default(),
+            auglocal: AugLocalConfig::default(),
         }
     }
 }
@@ -244,6 +299,20 @@ impl MethodConfig {
         }
         if self.lam.depth == 0 {
             return Err(bad_value("method.lam.depth", self.lam.depth, "must be at least 1"));
+        }
+        let a = &self.auglocal;
+        if a.depth == 0 {
+            return Err(bad_value("method.auglocal.depth", a.depth, "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&a.pyramid) {
+            return Err(bad_value("method.auglocal.pyramid", a.pyramid, "must be in [0, 1]"));
+        }
+        if a.cascade == AugLocalCascade::Auxiliary && self.name != Method::MlaanAuglocal {
+            return Err(bad_value(
+                "method.auglocal.cascade",
+                "auxiliary",
+                "applies to mlaan-auglocal only (what its cascade loss runs)",
+            ));
         }
         Ok(())
     }

@@ -23,7 +23,10 @@ pub use checkpoint::CheckpointConfig;
 pub use data::{AugmentConfig, DataConfig, OnBadSample, PadMode};
 pub use distributed::{Backend, DistributedConfig};
 pub use load::{set_dotted, ConfigSource};
-pub use method::{EmaLagRule, EmaUpdate, HeadKind, InfoProMode, Method, MethodConfig};
+pub use method::{
+    AugLocalCascade, AugLocalConfig, EmaLagRule, EmaUpdate, HeadKind, InfoProMode, Method,
+    MethodConfig,
+};
 pub use model::ModelConfig;
 pub use optim::OptimConfig;
 pub use pipeline::{OnNonFinite, PipelineConfig, PlacementRule, Schedule, StreamMode};

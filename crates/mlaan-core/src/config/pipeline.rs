@@ -41,7 +41,8 @@ pub enum OnNonFinite {
 pub enum PlacementRule {
     /// A measured profile of each module (the default).
     Auto,
-    /// Backbone multiply-accumulates per sample; no profile run.
+    /// Training FLOPs per sample, counted (backbone, heads, auxiliary networks, LAM chains,
+    /// recomputation); no timed profile.
     Flops,
     /// A measured profile, as `auto`.
     Profile,

@@ -248,7 +248,7 @@ pub fn build(cfg: &RunConfig, source: &str, per_node: usize) -> Result<PlanRepor
         in_flight: cfg.pipeline.in_flight,
         compute: ComputeReport::of(cfg),
         batch_size: cfg.train.batch_size,
-        lam_rule: plan.method.is_mlaan().then(|| lam_rule(cfg, &plan)),
+        lam_rule: (!plan.chains.is_empty()).then(|| lam_rule(cfg, &plan)),
         modules,
         total,
         arch_params: plan.arch.total_params(plan.input.c, plan.num_classes),

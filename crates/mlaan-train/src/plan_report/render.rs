@@ -2,7 +2,9 @@
 
 use super::PlanReport;
 use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
-use mlaan_core::config::{HeadKind, InfoProMode, PlacementRule, RunConfig, Schedule};
+use mlaan_core::config::{
+    AugLocalCascade, HeadKind, InfoProMode, PlacementRule, RunConfig, Schedule,
+};
 use mlaan_core::plan::ObjectiveSpec;
 use std::fmt::Write as _;
 
@@ -27,6 +29,16 @@ fn objective_text(o: &ObjectiveSpec) -> String {
             format!(
                 "{lambda1:.3}·BCE(decoder) + {lambda2:.3}·{cls}({} head, {in_channels} ch)",
                 head_name(*head)
+            )
+        }
+        ObjectiveSpec::AugLocal(net) => {
+            let layers: Vec<String> = net.layers.iter().map(|b| b.to_string()).collect();
+            format!(
+                "CE(AugLocal net d={}: blocks like {}{}, {} ch)",
+                net.depth,
+                layers.join(" "),
+                if net.batch_norm { " + BN" } else { "" },
+                net.in_channels
             )
         }
         ObjectiveSpec::FinalClassifier => "CE(final classifier fc)".into(),
@@ -147,7 +159,21 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         if ends.is_empty() { "(one module: the whole network)".into() } else { ends.join(" ") }
     );
     let mut method = format!("{}", r.method);
-    if r.method.is_local() {
+    if r.method.uses_auglocal_net() {
+        let a = &m.auglocal;
+        let _ = write!(method, ": AugLocal networks of depth {}, pyramid {}", a.depth, a.pyramid);
+        if r.method.is_mlaan() {
+            let _ = write!(
+                method,
+                ", cascade through {}",
+                match a.cascade {
+                    AugLocalCascade::Lam =>
+                        format!("the LAM chain and a {} head", head_name(r.head)),
+                    AugLocalCascade::Auxiliary => "the step's AugLocal network".into(),
+                }
+            );
+        }
+    } else if r.method.is_local() {
         let _ = write!(method, ": head {}", head_name(r.head));
     }
     if r.method.uses_infopro_loss() {
@@ -167,13 +193,17 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
     if r.method.is_mlaan() {
         let _ = write!(
             method,
-            ", w_ind {}, w_casc {}, cascade depth d={}, EMA momentum {}, EMA update {}",
-            m.w_ind,
-            m.w_casc,
-            m.cascade_depth,
-            m.ema_momentum,
-            m.ema_update.name()
+            ", w_ind {}, w_casc {}, cascade depth d={}",
+            m.w_ind, m.w_casc, m.cascade_depth
         );
+        if r.lam_rule.is_some() {
+            let _ = write!(
+                method,
+                ", EMA momentum {}, EMA update {}",
+                m.ema_momentum,
+                m.ema_update.name()
+            );
+        }
         if m.cascade_depth > 2 {
             let _ = write!(
                 method,
@@ -367,7 +397,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         } else if r.k <= p.devices.len() {
             "one module per device"
         } else if p.rule == PlacementRule::Flops {
-            "groups balanced by backbone MACs per sample"
+            "groups balanced by counted training FLOPs per sample"
         } else {
             "groups balanced by a measured profile of each module"
         }
