@@ -248,7 +248,9 @@ fn is_batchnorm_buffer(name: &str) -> bool {
 /// steps: every trained tensor (backbone, heads, LAM copies, EMA twins, momentum) agrees.
 #[test]
 fn two_replicas_equal_one_process_accumulating_two_micro_batches() {
-    for method in ["e2e", "dgl", "infopro", "mlaan-dgl", "mlaan-infopro"] {
+    for method in
+        ["e2e", "dgl", "infopro", "auglocal", "mlaan-dgl", "mlaan-infopro", "mlaan-auglocal"]
+    {
         let tmp = tempfile::tempdir().unwrap();
         let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
         let samples = ["--set", "data.synthetic_samples=320"];

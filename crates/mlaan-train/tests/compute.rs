@@ -32,7 +32,7 @@ fn bf16(mut c: RunConfig) -> RunConfig {
 
 #[test]
 fn bf16_sync_equals_bf16_sequential() {
-    for method in ["mlaan-dgl", "mlaan-infopro"] {
+    for method in ["mlaan-dgl", "mlaan-infopro", "mlaan-auglocal"] {
         let reference = run(&bf16(on(method, Schedule::Sequential, vec![DeviceSpec::Cpu])), 20);
         let pipelined = run(&bf16(on(method, Schedule::Sync, vec![DeviceSpec::Cpu; 4])), 20);
         assert_close(&format!("{method} bf16 sync on 4 stages"), &reference, &pipelined, 1e-4);

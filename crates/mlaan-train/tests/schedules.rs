@@ -182,6 +182,7 @@ fn recomputing_graphs_changes_no_arithmetic() {
         ("mlaan-dgl", Schedule::Sequential, 1),
         ("mlaan-infopro", Schedule::Sync, 4),
         ("dgl", Schedule::Sync, 2),
+        ("mlaan-auglocal", Schedule::Sync, 2),
     ] {
         let keep = with(method, 4, schedule, devices, EmaLagRule::Distance);
         let mut rebuild = keep.clone();
