@@ -298,6 +298,10 @@ pub struct AugmentConfig {
     pub eval_resize: Option<usize>,
 }
 
+/// Pillow's `Image.MAX_IMAGE_PIXELS` doubled, above which Pillow refuses to open an image
+/// (`DecompressionBombError`): the default of `data.max_image_pixels`.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
@@ -315,6 +319,9 @@ pub struct DataConfig {
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
     pub on_bad_sample: OnBadSample,
+    /// Image folders: images of more pixels are refused before they are decoded (a
+    /// decompression bomb is a bad sample). Default [`DEFAULT_MAX_IMAGE_PIXELS`].
+    pub max_image_pixels: u64,
     /// Use only the first N training samples (quick experiments); 0 = all.
     pub train_limit: usize,
     /// Use only the first N test samples; 0 = all.
@@ -341,6 +348,7 @@ impl Default for DataConfig {
             mean: None,
             std: None,
             on_bad_sample: OnBadSample::Stop,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
             train_limit: 0,
             test_limit: 0,
             svhn_extra: false,
@@ -832,6 +840,9 @@ impl RunConfig {
                 "async",
                 "e2e over several modules is pipelined backprop (GPipe): use sync",
             ));
+        }
+        if self.data.max_image_pixels == 0 {
+            return Err(bad("data.max_image_pixels", self.data.max_image_pixels, "must be > 0"));
         }
         if !["fine", "coarse"].contains(&self.data.cifar100_labels.as_str()) {
             return Err(bad("data.cifar100_labels", &self.data.cifar100_labels, "fine or coarse"));

@@ -2,6 +2,7 @@
 
 mod common;
 
+use mlaan_core::config::DEFAULT_MAX_IMAGE_PIXELS;
 use mlaan_data::readers::{cifar, idx, mat5, stl10, svhn};
 use mlaan_data::{image, ImageShape};
 use proptest::prelude::*;
@@ -82,11 +83,11 @@ proptest! {
     #[test]
     fn jpeg_never_panics(random in prop::collection::vec(any::<u8>(), 0..512), e in edits(), cut in any::<Option<usize>>()) {
         let p = Path::new("f.jpg");
-        let _ = image::decode(&random, p);
+        let _ = image::decode(&random, p, DEFAULT_MAX_IMAGE_PIXELS);
         let mut soi = vec![0xff, 0xd8, 0xff];
         soi.extend_from_slice(&random);
-        let _ = image::decode(&soi, p);
-        let _ = image::decode(&mutate(valid_jpeg(), &e, cut), p);
+        let _ = image::decode(&soi, p, DEFAULT_MAX_IMAGE_PIXELS);
+        let _ = image::decode(&mutate(valid_jpeg(), &e, cut), p, DEFAULT_MAX_IMAGE_PIXELS);
     }
 }
 
@@ -97,5 +98,5 @@ fn mutated_valid_files_still_parse_when_untouched() {
     for c in [true, false] {
         assert!(svhn::decode(&valid_mat(c), p, &mut Vec::new(), &mut Vec::new()).is_ok());
     }
-    assert!(image::decode(&valid_jpeg(), p).is_ok());
+    assert!(image::decode(&valid_jpeg(), p, DEFAULT_MAX_IMAGE_PIXELS).is_ok());
 }
