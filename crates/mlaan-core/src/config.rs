@@ -819,7 +819,7 @@ impl RunConfig {
         if p.devices.is_empty() {
             return Err(bad("pipeline.devices", &p.devices, "needs at least one device"));
         }
-        if p.micro_batches == 0 || self.train.batch_size % p.micro_batches != 0 {
+        if p.micro_batches == 0 || !self.train.batch_size.is_multiple_of(p.micro_batches) {
             return Err(bad(
                 "pipeline.micro_batches",
                 p.micro_batches,
