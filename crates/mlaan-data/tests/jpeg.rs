@@ -111,7 +111,8 @@ fn crop_aware_decode_equals_full_decode_where_no_dct_scaling_applies() {
     ];
     let (_dir, ds) = folder(&files, |_| {});
     let (mut partial_rows, mut partial_cols) = (0, 0);
-    for i in 0..ds.train.len() {
+    assert_eq!(ds.train.len(), files.len());
+    for (i, (name, _)) in files.iter().enumerate() {
         let s = ds.train.get(i).unwrap().shape;
         for t in [rrc(224, (0.08, 1.0)), eval(256, 224), rrc(96, (0.08, 1.0))] {
             for seed in 0..30 {
@@ -126,9 +127,8 @@ fn crop_aware_decode_equals_full_decode_where_no_dct_scaling_applies() {
                 assert_eq!(shape.channels, 3);
                 assert!(
                     fused == reference,
-                    "{} with {t}, seed {seed}: crop-aware decode differs from the full decode \
-                     (mean |diff| {:.3})",
-                    files[i].0,
+                    "{name} with {t}, seed {seed}: crop-aware decode differs from the full \
+                     decode (mean |diff| {:.3})",
                     common::mean_abs_diff(&fused, &reference)
                 );
             }
@@ -146,7 +146,7 @@ fn dct_scaled_decode_is_close_to_full_decode() {
     ];
     let (_dir, ds) = folder(&files, |_| {});
     let mut reductions = std::collections::BTreeSet::new();
-    for i in 0..ds.train.len() {
+    for (i, (name, _)) in files.iter().enumerate() {
         let s = ds.train.get(i).unwrap().shape;
         for t in [rrc(224, (0.3, 1.0)), eval(256, 224)] {
             for seed in 0..12 {
@@ -157,7 +157,7 @@ fn dct_scaled_decode_is_close_to_full_decode() {
                 // Both are low-pass versions of the same pixels: the DCT reduction averages
                 // d x d blocks where the bilinear filter weights them; on this high-contrast
                 // texture they differ by a few levels on average.
-                assert!(mad < 4.0, "{} with {t}, seed {seed}: mean |diff| {mad:.2}", files[i].0);
+                assert!(mad < 4.0, "{name} with {t}, seed {seed}: mean |diff| {mad:.2}");
             }
         }
     }
