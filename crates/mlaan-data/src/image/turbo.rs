@@ -248,16 +248,19 @@ impl Jpeg<'_> {
         let channels = self.header().color.decoded_channels();
         let (width, height) = (w as usize, y1 - y0);
         let stride = width * channels;
+        // Not zero-filled first: libjpeg writes every byte, and the length is set only then.
         out.clear();
-        out.resize(stride * height, 0);
-        // SAFETY: `out` holds `height` rows of `stride` bytes, and libjpeg writes `width`
-        // (the cropped output width) pixels of `channels` bytes per row.
+        out.reserve(stride * height);
+        // SAFETY: `out` has room for `height` rows of `stride` bytes, and libjpeg writes
+        // `width` (the cropped output width) pixels of `channels` bytes to each row.
         let ok = unsafe {
             mlaan_jpeg_read_rows(raw, to_u32(y0)?, to_u32(height)?, out.as_mut_ptr(), stride)
         };
         if ok == 0 {
             return Err(self.dec.message());
         }
+        // SAFETY: every row was written (read_rows fails otherwise).
+        unsafe { out.set_len(stride * height) };
         // SAFETY: plain read of a flag in the object.
         if unsafe { mlaan_jpeg_truncated(raw) } != 0 {
             return Err("truncated (the data ends before the image does)".into());
