@@ -173,7 +173,6 @@ pub fn store_planes(
     let base = out.len();
     out.resize(base + channels * plane, 0);
     let dst = &mut out[base..];
-    let col = |x: usize| if flip { width - 1 - x } else { x };
     match channels {
         1 => {
             for (src, dst) in hwc.chunks_exact(width).zip(dst.chunks_exact_mut(width)) {
@@ -185,21 +184,27 @@ pub fn store_planes(
             }
         }
         3 => {
+            // Iterators throughout: no index, no bounds check in the inner loop.
             let (r, rest) = dst.split_at_mut(plane);
             let (g, b) = rest.split_at_mut(plane);
-            for (y, row) in hwc.chunks_exact(3 * width).enumerate() {
-                let (r, g, b) = (
-                    &mut r[y * width..][..width],
-                    &mut g[y * width..][..width],
-                    &mut b[y * width..][..width],
-                );
-                for (x, px) in row.chunks_exact(3).enumerate() {
-                    let x = col(x);
-                    (r[x], g[x], b[x]) = (px[0], px[1], px[2]);
+            let planes = r
+                .chunks_exact_mut(width)
+                .zip(g.chunks_exact_mut(width))
+                .zip(b.chunks_exact_mut(width));
+            for (src, ((r, g), b)) in hwc.chunks_exact(3 * width).zip(planes) {
+                let dst = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
+                let mut put = |(p, ((r, g), b)): (&[u8], ((&mut u8, &mut u8), &mut u8))| {
+                    (*r, *g, *b) = (p[0], p[1], p[2]);
+                };
+                if flip {
+                    src.chunks_exact(3).rev().zip(dst).for_each(&mut put);
+                } else {
+                    src.chunks_exact(3).zip(dst).for_each(&mut put);
                 }
             }
         }
         c => {
+            let col = |x: usize| if flip { width - 1 - x } else { x };
             for (i, px) in hwc.chunks_exact(c).enumerate() {
                 let (y, x) = (i / width, col(i % width));
                 for (ch, &v) in px.iter().enumerate() {
@@ -207,5 +212,51 @@ pub fn store_planes(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Interleaved pixel (x, y, channel) = 100·channel + 10·y + x, as planes by hand.
+    #[test]
+    fn planes_are_stored_and_mirrored() {
+        let (w, h) = (3, 2);
+        for c in [1, 3, 5] {
+            let hwc: Vec<u8> = (0..h)
+                .flat_map(|y| {
+                    (0..w).flat_map(move |x| (0..c).map(move |ch| (100 * ch + 10 * y + x) as u8))
+                })
+                .collect();
+            for flip in [false, true] {
+                let mut out = vec![9];
+                store_planes(&hwc, (w, h), c, flip, &mut out);
+                let want: Vec<u8> = std::iter::once(9)
+                    .chain((0..c).flat_map(|ch| {
+                        (0..h).flat_map(move |y| {
+                            (0..w).map(move |x| {
+                                let sx = if flip { w - 1 - x } else { x };
+                                (100 * ch + 10 * y + sx) as u8
+                            })
+                        })
+                    }))
+                    .collect();
+                assert_eq!(out, want, "{c} channels, flip {flip}");
+            }
+        }
+    }
+
+    #[test]
+    fn dct_reduction_keeps_the_area_at_least_the_output() {
+        let r = |w: usize, h: usize| {
+            Resample::crop((4000, 3000), Rect { x: 0, y: 0, w, h }, (224, 224)).dct_reduction()
+        };
+        assert_eq!(r(447, 3000), 1);
+        assert_eq!(r(448, 448), 2);
+        assert_eq!(r(900, 895), 2);
+        assert_eq!(r(896, 896), 4);
+        assert_eq!(r(1792, 1792), 8);
+        assert_eq!(r(4000, 3000), 8);
     }
 }
