@@ -182,7 +182,7 @@ fn torchvision_get_params(
     scale: (f64, f64),
     ratio: (f64, f64),
     rng: &mut impl rand::Rng,
-) -> (usize, usize, usize, usize) {
+) -> Box4 {
     let area = (h * w) as f64;
     for _ in 0..10 {
         let target = area * rng.random_range(scale.0..scale.1);
@@ -205,6 +205,12 @@ fn torchvision_get_params(
     };
     ((h - ch) / 2, (w - cw) / 2, ch, cw)
 }
+
+/// A crop box: (top, left, height, width).
+type Box4 = (usize, usize, usize, usize);
+
+/// A statistic of a box in an image of (height, width).
+type BoxStat = fn(&Box4, usize, usize) -> f64;
 
 /// Two-sample Kolmogorov-Smirnov statistic.
 fn ks(mut a: Vec<f64>, mut b: Vec<f64>) -> f64 {
@@ -233,7 +239,7 @@ fn random_resized_crop_samples_boxes_as_torchvision_does() {
     // KS critical value for two samples of n at a 0.001 significance level.
     let critical = 1.95 * (2.0 / n as f64).sqrt();
     for (h, w) in [(375, 500), (500, 333), (120, 900), (224, 224)] {
-        let ours: Vec<(usize, usize, usize, usize)> = (0..n)
+        let ours: Vec<Box4> = (0..n)
             .map(|i| {
                 let r = t.resample_for(h, w, &mut sample_rng(1, 0, i)).unwrap();
                 (r.window.y, r.window.x, r.window.h, r.window.w)
@@ -242,7 +248,7 @@ fn random_resized_crop_samples_boxes_as_torchvision_does() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(99);
         let theirs: Vec<_> =
             (0..n).map(|_| torchvision_get_params(h, w, scale, ratio, &mut rng)).collect();
-        let stats: [(&str, fn(&(usize, usize, usize, usize), usize, usize) -> f64); 4] = [
+        let stats: [(&str, BoxStat); 4] = [
             ("area fraction", |b, h, w| (b.2 * b.3) as f64 / (h * w) as f64),
             ("log aspect ratio", |b, _, _| (b.3 as f64 / b.2 as f64).ln()),
             ("centre row", |b, h, _| (b.0 as f64 + b.2 as f64 / 2.0) / h as f64),
