@@ -10,8 +10,9 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr};
 use std::ptr::NonNull;
 
-/// Scans a progressive file may have before it is refused: libjpeg-turbo's own tools use 500
-/// for untrusted input (`djpeg -maxscans`); encoders write about 10.
+/// Scans a progressive file may have before it is refused. Encoders write about 10; a crafted
+/// file can hold thousands, each a pass over the whole coefficient buffer (libjpeg-turbo's
+/// `djpeg -maxscans` exists for this).
 pub const MAX_SCANS: i32 = 500;
 
 #[repr(C)]
