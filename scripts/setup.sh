@@ -10,7 +10,8 @@
 #      wheel metadata pins (its Requires-Dist: cuDNN, cuBLAS, NCCL, NVSHMEM, ...), so that
 #      libtorch_cuda.so loads; without a driver nothing more is installed (CUDA=0 forces that)
 #   4. Gloo's C++ headers from the Debian package libgloo-dev (mlaan-dist compiles c10d's
-#      ProcessGroupGloo header against them; the wheel has c10d's headers but not Gloo's)
+#      ProcessGroupGloo header against them; the wheel has c10d's headers but not Gloo's), and
+#      libjpeg-turbo's headers and library from libjpeg62-turbo-dev (mlaan-data's JPEG decoder)
 #   5. Fashion-MNIST from the Debian package dataset-fashion-mnist (for `make run`)
 #   6. with --dev: TensorBoard into the venv, whose own reader the tests use on the event
 #      files a run writes (and which serves them: .venv/bin/tensorboard --logdir runs), and
@@ -61,6 +62,8 @@ TENSORBOARD_PACKAGES=(
 )
 GLOO_PACKAGE=libgloo-dev
 GLOO_HEADER=/usr/include/gloo/config.h
+JPEG_PACKAGE=libjpeg62-turbo-dev
+JPEG_HEADER=/usr/include/jpeglib.h
 SLURM_PACKAGES=(slurmctld slurmd slurm-client munge)
 DATA_PACKAGE=dataset-fashion-mnist
 DATA_DIR=/usr/share/datasets/fashion-mnist
@@ -75,7 +78,7 @@ for arg in "$@"; do
         --dev) dev=1 ;;
         --cuda-plan) cuda_plan=1 ;;
         -h | --help)
-            sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -268,6 +271,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 4. Gloo's headers (every build needs them; GLOO_INCLUDE points elsewhere, see docs/setup.md)
+#    and libjpeg-turbo's
 # ---------------------------------------------------------------------------------------------
 apt_install() {
     export DEBIAN_FRONTEND=noninteractive
@@ -288,6 +292,18 @@ else
     die "Gloo's C++ headers are missing ($GLOO_HEADER). Install them with:
         sudo apt-get update && sudo apt-get install -y $GLOO_PACKAGE
     or set GLOO_INCLUDE to a directory holding gloo/config.h (see docs/setup.md)"
+fi
+
+# libjpeg-turbo (every build: mlaan-data decodes JPEGs with it)
+if [[ -f "$JPEG_HEADER" ]]; then
+    step "libjpeg-turbo: headers found ($JPEG_PACKAGE)"
+elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    step "libjpeg-turbo: installing Debian package $JPEG_PACKAGE (headers and library, about 1 MB)"
+    apt_install "$JPEG_PACKAGE"
+    [[ -f "$JPEG_HEADER" ]] || die "$JPEG_PACKAGE is installed but $JPEG_HEADER is missing"
+else
+    die "libjpeg-turbo's headers are missing ($JPEG_HEADER). Install them with:
+        sudo apt-get update && sudo apt-get install -y $JPEG_PACKAGE"
 fi
 
 # ---------------------------------------------------------------------------------------------

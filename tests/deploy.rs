@@ -949,7 +949,7 @@ fn paper_configs_have_the_paper_settings() {
         let total = steps_per_epoch * c.train.epochs;
         assert!(every > 0 && every < total / 20, "{file}: every_steps {every} of {total}");
         assert!(
-            c.checkpoint.at_epoch_end || every % steps_per_epoch != 0,
+            c.checkpoint.at_epoch_end || !every.is_multiple_of(steps_per_epoch),
             "{file}: every_steps {every} is a multiple of the {steps_per_epoch} steps per epoch \
              ({samples} samples)"
         );

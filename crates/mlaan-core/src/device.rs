@@ -68,7 +68,7 @@ impl DeviceSpec {
         if per_node <= 1 || !devices.iter().all(|d| d.is_cuda()) {
             return Ok(devices.to_vec());
         }
-        if devices.len() < per_node || devices.len() % per_node != 0 {
+        if devices.len() < per_node || !devices.len().is_multiple_of(per_node) {
             return Err(format!(
                 "{} GPU(s) in pipeline.devices cannot be split evenly among the {per_node} \
                  processes of this node (LOCAL_WORLD_SIZE); give a multiple of {per_node}",

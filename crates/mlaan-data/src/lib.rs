@@ -19,13 +19,14 @@ pub mod image;
 pub mod loader;
 pub mod readers;
 pub mod registry;
+pub mod resample;
 pub mod transform;
 pub mod verify;
 
 pub use bench::{measure_throughput, write_synthetic_imagefolder, ThroughputReport};
 pub use error::DataError;
 pub use fetch::{fetch, FetchOptions, FetchReport, RemoteFile};
-pub use loader::{Batch, EpochStream, Loader, LoaderConfig};
+pub use loader::{Batch, EpochStream, Loader, LoaderConfig, SampleRng};
 pub use registry::{default_dir, info_without_files, open};
 pub use transform::{Op, Transform};
 pub use verify::{verify, VerifyReport};
@@ -77,6 +78,22 @@ pub trait Dataset: Send + Sync {
     fn num_classes(&self) -> usize;
     /// Raw sample before augmentation; decoding errors name the file/record.
     fn get(&self, index: usize) -> Result<Sample, DataError>;
+    /// Sample `index` with `transform` applied (its random choices drawn from `rng`),
+    /// appended to `out` — the batch being filled — as CHW bytes; returns its shape and
+    /// label. On an error `out` is left as it was. The default decodes the whole sample
+    /// (`get`) and transforms it; image folders decode only the part of a JPEG the transform
+    /// reads, with the same result.
+    fn load_into(
+        &self,
+        index: usize,
+        transform: &Transform,
+        rng: &mut SampleRng,
+        out: &mut Vec<u8>,
+    ) -> Result<(ImageShape, u32), DataError> {
+        let sample = self.get(index)?;
+        let shape = transform.apply_into(&sample, rng, out)?;
+        Ok((shape, sample.label))
+    }
     /// The label of sample `index` without decoding it (histograms, class balance).
     /// Out-of-range indices return `u32::MAX`; `get` reports them as errors.
     fn label(&self, index: usize) -> u32;

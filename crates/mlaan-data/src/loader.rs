@@ -4,7 +4,7 @@
 //! ```text
 //!   consumer (EpochStream::next)                 workers (N threads)
 //!   ───────────────────────────                  ───────────────────
-//!   issue batch numbers ──jobs (window W)──▶ take b, build batch b (get + transform)
+//!   issue batch numbers ──jobs (window W)──▶ take b, build batch b (load_into per sample)
 //!   reorder / yield   ◀──results──────────── send (b, Result<Batch>)
 //!   after each yield: issue the next batch number
 //! ```
@@ -26,6 +26,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -145,8 +146,11 @@ pub(crate) fn mix(parts: &[u64]) -> u64 {
 const PERMUTATION: u64 = 1;
 const AUGMENT: u64 = 2;
 
+/// The RNG a sample's augmentation draws from.
+pub type SampleRng = ChaCha8Rng;
+
 /// The RNG for sample `index`'s augmentation in `epoch`.
-pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
+pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> SampleRng {
     ChaCha8Rng::seed_from_u64(mix(&[seed, epoch as u64, index as u64, AUGMENT]))
 }
 
@@ -328,7 +332,9 @@ impl WorkerCtx {
         }
     }
 
-    /// Reads, augments and stacks the samples of batch `b`.
+    /// Reads and augments the samples of batch `b`, each written straight into the batch's
+    /// buffer. A sample that fails — an error, or a panic inside a decoder or transform — is
+    /// that sample's error; the worker goes on with the next.
     fn build(&self, b: usize) -> Result<Batch, DataError> {
         let ids = &self.batches[b];
         let mut batch = Batch {
@@ -345,41 +351,69 @@ impl WorkerCtx {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(DataError::Cancelled);
             }
-            let sample = self.dataset.get(i).and_then(|s| {
-                let mut rng = sample_rng(self.seed, self.epoch, i);
-                let (image, got) =
-                    self.transform.apply(&s, &mut rng).map_err(|e| self.sample_error(i, e))?;
-                match shape {
-                    Some(want) if want != got => Err(self.sample_error(
-                        i,
-                        format!("image shape {got} differs from the batch's {want}"),
-                    )),
-                    _ => Ok((image, got, s.label)),
-                }
-            });
-            match sample {
-                Ok((image, got, label)) => {
+            let start = batch.images.len();
+            match self.load(i, &mut batch.images, shape) {
+                Ok((got, label)) => {
                     if shape.is_none() {
                         shape = Some(got);
-                        batch.images.reserve(ids.len() * got.len());
+                        batch.images.reserve((ids.len() - 1) * got.len());
                     }
-                    batch.images.extend_from_slice(&image);
                     batch.sample_ids.push(i);
                     batch.labels.push(i64::from(label));
                 }
-                Err(e) => match self.on_bad_sample {
-                    OnBadSample::Stop => return Err(e),
-                    OnBadSample::Skip => {
-                        tracing::warn!(epoch = self.epoch, sample = i, "skipping bad sample: {e}");
-                        batch.skipped += 1;
+                Err(e) => {
+                    batch.images.truncate(start);
+                    match self.on_bad_sample {
+                        OnBadSample::Stop => return Err(e),
+                        OnBadSample::Skip => {
+                            tracing::warn!(
+                                epoch = self.epoch,
+                                sample = i,
+                                "skipping bad sample: {e}"
+                            );
+                            batch.skipped += 1;
+                        }
                     }
-                },
+                }
             }
         }
         if let Some(s) = shape {
             batch.shape = [batch.labels.len(), s.channels, s.height, s.width];
         }
         Ok(batch)
+    }
+
+    /// Appends sample `i`, augmented, to `images`; checks its shape against the batch's.
+    fn load(
+        &self,
+        i: usize,
+        images: &mut Vec<u8>,
+        want: Option<ImageShape>,
+    ) -> Result<(ImageShape, u32), DataError> {
+        let mut rng = sample_rng(self.seed, self.epoch, i);
+        let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.dataset.load_into(i, &self.transform, &mut rng, images)
+        }));
+        let (got, label) = match loaded {
+            Ok(Ok(v)) => v,
+            Ok(Err(DataError::Transform(e))) => return Err(self.sample_error(i, e)),
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                return Err(self.sample_error(i, format!("panicked while loading: {what}")));
+            }
+        };
+        match want {
+            Some(want) if want != got => {
+                Err(self
+                    .sample_error(i, format!("image shape {got} differs from the batch's {want}")))
+            }
+            _ => Ok((got, label)),
+        }
     }
 
     /// Attaches the sample's identity to a failure that does not name a file.

@@ -257,8 +257,12 @@ fn read_splits(spec: &DatasetSpec, dir: &Path, cfg: &DataConfig) -> Result<Split
                 });
             }
             let classes = ImageFolder::scan_classes(&train_dir)?;
-            let train = ImageFolder::open(&train_dir, &classes, &title("train"))?;
-            let test = ImageFolder::open(&test_dir, &classes, &title("val"))?;
+            if cfg.max_image_pixels == 0 {
+                return Err(DataError::config("max_image_pixels", "must be positive"));
+            }
+            let limit = cfg.max_image_pixels;
+            let train = ImageFolder::open(&train_dir, &classes, &title("train"), limit)?;
+            let test = ImageFolder::open(&test_dir, &classes, &title("val"), limit)?;
             Splits {
                 train: Arc::new(train),
                 test: Arc::new(test),

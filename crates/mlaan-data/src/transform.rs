@@ -4,13 +4,18 @@
 //!
 //! All geometric ops reduce to two primitives: `crop_window` (a window that may reach outside the
 //! image, filled by zero or reflection — this is both the padded random crop and the centre
-//! crop) and `resize` (separable triangle-filter resampling of a window, which is bilinear
-//! when enlarging and antialiased when shrinking, like PIL's and torchvision's bilinear).
+//! crop) and a [`Resample`] (antialiased bilinear resampling of a source rectangle, like
+//! torchvision's; see [`crate::resample`]).
+//!
+//! A transform that is one resample of the source — ImageNet's `RandomResizedCrop` + flip and
+//! `Resize` + `CenterCrop` — can be asked for it before any pixel exists
+//! ([`Transform::resample_for`]), which is how the JPEG decoder decodes only the pixels the
+//! transform reads.
 
+use crate::resample::{store_planes, Area, Rect, Resample};
 use crate::{DataError, ImageShape, Sample};
 use mlaan_core::config::PadMode;
 use rand::Rng;
-use std::ops::Range;
 
 /// One augmentation step.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +61,19 @@ impl Transform {
         s: &Sample,
         rng: &mut impl Rng,
     ) -> Result<(Vec<u8>, ImageShape), DataError> {
+        let mut out = Vec::new();
+        let shape = self.apply_into(s, rng, &mut out)?;
+        Ok((out, shape))
+    }
+
+    /// Like [`Transform::apply`], appending the result to `out` (a batch being filled). On an
+    /// error `out` is left as it was.
+    pub fn apply_into(
+        &self,
+        s: &Sample,
+        rng: &mut impl Rng,
+        out: &mut Vec<u8>,
+    ) -> Result<ImageShape, DataError> {
         if s.image.len() != s.shape.len() {
             return Err(DataError::Transform(format!(
                 "image buffer of {} bytes does not match its shape {}",
@@ -66,20 +84,75 @@ impl Transform {
         if !self.ops.is_empty() && s.shape.is_empty() {
             return Err(DataError::Transform(format!("cannot augment an empty {} image", s.shape)));
         }
-        let mut img = Img { data: s.image.clone(), shape: s.shape };
-        let mut i = 0;
-        while i < self.ops.len() {
-            img = match (&self.ops[i], self.ops.get(i + 1)) {
-                // Resize-then-centre-crop (evaluation) computes only the kept pixels.
-                (&Op::ResizeShorter { size }, Some(&Op::CenterCrop { size: crop })) => {
-                    i += 1;
-                    resize_shorter_then_crop(&img, size, crop)
+        if let Some(r) = self.resample_for(s.shape.height, s.shape.width, rng) {
+            let base = out.len();
+            return match resample_planes(&s.image, s.shape, &r, out) {
+                Ok(()) => Ok(ImageShape::new(s.shape.channels, r.out.1, r.out.0)),
+                Err(e) => {
+                    out.truncate(base);
+                    Err(e)
                 }
-                (op, _) => apply_op(op, img, rng)?,
             };
-            i += 1;
         }
-        Ok((img.data, img.shape))
+        let mut img = Img { data: s.image.clone(), shape: s.shape };
+        for op in &self.ops {
+            img = apply_op(op, img, rng)?;
+        }
+        out.extend_from_slice(&img.data);
+        Ok(img.shape)
+    }
+
+    /// The whole transform as one [`Resample`] of an `h`x`w` image, when it is one:
+    /// `RandomResizedCrop`, `ResizeShorter`, `ResizeShorter` + a `CenterCrop` that fits, or a
+    /// `CenterCrop` that fits, each optionally followed by `HFlip`. Draws from `rng` exactly
+    /// what [`Transform::apply`] draws (nothing when it returns `None`), so a decoder that
+    /// plans its work with it produces the same augmentation as decoding everything first.
+    pub fn resample_for(&self, h: usize, w: usize, rng: &mut impl Rng) -> Option<Resample> {
+        if h == 0 || w == 0 {
+            return None;
+        }
+        let (geometry, flip) = match self.ops.as_slice() {
+            [rest @ .., Op::HFlip] => (rest, true),
+            all => (all, false),
+        };
+        let image = (w, h);
+        let whole = Rect { x: 0, y: 0, w, h };
+        let mut r = match *geometry {
+            [Op::RandomResizedCrop { size, scale, ratio }] => {
+                let (top, left, ch, cw) = random_resized_box(h, w, scale, ratio, rng);
+                Resample::crop(image, Rect { x: left, y: top, w: cw, h: ch }, (size, size))
+            }
+            [Op::ResizeShorter { size }] => {
+                let (oh, ow) = shorter_side_dims(h, w, size);
+                Resample::crop(image, whole, (ow, oh))
+            }
+            [Op::ResizeShorter { size }, Op::CenterCrop { size: crop }] => {
+                let (oh, ow) = shorter_side_dims(h, w, size);
+                if crop > oh || crop > ow {
+                    return None;
+                }
+                // The crop of the resized image, mapped back onto the source: the same output
+                // pixels as resizing everything and cropping, computed alone.
+                let (top, left) = (centre_offset(oh, crop), centre_offset(ow, crop));
+                let (sy, sx) = (h as f64 / oh as f64, w as f64 / ow as f64);
+                let area = Area {
+                    x: left as f64 * sx,
+                    y: top as f64 * sy,
+                    w: crop as f64 * sx,
+                    h: crop as f64 * sy,
+                };
+                Resample { image, window: whole, area, out: (crop, crop), flip: false }
+            }
+            [Op::CenterCrop { size }] if size <= h && size <= w => {
+                let r =
+                    Rect { x: centre_offset(w, size), y: centre_offset(h, size), w: size, h: size };
+                Resample::crop(image, r, (size, size))
+            }
+            _ => return None,
+        };
+        // As `apply_op`'s HFlip: the draw happens whatever the width.
+        r.flip = flip && rng.random_bool(0.5) && r.out.0 > 1;
+        Some(r)
     }
 
     /// The shape `apply` produces for an input of shape `input`.
@@ -160,11 +233,13 @@ fn apply_op(op: &Op, img: Img, rng: &mut impl Rng) -> Result<Img, DataError> {
         }
         Op::RandomResizedCrop { size, scale, ratio } => {
             let (top, left, h, w) = random_resized_box(s.height, s.width, scale, ratio, rng);
-            resize(&img, (top, left, h, w), size, size)
+            let r = Rect { x: left, y: top, w, h };
+            resample(&img, &Resample::crop((s.width, s.height), r, (size, size)))?
         }
         Op::ResizeShorter { size } => {
             let (oh, ow) = shorter_side_dims(s.height, s.width, size);
-            resize(&img, (0, 0, s.height, s.width), oh, ow)
+            let whole = Rect { x: 0, y: 0, w: s.width, h: s.height };
+            resample(&img, &Resample::crop((s.width, s.height), whole, (ow, oh)))?
         }
         Op::HFlip => {
             let mut img = img;
@@ -176,19 +251,9 @@ fn apply_op(op: &Op, img: Img, rng: &mut impl Rng) -> Result<Img, DataError> {
     })
 }
 
-/// `ResizeShorter { size }` followed by `CenterCrop { crop }`, resizing only the output
-/// pixels the crop keeps (falls back to the two steps when the crop must pad).
-fn resize_shorter_then_crop(img: &Img, size: usize, crop: usize) -> Img {
-    let s = img.shape;
-    let (oh, ow) = shorter_side_dims(s.height, s.width, size);
-    if crop > oh || crop > ow {
-        let resized = resize(img, (0, 0, s.height, s.width), oh, ow);
-        let off = |n: usize| ((n as f64 - crop as f64) / 2.0).round() as isize;
-        return crop_window(&resized, off(oh), off(ow), crop, crop, PadMode::Zero);
-    }
-    let (top, left) =
-        (((oh - crop) as f64 / 2.0).round() as usize, ((ow - crop) as f64 / 2.0).round() as usize);
-    resize_part(img, (0, 0, s.height, s.width), oh, ow, top..top + crop, left..left + crop)
+/// torchvision's centre-crop offset `round((n - size) / 2)` for a crop that fits.
+fn centre_offset(n: usize, size: usize) -> usize {
+    ((n - size) as f64 / 2.0).round() as usize
 }
 
 /// torchvision's `Resize(int)`: the shorter side becomes `size`, the longer is scaled and
@@ -283,98 +348,35 @@ fn random_resized_box(
     ((h - ch.min(h)) / 2, (w - cw.min(w)) / 2, ch.min(h), cw.min(w))
 }
 
-/// Source taps of a run of output pixels along one axis: output `first + i` reads
-/// `weights[i*taps..][..taps]` times the source pixels from `start[i]` on.
-struct Taps {
-    start: Vec<usize>,
-    weights: Vec<f32>,
-    taps: usize,
+/// Runs `r` on a CHW image and returns the CHW result.
+fn resample(img: &Img, r: &Resample) -> Result<Img, DataError> {
+    let mut data = Vec::new();
+    resample_planes(&img.data, img.shape, r, &mut data)?;
+    Ok(Img { data, shape: ImageShape::new(img.shape.channels, r.out.1, r.out.0) })
 }
 
-/// Triangle-filter taps mapping the window `[offset, offset+len)` of an axis onto an output
-/// axis of `out` pixels, for the outputs in `range`. The filter is widened by the shrink
-/// factor so that downscaling averages (antialiasing) — PIL's bilinear filter.
-fn taps(offset: usize, len: usize, out: usize, range: Range<usize>) -> Taps {
-    let scale = len as f64 / out as f64;
-    let support = scale.max(1.0);
-    let taps = (2.0 * support).ceil() as usize + 1;
-    let mut start = Vec::with_capacity(range.len());
-    let mut weights = vec![0f32; range.len() * taps];
-    for (n, i) in range.enumerate() {
-        let center = (i as f64 + 0.5) * scale;
-        let lo = ((center - support + 0.5).floor().max(0.0) as usize).min(len - 1);
-        let hi = ((center + support + 0.5).floor() as usize).clamp(lo + 1, len).min(lo + taps);
-        let ws = &mut weights[n * taps..(n + 1) * taps];
-        let mut sum = 0.0;
-        for (k, j) in (lo..hi).enumerate() {
-            let wgt = (1.0 - ((j as f64 + 0.5 - center) / support).abs()).max(0.0);
-            ws[k] = wgt as f32;
-            sum += wgt;
+/// Runs `r` on a CHW image, appending the CHW result to `out`. Up to four channels are
+/// interleaved and resampled together (as the JPEG path does, so both give the same bytes);
+/// more are resampled one plane at a time.
+fn resample_planes(
+    image: &[u8],
+    s: ImageShape,
+    r: &Resample,
+    out: &mut Vec<u8>,
+) -> Result<(), DataError> {
+    let at = Rect { x: 0, y: 0, w: s.width, h: s.height };
+    let plane = s.height * s.width;
+    let per_run = if s.channels <= 4 { s.channels } else { 1 };
+    let mut hwc = vec![0u8; r.out.0 * r.out.1 * per_run];
+    let mut src = Vec::with_capacity(plane * per_run);
+    for planes in image.chunks(plane * per_run) {
+        src.clear();
+        match per_run {
+            1 => src.extend_from_slice(planes),
+            c => src.extend((0..plane).flat_map(|i| (0..c).map(move |ch| planes[ch * plane + i]))),
         }
-        if sum > 0.0 {
-            ws.iter_mut().for_each(|v| *v = (*v as f64 / sum) as f32);
-        } else {
-            ws[0] = 1.0;
-        }
-        start.push(offset + lo);
+        r.run(&src, at, per_run, &mut hwc).map_err(DataError::Transform)?;
+        store_planes(&hwc, r.out, per_run, r.flip, out);
     }
-    Taps { start, weights, taps }
-}
-
-/// Resamples the window (`top`, `left`, `h`, `w`) of `img` to `oh`x`ow`.
-fn resize(img: &Img, window: (usize, usize, usize, usize), oh: usize, ow: usize) -> Img {
-    resize_part(img, window, oh, ow, 0..oh, 0..ow)
-}
-
-/// Like [`resize`] but computes only output rows `rows` and columns `cols` of the `oh`x`ow`
-/// result (a resize fused with the crop that follows it). The vertical pass runs first, over
-/// contiguous source rows (vectorisable), into one `f32` row; the horizontal pass then reads
-/// that row, so its cost scales with the output, not the source.
-fn resize_part(
-    img: &Img,
-    (top, left, h, w): (usize, usize, usize, usize),
-    oh: usize,
-    ow: usize,
-    rows: Range<usize>,
-    cols: Range<usize>,
-) -> Img {
-    let s = img.shape;
-    let out_shape = ImageShape::new(s.channels, rows.len(), cols.len());
-    if rows.is_empty() || cols.is_empty() {
-        return Img { data: Vec::new(), shape: out_shape };
-    }
-    let (h, w) = (h.clamp(1, s.height), w.clamp(1, s.width));
-    let tx = taps(left, w, ow, cols);
-    let ty = taps(top, h, oh, rows);
-    // The source columns any output column reads.
-    let c0 = tx.start[0];
-    let c1 = (tx.start[tx.start.len() - 1] + tx.taps).min(left + w);
-    // Zero tail: the last taps of the last columns may point past `c1` (with zero weight).
-    let mut acc = vec![0f32; c1 - c0 + tx.taps];
-    let mut hrow = vec![0f32; tx.start.len()];
-    // Horizontal weights tap-major, so the inner loop runs over output columns.
-    let n = tx.start.len();
-    let wt: Vec<f32> = (0..tx.taps * n).map(|j| tx.weights[(j % n) * tx.taps + j / n]).collect();
-    let mut out = Vec::with_capacity(out_shape.len());
-    for plane in img.data.chunks_exact(s.height * s.width) {
-        for (y, &sy) in ty.start.iter().enumerate() {
-            acc.fill(0.0);
-            let ws = &ty.weights[y * ty.taps..(y + 1) * ty.taps];
-            for (k, &wk) in ws.iter().enumerate() {
-                if wk == 0.0 || sy + k >= top + h {
-                    continue;
-                }
-                let row = &plane[(sy + k) * s.width + c0..(sy + k) * s.width + c1];
-                acc.iter_mut().zip(row).for_each(|(a, &p)| *a += wk * f32::from(p));
-            }
-            hrow.fill(0.0);
-            for (k, wk) in wt.chunks_exact(n).enumerate() {
-                for ((o, &w), &sx) in hrow.iter_mut().zip(wk).zip(&tx.start) {
-                    *o += w * acc[sx - c0 + k];
-                }
-            }
-            out.extend(hrow.iter().map(|&v| (v + 0.5).clamp(0.0, 255.0) as u8));
-        }
-    }
-    Img { data: out, shape: out_shape }
+    Ok(())
 }

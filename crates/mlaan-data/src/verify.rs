@@ -118,7 +118,12 @@ pub fn verify_split(name: &str, ds: &dyn Dataset, workers: usize) -> SplitReport
                     if i >= ds.len() {
                         break;
                     }
-                    match ds.get(i) {
+                    // A panic inside a decoder is this sample's problem, not the report's.
+                    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ds.get(i)))
+                        .unwrap_or_else(|_| {
+                            Err(crate::DataError::Loader("panicked while reading".into()))
+                        });
+                    match got {
                         Ok(s) if s.label != ds.label(i) => bad.push((
                             i,
                             format!(

@@ -217,6 +217,53 @@ fn bad_samples_are_skipped_or_stop_the_epoch() {
     assert!(e.contains("img_5.jpg") && e.contains("undecodable"), "{e}");
 }
 
+/// A dataset whose decoder panics on some samples (third-party code fed a hostile file).
+struct Panicky {
+    inner: TestSet,
+    panic_on: Vec<usize>,
+}
+
+impl Dataset for Panicky {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        if self.panic_on.contains(&index) {
+            panic!("decoder bug on sample {index}");
+        }
+        self.inner.get(index)
+    }
+    fn label(&self, index: usize) -> u32 {
+        self.inner.label(index)
+    }
+    fn describe(&self) -> String {
+        "panicky set".into()
+    }
+}
+
+#[test]
+fn a_panicking_decoder_costs_its_sample_not_a_worker() {
+    let inner = TestSet { n: 24, bad: vec![], delay: Duration::ZERO };
+    let ds = Arc::new(Panicky { inner, panic_on: vec![3, 10, 17] });
+    let mut c = cfg(4, 2);
+    c.on_bad_sample = OnBadSample::Skip;
+    let loader = Loader::new(ds.clone(), augment(), c.clone());
+    for epoch in 0..2 {
+        let batches = collect(&loader, epoch);
+        assert_eq!(batches.len(), 6, "every batch arrives");
+        assert_eq!(batches.iter().map(|b| b.skipped).sum::<usize>(), 3);
+        assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), 21);
+    }
+    c.on_bad_sample = OnBadSample::Stop;
+    c.shuffle = false;
+    let e = Loader::new(ds, augment(), c).epoch(0).find_map(Result::err).expect("an error");
+    let text = e.to_string();
+    assert!(text.contains("panicked") && text.contains("decoder bug on sample 3"), "{text}");
+}
+
 #[test]
 fn transform_failures_name_the_sample_and_bad_configs_yield_an_error() {
     let crop_too_big =

@@ -2,8 +2,10 @@
 
 mod common;
 
+use mlaan_core::config::DEFAULT_MAX_IMAGE_PIXELS;
+use mlaan_data::loader::sample_rng;
 use mlaan_data::readers::{cifar, idx, mat5, stl10, svhn};
-use mlaan_data::{image, ImageShape};
+use mlaan_data::{image, ImageShape, Op, Transform};
 use proptest::prelude::*;
 use std::path::Path;
 
@@ -82,11 +84,25 @@ proptest! {
     #[test]
     fn jpeg_never_panics(random in prop::collection::vec(any::<u8>(), 0..512), e in edits(), cut in any::<Option<usize>>()) {
         let p = Path::new("f.jpg");
-        let _ = image::decode(&random, p);
+        let _ = image::decode(&random, p, DEFAULT_MAX_IMAGE_PIXELS);
         let mut soi = vec![0xff, 0xd8, 0xff];
         soi.extend_from_slice(&random);
-        let _ = image::decode(&soi, p);
-        let _ = image::decode(&mutate(valid_jpeg(), &e, cut), p);
+        let _ = image::decode(&soi, p, DEFAULT_MAX_IMAGE_PIXELS);
+        let mutated = mutate(valid_jpeg(), &e, cut);
+        let _ = image::decode(&mutated, p, DEFAULT_MAX_IMAGE_PIXELS);
+        // The crop-aware path (header, region, resample) on the same bytes.
+        let train = Transform::new(vec![
+            Op::RandomResizedCrop { size: 8, scale: (0.08, 1.0), ratio: (0.75, 4.0 / 3.0) },
+            Op::HFlip,
+        ]);
+        let eval = Transform::new(vec![Op::ResizeShorter { size: 10 }, Op::CenterCrop { size: 8 }]);
+        for t in [&train, &eval] {
+            let mut out = vec![1, 2, 3];
+            match image::decode_transformed(&mutated, p, DEFAULT_MAX_IMAGE_PIXELS, t, &mut sample_rng(0, 0, 0), &mut out) {
+                Ok(shape) => prop_assert_eq!(out.len(), 3 + shape.len()),
+                Err(_) => prop_assert_eq!(&out, &[1, 2, 3]),
+            }
+        }
     }
 }
 
@@ -97,5 +113,5 @@ fn mutated_valid_files_still_parse_when_untouched() {
     for c in [true, false] {
         assert!(svhn::decode(&valid_mat(c), p, &mut Vec::new(), &mut Vec::new()).is_ok());
     }
-    assert!(image::decode(&valid_jpeg(), p).is_ok());
+    assert!(image::decode(&valid_jpeg(), p, DEFAULT_MAX_IMAGE_PIXELS).is_ok());
 }

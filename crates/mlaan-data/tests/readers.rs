@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use mlaan_core::config::DataConfig;
+use mlaan_core::config::{DataConfig, DEFAULT_MAX_IMAGE_PIXELS};
 use mlaan_data::readers::{cifar, folder::ImageFolder, idx, stl10, svhn};
 use mlaan_data::{open, DataError, ImageShape};
 use std::path::Path;
@@ -298,7 +298,9 @@ fn imagefolder_decodes_jpegs_in_sorted_order() {
     // Greyscale JPEGs come out as three equal channels.
     let grey = ImageShape::new(1, 16, 16);
     let g = smooth(grey, 3);
-    let (rgb, s) = mlaan_data::image::decode(&jpeg(&g, grey), Path::new("g.jpg")).unwrap();
+    let (rgb, s) =
+        mlaan_data::image::decode(&jpeg(&g, grey), Path::new("g.jpg"), DEFAULT_MAX_IMAGE_PIXELS)
+            .unwrap();
     assert_eq!(s, ImageShape::new(3, 16, 16));
     assert_eq!(rgb[..256], rgb[256..512]);
     assert!(mean_abs_diff(&rgb[..256], &g) < 3.0);
@@ -334,7 +336,11 @@ fn imagefolder_errors_name_the_folder_or_file() {
     std::fs::write(dir.path().join("val/unknown/x.jpg"), b"x").unwrap();
     assert!(err_text(open(&cfg("imagefolder", dir.path())))
         .contains("not present in the training split"));
-    let png = mlaan_data::image::decode(b"\x89PNG\r\n\x1a\n", Path::new("p.png"));
+    let png = mlaan_data::image::decode(
+        b"\x89PNG\r\n\x1a\n",
+        Path::new("p.png"),
+        DEFAULT_MAX_IMAGE_PIXELS,
+    );
     assert!(err_text(png).contains("PNG"));
     let e = err_text(ImageFolder::scan_classes(&dir.path().join("nope")));
     assert!(e.contains("nope"), "{e}");

@@ -171,3 +171,126 @@ fn fused_resize_and_centre_crop_equal_the_two_steps() {
         assert_eq!(fused.apply(&s, &mut rng).unwrap(), two_steps, "{h}x{w}");
     }
 }
+
+/// torchvision's `RandomResizedCrop.get_params`, transcribed from its source (ten tries of a
+/// uniform area fraction and a log-uniform aspect ratio, `round` to whole pixels, accepted
+/// when it fits; else the whole image clamped to the ratio range, centred), drawing from an
+/// RNG of its own: (top, left, height, width).
+fn torchvision_get_params(
+    h: usize,
+    w: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl rand::Rng,
+) -> Box4 {
+    let area = (h * w) as f64;
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..scale.1);
+        let aspect = rng.random_range(ratio.0.ln()..ratio.1.ln()).exp();
+        let cw = (target * aspect).sqrt().round() as i64;
+        let ch = (target / aspect).sqrt().round() as i64;
+        if 0 < cw && cw <= w as i64 && 0 < ch && ch <= h as i64 {
+            let i = rng.random_range(0..=h - ch as usize);
+            let j = rng.random_range(0..=w - cw as usize);
+            return (i, j, ch as usize, cw as usize);
+        }
+    }
+    let in_ratio = w as f64 / h as f64;
+    let (cw, ch) = if in_ratio < ratio.0 {
+        (w, (w as f64 / ratio.0).round() as usize)
+    } else if in_ratio > ratio.1 {
+        ((h as f64 * ratio.1).round() as usize, h)
+    } else {
+        (w, h)
+    };
+    ((h - ch) / 2, (w - cw) / 2, ch, cw)
+}
+
+/// A crop box: (top, left, height, width).
+type Box4 = (usize, usize, usize, usize);
+
+/// A statistic of a box in an image of (height, width).
+type BoxStat = fn(&Box4, usize, usize) -> f64;
+
+/// Two-sample Kolmogorov-Smirnov statistic.
+fn ks(mut a: Vec<f64>, mut b: Vec<f64>) -> f64 {
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (mut i, mut j, mut d) = (0, 0, 0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
+
+#[test]
+fn random_resized_crop_samples_boxes_as_torchvision_does() {
+    use rand::SeedableRng;
+    let (scale, ratio) = ((0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0));
+    let t = Transform::new(vec![Op::RandomResizedCrop { size: 224, scale, ratio }]);
+    let n = 20_000;
+    // KS critical value for two samples of n at a 0.001 significance level.
+    let critical = 1.95 * (2.0 / n as f64).sqrt();
+    for (h, w) in [(375, 500), (500, 333), (120, 900), (224, 224)] {
+        let ours: Vec<Box4> = (0..n)
+            .map(|i| {
+                let r = t.resample_for(h, w, &mut sample_rng(1, 0, i)).unwrap();
+                (r.window.y, r.window.x, r.window.h, r.window.w)
+            })
+            .collect();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(99);
+        let theirs: Vec<_> =
+            (0..n).map(|_| torchvision_get_params(h, w, scale, ratio, &mut rng)).collect();
+        let stats: [(&str, BoxStat); 4] = [
+            ("area fraction", |b, h, w| (b.2 * b.3) as f64 / (h * w) as f64),
+            ("log aspect ratio", |b, _, _| (b.3 as f64 / b.2 as f64).ln()),
+            ("centre row", |b, h, _| (b.0 as f64 + b.2 as f64 / 2.0) / h as f64),
+            ("centre column", |b, _, w| (b.1 as f64 + b.3 as f64 / 2.0) / w as f64),
+        ];
+        for (name, f) in stats {
+            let d = ks(
+                ours.iter().map(|b| f(b, h, w)).collect(),
+                theirs.iter().map(|b| f(b, h, w)).collect(),
+            );
+            assert!(d < critical, "{h}x{w} {name}: KS distance {d:.4} >= {critical:.4}");
+        }
+        // Every accepted box keeps the rules: inside the image, area and ratio in range (up
+        // to rounding to whole pixels).
+        for b in &ours {
+            assert!(b.0 + b.2 <= h && b.1 + b.3 <= w && b.2 > 0 && b.3 > 0);
+        }
+    }
+    // A uniform instead of log-uniform ratio would be caught: the statistic sees it.
+    let uniform: Vec<f64> = {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        (0..n).map(|_| rand::Rng::random_range(&mut rng, ratio.0..ratio.1).ln()).collect()
+    };
+    let log_uniform: Vec<f64> = {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(6);
+        (0..n).map(|_| rand::Rng::random_range(&mut rng, ratio.0.ln()..ratio.1.ln())).collect()
+    };
+    assert!(ks(uniform, log_uniform) > critical);
+}
+
+#[test]
+fn random_resized_crop_falls_back_to_the_centred_ratio_clamped_image() {
+    // Areas of at least 90% never fit a 100-pixel-high strip: all ten tries fail.
+    let t = Transform::new(vec![Op::RandomResizedCrop {
+        size: 32,
+        scale: (0.9, 1.0),
+        ratio: (3.0 / 4.0, 4.0 / 3.0),
+    }]);
+    for seed in 0..20 {
+        let wide = t.resample_for(100, 1000, &mut sample_rng(seed, 0, 0)).unwrap().window;
+        assert_eq!((wide.y, wide.x, wide.h, wide.w), (0, 433, 100, 133));
+        let tall = t.resample_for(1000, 100, &mut sample_rng(seed, 0, 0)).unwrap().window;
+        assert_eq!((tall.y, tall.x, tall.h, tall.w), (433, 0, 133, 100));
+    }
+}

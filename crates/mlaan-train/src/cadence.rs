@@ -58,8 +58,8 @@ impl Cadence {
     /// What to do at `step`, a boundary [`Cadence::next_stop`] gave.
     pub fn at(&self, step: u64) -> Boundary {
         let last = step >= self.total_steps;
-        let epoch_end = step % self.steps_per_epoch == 0 || last;
-        let periodic = self.checkpoint_every > 0 && step % self.checkpoint_every == 0;
+        let epoch_end = step.is_multiple_of(self.steps_per_epoch) || last;
+        let periodic = self.checkpoint_every > 0 && step.is_multiple_of(self.checkpoint_every);
         Boundary {
             evaluate: last || (epoch_end && self.eval_every_epoch),
             checkpoint: last || periodic || (epoch_end && self.checkpoint_at_epoch_end),

@@ -6,6 +6,10 @@ use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// Pillow's `Image.MAX_IMAGE_PIXELS` doubled, above which Pillow refuses to open an image
+/// (`DecompressionBombError`): the default of `data.max_image_pixels`.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
 /// What to do with a sample that cannot be read or decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -55,6 +59,9 @@ pub struct DataConfig {
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
     pub on_bad_sample: OnBadSample,
+    /// Image folders: images of more pixels are refused before they are decoded (a
+    /// decompression bomb is a bad sample). Default [`DEFAULT_MAX_IMAGE_PIXELS`].
+    pub max_image_pixels: u64,
     /// Use only the first N training samples (quick experiments); 0 = all.
     pub train_limit: usize,
     /// Use only the first N test samples; 0 = all.
@@ -81,6 +88,7 @@ impl Default for DataConfig {
             mean: None,
             std: None,
             on_bad_sample: OnBadSample::Stop,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
             train_limit: 0,
             test_limit: 0,
             svhn_extra: false,
@@ -96,6 +104,9 @@ impl Default for DataConfig {
 impl DataConfig {
     /// CIFAR-100 label set known; `mean` and `std` of one length; every `std` entry > 0.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_image_pixels == 0 {
+            return Err(bad_value("data.max_image_pixels", self.max_image_pixels, "must be > 0"));
+        }
         if !["fine", "coarse"].contains(&self.cifar100_labels.as_str()) {
             return Err(bad_value("data.cifar100_labels", &self.cifar100_labels, "fine or coarse"));
         }

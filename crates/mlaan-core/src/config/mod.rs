@@ -20,7 +20,7 @@ mod rules;
 mod train;
 
 pub use checkpoint::CheckpointConfig;
-pub use data::{AugmentConfig, DataConfig, OnBadSample, PadMode};
+pub use data::{AugmentConfig, DataConfig, OnBadSample, PadMode, DEFAULT_MAX_IMAGE_PIXELS};
 pub use distributed::{Backend, DistributedConfig};
 pub use load::{set_dotted, ConfigSource};
 pub use method::{

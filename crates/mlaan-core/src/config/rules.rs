@@ -22,7 +22,7 @@ pub(super) fn method_fits_model(cfg: &RunConfig) -> Result<(), ConfigError> {
 pub(super) fn micro_batches_fit(cfg: &RunConfig) -> Result<(), ConfigError> {
     let p = &cfg.pipeline;
     let batch_size = cfg.train.batch_size;
-    if p.micro_batches == 0 || batch_size % p.micro_batches != 0 {
+    if p.micro_batches == 0 || !batch_size.is_multiple_of(p.micro_batches) {
         return Err(bad_value(
             "pipeline.micro_batches",
             p.micro_batches,

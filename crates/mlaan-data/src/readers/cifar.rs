@@ -35,7 +35,7 @@ pub fn parse_records(
     if bytes.is_empty() {
         return Err(DataError::format(path, "empty file"));
     }
-    if bytes.len() % record != 0 {
+    if !bytes.len().is_multiple_of(record) {
         return Err(DataError::record(
             path,
             bytes.len() / record,

@@ -1,8 +1,8 @@
 //! ImageFolder layout (also ImageNet): `<split>/<class>/**/<file>`; classes are the sorted
 //! sub-folder names of the training split, files are sorted, and images are decoded lazily
-//! in `get` so that opening ImageNet costs one directory walk.
+//! in `get`/`load_into` so that opening ImageNet costs one directory walk.
 
-use crate::{image, DataError, Dataset, Sample};
+use crate::{image, DataError, Dataset, ImageShape, Sample, SampleRng, Transform};
 use std::path::{Path, PathBuf};
 
 pub struct ImageFolder {
@@ -11,6 +11,8 @@ pub struct ImageFolder {
     classes: Vec<String>,
     /// Path relative to `root`, and class.
     files: Vec<(PathBuf, u32)>,
+    /// Larger images are refused before decoding (`data.max_image_pixels`).
+    max_pixels: u64,
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<std::fs::DirEntry>, DataError> {
@@ -54,8 +56,13 @@ impl ImageFolder {
 
     /// Lists `root/<class>/**` for the given classes. A split may lack some classes (a small
     /// validation set) but may not hold a class unknown to `classes`, and no class folder that
-    /// is present may be empty.
-    pub fn open(root: &Path, classes: &[String], title: &str) -> Result<Self, DataError> {
+    /// is present may be empty. Images of more than `max_pixels` pixels are refused when read.
+    pub fn open(
+        root: &Path,
+        classes: &[String],
+        title: &str,
+        max_pixels: u64,
+    ) -> Result<Self, DataError> {
         let present = Self::scan_classes(root)?;
         let mut files = Vec::new();
         for name in &present {
@@ -78,6 +85,7 @@ impl ImageFolder {
             root: root.to_path_buf(),
             classes: classes.to_vec(),
             files,
+            max_pixels,
         })
     }
 
@@ -87,6 +95,18 @@ impl ImageFolder {
 
     pub fn path(&self, index: usize) -> Option<PathBuf> {
         self.files.get(index).map(|(p, _)| self.root.join(p))
+    }
+
+    /// The path, label and bytes of sample `index`.
+    fn read(&self, index: usize) -> Result<(PathBuf, u32, Vec<u8>), DataError> {
+        let (rel, label) = self.files.get(index).ok_or_else(|| DataError::IndexOutOfRange {
+            dataset: self.title.clone(),
+            index,
+            len: self.files.len(),
+        })?;
+        let path = self.root.join(rel);
+        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+        Ok((path, *label, bytes))
     }
 }
 
@@ -104,22 +124,27 @@ impl Dataset for ImageFolder {
         self.classes.len()
     }
     fn get(&self, index: usize) -> Result<Sample, DataError> {
-        let (rel, label) = self.files.get(index).ok_or_else(|| DataError::IndexOutOfRange {
-            dataset: self.title.clone(),
-            index,
-            len: self.files.len(),
-        })?;
-        let path = self.root.join(rel);
-        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
-        let (image, shape) = image::decode(&bytes, &path)?;
-        Ok(Sample { image, shape, label: *label })
+        let (path, label, bytes) = self.read(index)?;
+        let (image, shape) = image::decode(&bytes, &path, self.max_pixels)?;
+        Ok(Sample { image, shape, label })
+    }
+    fn load_into(
+        &self,
+        index: usize,
+        transform: &Transform,
+        rng: &mut SampleRng,
+        out: &mut Vec<u8>,
+    ) -> Result<(ImageShape, u32), DataError> {
+        let (path, label, bytes) = self.read(index)?;
+        let shape = image::decode_transformed(&bytes, &path, self.max_pixels, transform, rng, out)?;
+        Ok((shape, label))
     }
     fn label(&self, index: usize) -> u32 {
         self.files.get(index).map_or(u32::MAX, |f| f.1)
     }
     fn describe(&self) -> String {
         format!(
-            "{}: {} images (JPEG, variable size), {} classes ({})",
+            "{}: {} images (JPEG/PNG, variable size), {} classes ({})",
             self.title,
             self.files.len(),
             self.classes.len(),

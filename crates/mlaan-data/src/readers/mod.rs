@@ -13,7 +13,7 @@ pub mod stl10;
 pub mod svhn;
 pub mod synthetic;
 
-use crate::{DataError, Dataset, ImageShape, Sample};
+use crate::{DataError, Dataset, ImageShape, Sample, SampleRng, Transform};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,6 +134,22 @@ impl Dataset for Head {
             });
         }
         self.inner.get(index)
+    }
+    fn load_into(
+        &self,
+        index: usize,
+        transform: &Transform,
+        rng: &mut SampleRng,
+        out: &mut Vec<u8>,
+    ) -> Result<(ImageShape, u32), DataError> {
+        if index >= self.limit {
+            return Err(DataError::IndexOutOfRange {
+                dataset: self.inner.describe(),
+                index,
+                len: self.limit,
+            });
+        }
+        self.inner.load_into(index, transform, rng, out)
     }
     fn label(&self, index: usize) -> u32 {
         if index < self.limit {

@@ -10,7 +10,7 @@ pub const SHAPE: ImageShape = ImageShape { channels: 3, height: 96, width: 96 };
 /// Decodes the bytes of an `_X.bin` file into row-major CHW images, appending.
 pub fn parse_images(bytes: &[u8], path: &Path, pixels: &mut Vec<u8>) -> Result<usize, DataError> {
     let n = SHAPE.len();
-    if bytes.is_empty() || bytes.len() % n != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(n) {
         return Err(DataError::record(
             path,
             bytes.len() / n,

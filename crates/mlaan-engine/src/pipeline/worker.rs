@@ -348,7 +348,7 @@ impl StageWorker {
 
     fn maybe_report(&mut self) -> Result<(), TrainError> {
         let step = self.stage.modules[0].step;
-        if step > 0 && step % self.settings.log_every == 0 {
+        if step > 0 && step.is_multiple_of(self.settings.log_every) {
             self.report()?;
         }
         Ok(())
