@@ -5,7 +5,9 @@
 #             (ResNet-32, K=8, the same epochs, batch, learning rate and seeds for all);
 #   ablation  mlaan-dgl at K=8 under sequential, sync and async (2 CPU stages), EMA twins
 #             `all` against `last`, and one module per block (K=15) for dgl and mlaan-dgl,
-#             beside e2e.
+#             beside e2e;
+#   auglocal  AugLocal and MLAAN on it beside e2e, dgl, infopro and mlaan-dgl, at K=8 and
+#             K=16 (InfoPro's splits).
 #
 # Runs that already have a summary are kept (a run shared by both sections trains once), so
 # the script can be stopped and started again; each section is rewritten from its own runs
@@ -36,9 +38,10 @@ OUT=${OUT:-runs/results}
 CONFIG=${CONFIG:-configs/results-fashion-resnet32.toml}
 BIN=${MLAAN_PIPE:-target/release/mlaan-pipe}
 JOBS=${JOBS:-1}
-PARTS=${PARTS:-"methods ablation"}
+PARTS=${PARTS:-"methods ablation auglocal"}
 METHODS=${METHODS:-"dgl mlaan-infopro mlaan-dgl infopro e2e mlaan-infopro:d=3"}
 ABLATION=${ABLATION:-"mlaan-dgl:k=15,split=every-block,lam=official mlaan-dgl:schedule=sync mlaan-dgl:schedule=async mlaan-dgl:ema=last mlaan-dgl dgl:k=15,split=every-block e2e"}
+AUGLOCAL=${AUGLOCAL:-"mlaan-auglocal:k=16 mlaan-dgl:k=16 mlaan-auglocal mlaan-dgl auglocal:k=16 infopro:k=16 auglocal infopro dgl:k=16 dgl e2e"}
 PAGE=${PAGE:-docs/results.md}
 
 [ -x "$BIN" ] || make build
@@ -79,7 +82,8 @@ entries() { # part
     case "$1" in
         methods) echo "$METHODS" ;;
         ablation) echo "$ABLATION" ;;
-        *) echo "results.sh: unknown part \`$1\` (methods, ablation)" >&2; exit 2 ;;
+        auglocal) echo "$AUGLOCAL" ;;
+        *) echo "results.sh: unknown part \`$1\` (methods, ablation, auglocal)" >&2; exit 2 ;;
     esac
 }
 
@@ -129,6 +133,7 @@ for part in $PARTS; do
     case "$part" in
         methods) title="Methods: ResNet-32, K=8, $EPOCHS epoch(s)" ;;
         ablation) title="Ablation of mlaan-dgl: schedule, EMA twins, one module per block ($EPOCHS epoch(s))" ;;
+        auglocal) title="AugLocal: ResNet-32, K=8 and K=16, $EPOCHS epoch(s)" ;;
     esac
     "$BIN" compare "${dirs[@]}" --markdown "$PAGE" --section "$part" --title "$title" \
         --command "$command PARTS=$part scripts/results.sh" >/dev/null
