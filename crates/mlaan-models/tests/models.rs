@@ -64,7 +64,7 @@ fn cifar_backbones_have_the_right_logits_and_parameter_counts() {
         let (p, n) = whole(arch, input, 10);
         assert_eq!(logits(&n, &image(2, input)).size(), vec![2, 10], "{arch}");
         let count = n.count_params(|_| true);
-        assert_eq!(count, p.arch.total_params(3, 10), "{arch}");
+        assert_eq!(count, p.arch.total_params(input, 10), "{arch}");
         let range = match arch {
             // He et al. 2016 Table 6 (option-A shortcuts; projections add a few thousand).
             "resnet32" => Some(460_000..480_000),
@@ -88,7 +88,7 @@ fn imagenet_backbones_have_the_right_logits_and_torchvision_counts() {
         let (p, n) = whole(arch, input, 1000);
         assert_eq!(logits(&n, &image(2, input)).size(), vec![2, 1000], "{arch}");
         let count = n.count_params(|_| true);
-        assert_eq!(count, p.arch.total_params(3, 1000), "{arch}");
+        assert_eq!(count, p.arch.total_params(input, 1000), "{arch}");
         assert_eq!(count, tv, "{arch} differs from torchvision");
     }
 }
@@ -100,7 +100,7 @@ fn one_and_three_input_channels_work() {
         let input = Chw { c, h: 28, w: 28 };
         let (p, n) = whole("resnet20", input, 10);
         assert_eq!(logits(&n, &image(3, input)).size(), vec![3, 10]);
-        assert_eq!(n.count_params(|_| true), p.arch.total_params(c, 10));
+        assert_eq!(n.count_params(|_| true), p.arch.total_params(input, 10));
         assert_eq!(names(&n)["conv1.weight"], vec![16, c as i64, 3, 3]);
         let input = Chw { c, h: 64, w: 64 };
         let (_, n) = whole("resnet18", input, 7);
@@ -218,14 +218,14 @@ fn lam_maps_a_module_output_to_the_last_stage() {
         .into_iter()
         .map(|b| arch.block(BlockRef::from(b)).unwrap())
         .collect();
-    let lam = Lam::new(&(vs.root() / "aux"), &ema.root(), arch.block, &chain);
-    assert_eq!(lam.twin_of, "layer2.0");
+    let lam = Lam::new(&(vs.root() / "aux"), &ema.root(), &arch, &chain);
+    assert_eq!(lam.twin_of, ["layer2.0"]);
     assert_eq!(lam.copy_of[3].1, "layer3.4");
     let u = Tensor::randn([2, 16, 32, 32], (Kind::Float, Device::Cpu));
     assert_eq!(lam.forward(&u, Mode::Train).size(), vec![2, 64, 8, 8]);
     // A short chain inside the last stage keeps the resolution.
     let chain = vec![arch.block(BlockRef::new(3, 4)).unwrap()];
-    let lam = Lam::new(&(vs.root() / "short"), &ema.root(), arch.block, &chain);
+    let lam = Lam::new(&(vs.root() / "short"), &ema.root(), &arch, &chain);
     let u = Tensor::randn([2, 64, 8, 8], (Kind::Float, Device::Cpu));
     assert_eq!(lam.forward(&u, Mode::Eval).size(), vec![2, 64, 8, 8]);
 }
