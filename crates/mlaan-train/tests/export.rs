@@ -3,7 +3,6 @@
 //! written here from those libraries' definitions, apart from the code that builds the
 //! networks.
 
-use mlaan_core::arch::Chw;
 use mlaan_core::config::RunConfig;
 use mlaan_core::plan::ImageSpec;
 use mlaan_core::plan::NetworkPlan;
