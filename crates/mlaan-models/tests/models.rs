@@ -332,7 +332,7 @@ fn token_heads_and_the_patch_decoder() {
     assert!((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && lo < hi, "{lo} {hi}");
     // Each patch token decodes to its own patch: changing token 1 (the first patch) changes
     // the top-left 7x7 pixels and nothing else.
-    let mut h2 = h.copy();
+    let h2 = h.copy();
     let _ = h2.get(0).get(1).fill_(3.0);
     let diff = (dec.forward(&h2, Mode::Eval) - dec.forward(&h, Mode::Eval)).abs().get(0).get(0);
     let changed = diff.gt(0.0);
