@@ -2,7 +2,7 @@
 //! does the arithmetic of the `sequential` reference on 2 and 4 stages (every parameter,
 //! buffer, EMA twin and momentum buffer after 20 steps); recomputed graphs change nothing;
 //! bf16 and fp16 autocast (attention included) keep float32 state and the schedules'
-//! equality; `async` learns.
+//! equality; channels-last changes a VGG's layout, not its numbers; `async` learns.
 
 mod common;
 
@@ -86,6 +86,14 @@ fn vit_autocast_keeps_float32_state_and_the_schedules_equal() {
         });
         assert!(moved, "{precision} ViT equals float32: is autocast on?");
     }
+}
+
+#[test]
+fn channels_last_gives_a_vgg_the_contiguous_numbers() {
+    let contiguous = with(VGG, Method::MlaanDgl, Schedule::Sync, 2);
+    let mut nhwc = contiguous.clone();
+    nhwc.train.memory_format = mlaan_core::config::MemoryFormat::ChannelsLast;
+    assert_close("vgg channels-last", &run(&contiguous, 10), &run(&nhwc, 10), 1e-4);
 }
 
 /// The last module's mean loss over each metrics window.
