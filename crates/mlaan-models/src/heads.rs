@@ -24,7 +24,8 @@ pub enum Head {
     /// three-layer MLP.
     Dgl { convs: Vec<(Conv2d, BatchNorm2d)>, fcs: Vec<Linear> },
     /// For token sequences (N, T, D): LayerNorm, then the class token (`mean: false`, the form
-    /// of a ViT's own classifier) or the mean of every token, then linear.
+    /// of a ViT's own classifier) or the mean of the patch tokens (timm's `avg` pooling, which
+    /// leaves the class token out), then linear.
     Tokens { norm: LayerNorm, fc: Linear, mean: bool },
 }
 
@@ -95,8 +96,12 @@ impl Head {
                 x
             }
             Head::Tokens { norm, fc, mean } => {
-                let pooled =
-                    if *mean { h.mean_dim(&[1i64][..], false, h.kind()) } else { h.select(1, 0) };
+                let pooled = if *mean {
+                    let patches = h.narrow(1, 1, h.size()[1] - 1);
+                    patches.mean_dim(&[1i64][..], false, h.kind())
+                } else {
+                    h.select(1, 0)
+                };
                 fc.forward(&norm.forward(&pooled))
             }
         }

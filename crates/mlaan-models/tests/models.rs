@@ -324,6 +324,12 @@ fn token_heads_and_the_patch_decoder() {
     for kind in [HeadKind::ClsFc, HeadKind::MeanFc] {
         let head = Head::new(&(&root / format!("{kind:?}")), kind, 32, 10);
         assert_eq!(head.forward(&h, Mode::Train).size(), vec![3, 10], "{kind:?}");
+        // `cls-fc` reads the class token alone, `mean-fc` the patch tokens alone (timm's).
+        let other = h.copy();
+        let (start, len) = if kind == HeadKind::ClsFc { (1, 16) } else { (0, 1) };
+        let _ = other.narrow(1, start, len).fill_(5.0);
+        let same = head.forward(&other, Mode::Eval).equal(&head.forward(&h, Mode::Eval));
+        assert!(same, "{kind:?} reads tokens it should not");
     }
     let dec = Decoder::patches(&(&root / "dec"), 32, 1, [28, 28], 7);
     let y = dec.forward(&h, Mode::Train);

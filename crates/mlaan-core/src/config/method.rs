@@ -126,7 +126,7 @@ pub enum HeadKind {
     Dgl,
     /// For ViTs: LayerNorm, the class token, linear (the form of timm's own classifier).
     ClsFc,
-    /// For ViTs: LayerNorm, the mean of every token, linear.
+    /// For ViTs: LayerNorm, the mean of the patch tokens (the class token left out), linear.
     MeanFc,
 }
 
