@@ -6,7 +6,9 @@
 # (--gpus 0,0,0,0), channels-last, cuDNN benchmark and TF32 on:
 #   ResNet-32, 3x32x32, batch 1024: e2e in fp32 and bf16; dgl, mlaan-dgl async and mlaan-dgl
 #     sync, each in fp32 and bf16, each on the default stream and with a stream per stage;
-#   ResNet-34, 3x224x224, 1000 classes, batch 128: e2e and mlaan-dgl (async) in bf16.
+#   ResNet-34, 3x224x224, 1000 classes, batch 128: e2e and mlaan-dgl (async) in bf16;
+#   ViT-S/16, 3x224x224, 1000 classes, batch 128: e2e, dgl and mlaan-dgl (async) in bf16
+#     (contiguous: a ViT's activations are token sequences, channels-last does not apply).
 # A case is compared with the e2e of its own precision (`× e2e`); the tables carry images/s,
 # stage shares and the caching allocator's peak per GPU.
 #
@@ -157,6 +159,8 @@ RUNS+=("resnet32-k4-compute|$(one_device) --arch resnet32 --k 4 --batch-size $BA
 RUNS+=("resnet34-k4-224-bf16|$(one_device) --arch resnet34 --k 4 --batch-size $IMAGENET_BATCH \
 ${imagenet_data[*]} --set train.memory_format=channels-last ${imagenet_timing[*]} \
 --cases e2e+bf16,mlaan-dgl+bf16")
+RUNS+=("vit-small-k4-224-bf16|$(one_device) --arch vit-small --k 4 --batch-size $IMAGENET_BATCH \
+${imagenet_data[*]} ${imagenet_timing[*]} --cases e2e+bf16,dgl+bf16,mlaan-dgl+bf16")
 
 if ((FULL)); then
     for arch in resnet32 resnet110; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds docs/results.md from the runs' summary.json files, in two sections:
+# Rebuilds docs/results.md from the runs' summary.json files, one section per part:
 #
 #   methods   e2e, dgl, mlaan-dgl, infopro and mlaan-infopro on the full Fashion-MNIST
 #             (ResNet-32, K=8, the same epochs, batch, learning rate and seeds for all);
@@ -7,19 +7,22 @@
 #             `all` against `last`, and one module per block (K=15) for dgl and mlaan-dgl,
 #             beside e2e;
 #   auglocal  AugLocal and MLAAN on it beside e2e, dgl, infopro and mlaan-dgl, at K=8 and
-#             K=16 (InfoPro's splits).
+#             K=16 (InfoPro's splits);
+#   vit       e2e, dgl and mlaan-dgl on a small-image ViT at K=4
+#             (configs/results-fashion-vit.toml);
+#   vgg       the same on a CIFAR-form VGG-13 (configs/results-fashion-vgg13.toml).
 #
-# Runs that already have a summary are kept (a run shared by both sections trains once), so
+# Runs that already have a summary are kept (a run shared by two parts trains once), so
 # the script can be stopped and started again; each section is rewritten from its own runs
 # only, the rest of the page is kept.
 #
-#   scripts/results.sh                         # 1 epoch, seed 0, both sections
+#   scripts/results.sh                         # 1 epoch, seed 0, the methods, ablation and auglocal parts
 #   SEEDS="0 1" PARTS=ablation scripts/results.sh
 #   JOBS=2 SEEDS="0 1" scripts/results.sh      # two trainings at once, the cores shared out
 #
 # An entry is `method[:option,option...]`; the options:
 #   d=N          MLAAN cascade depth N (the reference code's InfoPro variant uses 3)
-#   k=N          N modules (default 8; e2e is always 1)
+#   k=N          N modules (default the part's: 8, or 4 for vit and vgg; e2e is always 1)
 #   split=NAME   the split (default the config's, InfoPro's K=8 split)
 #   lam=SOURCE   where MLAAN's LAM chains come from (`official`: the official code's tables)
 #   schedule=S   sync or async over 2 CPU stages (default sequential, one thread of work)
@@ -39,6 +42,9 @@ CONFIG=${CONFIG:-configs/results-fashion-resnet32.toml}
 BIN=${MLAAN_PIPE:-target/release/mlaan-pipe}
 JOBS=${JOBS:-1}
 PARTS=${PARTS:-"methods ablation auglocal"}
+VIT_CONFIG=${VIT_CONFIG:-configs/results-fashion-vit.toml}
+VGG_CONFIG=${VGG_CONFIG:-configs/results-fashion-vgg13.toml}
+BACKBONES=${BACKBONES:-"e2e dgl mlaan-dgl"}
 METHODS=${METHODS:-"dgl mlaan-infopro mlaan-dgl infopro e2e mlaan-infopro:d=3"}
 ABLATION=${ABLATION:-"mlaan-dgl:k=15,split=every-block,lam=official mlaan-dgl:schedule=sync mlaan-dgl:schedule=async mlaan-dgl:ema=last mlaan-dgl dgl:k=15,split=every-block e2e"}
 AUGLOCAL=${AUGLOCAL:-"mlaan-auglocal:k=16 mlaan-dgl:k=16 mlaan-auglocal mlaan-dgl auglocal:k=16 infopro:k=16 auglocal infopro dgl:k=16 dgl e2e"}
@@ -52,14 +58,21 @@ if [ "$JOBS" -gt 1 ]; then
     extra=(--set "pipeline.intra_op_threads=$(( threads > 0 ? threads : 1 ))")
 fi
 
-run_dir() { # entry seed
+# The config and default K of a part, and the tag its run directories carry (the ResNet-32
+# parts share theirs).
+part_config() { case "$1" in vit) echo "$VIT_CONFIG" ;; vgg) echo "$VGG_CONFIG" ;; *) echo "$CONFIG" ;; esac; }
+part_k() { case "$1" in vit | vgg) echo 4 ;; *) echo 8 ;; esac; }
+part_tag() { case "$1" in vit | vgg) echo "$1-" ;; *) echo "" ;; esac; }
+
+run_dir() { # entry seed part
     local name=${1//:/-}
     name=${name//,/-}
-    echo "$OUT/e${EPOCHS}/${name//=/}-seed$2"
+    echo "$OUT/e${EPOCHS}/$(part_tag "$3")${name//=/}-seed$2"
 }
 
-train() { # entry seed dir
-    local method=${1%%:*} opts="" k=8 args=()
+train() { # entry seed dir part
+    local method=${1%%:*} opts="" k args=()
+    k=$(part_k "$4")
     [[ "$1" == *:* ]] && opts=${1#*:}
     local opt
     for opt in ${opts//,/ }; do
@@ -74,7 +87,7 @@ train() { # entry seed dir
         esac
     done
     [ "$method" = e2e ] && k=1
-    "$BIN" train --config "$CONFIG" --method "$method" --k "$k" --seed "$2" \
+    "$BIN" train --config "$(part_config "$4")" --method "$method" --k "$k" --seed "$2" \
         --epochs "$EPOCHS" --out "$3" "${extra[@]}" "${args[@]}"
 }
 
@@ -83,29 +96,37 @@ entries() { # part
         methods) echo "$METHODS" ;;
         ablation) echo "$ABLATION" ;;
         auglocal) echo "$AUGLOCAL" ;;
-        *) echo "results.sh: unknown part \`$1\` (methods, ablation, auglocal)" >&2; exit 2 ;;
+        vit | vgg) echo "$BACKBONES" ;;
+        *) echo "results.sh: unknown part \`$1\` (methods, ablation, auglocal, vit, vgg)" >&2; exit 2 ;;
     esac
 }
 
-# Every entry of the chosen parts once, in order, then each seed.
+# Every run of the chosen parts once (`part/entry`; parts whose runs share directories, as
+# the ResNet-32 ones do, train a shared entry once), in order, then each seed.
 todo=()
+seen=" "
 for part in $PARTS; do
     for entry in $(entries "$part"); do
-        [[ " ${todo[*]-} " == *" $entry "* ]] || todo+=("$entry")
+        key="$(part_tag "$part")$entry"
+        [[ "$seen" == *" $key "* ]] && continue
+        seen+="$key "
+        todo+=("$part/$entry")
     done
 done
 
 running=0
 for seed in $SEEDS; do
-    for entry in "${todo[@]}"; do
-        dir=$(run_dir "$entry" "$seed")
+    for item in "${todo[@]}"; do
+        part=${item%%/*}
+        entry=${item#*/}
+        dir=$(run_dir "$entry" "$seed" "$part")
         if [ -f "$dir/summary.json" ]; then
             echo "== $dir done"
             continue
         fi
         if [ "$JOBS" -le 1 ]; then
             echo "== $entry seed $seed ($EPOCHS epochs) -> $dir"
-            train "$entry" "$seed" "$dir"
+            train "$entry" "$seed" "$dir" "$part"
             continue
         fi
         if [ "$running" -ge "$JOBS" ]; then
@@ -114,7 +135,7 @@ for seed in $SEEDS; do
         fi
         echo "== $entry seed $seed ($EPOCHS epochs) -> $dir (log: $dir.log)"
         mkdir -p "$(dirname "$dir")"
-        train "$entry" "$seed" "$dir" >"$dir.log" 2>&1 &
+        train "$entry" "$seed" "$dir" "$part" >"$dir.log" 2>&1 &
         running=$((running + 1))
     done
 done
@@ -128,12 +149,14 @@ command="$([ "$JOBS" -gt 1 ] && echo "JOBS=$JOBS ")EPOCHS=$EPOCHS SEEDS=\"$SEEDS
 for part in $PARTS; do
     dirs=()
     for entry in $(entries "$part"); do
-        for seed in $SEEDS; do dirs+=("$(run_dir "$entry" "$seed")"); done
+        for seed in $SEEDS; do dirs+=("$(run_dir "$entry" "$seed" "$part")"); done
     done
     case "$part" in
         methods) title="Methods: ResNet-32, K=8, $EPOCHS epoch(s)" ;;
         ablation) title="Ablation of mlaan-dgl: schedule, EMA twins, one module per block ($EPOCHS epoch(s))" ;;
         auglocal) title="AugLocal: ResNet-32, K=8 and K=16, $EPOCHS epoch(s)" ;;
+        vit) title="ViT: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VIT_CONFIG"), K=4, $EPOCHS epoch(s)" ;;
+        vgg) title="VGG: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VGG_CONFIG"), K=4, $EPOCHS epoch(s)" ;;
     esac
     "$BIN" compare "${dirs[@]}" --markdown "$PAGE" --section "$part" --title "$title" \
         --command "$command PARTS=$part scripts/results.sh" >/dev/null

@@ -233,7 +233,8 @@ pub struct ConfigArgs {
     /// Directory holding the dataset's files.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Backbone, e.g. resnet20, resnet32, resnet110, resnet34.
+    /// Backbone: resnet20, resnet32, resnet110, resnet34, ...; vit-tiny, vit-small-p4,
+    /// vit-w128-d8-h4-p7, ...; vgg13, vgg13-cifar, vgg11-cifar-w16, ...
     #[arg(long)]
     pub arch: Option<String>,
     /// e2e, dgl, infopro, auglocal, mlaan-dgl, mlaan-infopro, mlaan-auglocal.

@@ -743,7 +743,7 @@ fn gpu_bench_runs_the_compute_set_then_the_standard_set() {
         .unwrap();
     assert_eq!(code(st), 0, "{}", sb.stderr());
     let calls = bench_calls(&sb);
-    assert_eq!(calls.len(), 8, "{calls:?}");
+    assert_eq!(calls.len(), 9, "{calls:?}");
     // The compute set: every stage on GPU 0; fp32 and bf16, one stream and one per stage.
     let compute = calls.iter().find(|c| c.contains("--arch resnet32") && c.contains("+bf16"));
     let compute = compute.unwrap_or_else(|| panic!("no compute set in {calls:?}"));
@@ -756,6 +756,14 @@ fn gpu_bench_runs_the_compute_set_then_the_standard_set() {
     let r34 = calls.iter().find(|c| c.contains("--cases e2e+bf16,mlaan-dgl+bf16"));
     assert!(
         r34.is_some_and(|c| c.contains("--arch resnet34") && c.contains("size=224")),
+        "{calls:?}"
+    );
+    // ViT-S/16 at 224 beside them, contiguous (channels-last does not apply to a ViT).
+    let vit = calls.iter().find(|c| c.contains("--cases e2e+bf16,dgl+bf16,mlaan-dgl+bf16"));
+    assert!(
+        vit.is_some_and(|c| c.starts_with("bench --gpus 0,0,0,0 --arch vit-small --k 4 ")
+            && c.contains("size=224")
+            && !c.contains("channels-last")),
         "{calls:?}"
     );
     let calls: Vec<String> = calls.into_iter().filter(|c| !c.contains("+bf16")).collect();
@@ -786,8 +794,8 @@ fn gpu_bench_runs_the_compute_set_then_the_standard_set() {
     assert!(res.join("system/nvidia-smi-L.txt").is_file() && res.join("system/host.txt").is_file());
     assert!(sb.read("res/system/nvidia-smi-L.txt").contains("GPU 7"));
     let readme = sb.read("res/README.md");
-    assert_eq!(readme.matches("| case | images/s |").count(), 8, "{readme}");
-    assert_eq!(sb.read("res/status.tsv").lines().count(), 9);
+    assert_eq!(readme.matches("| case | images/s |").count(), 9, "{readme}");
+    assert_eq!(sb.read("res/status.tsv").lines().count(), 10);
 
     // One GPU: only the single-GPU layouts; a failing benchmark fails the script.
     let sb = Sandbox::new();
@@ -802,7 +810,7 @@ fn gpu_bench_runs_the_compute_set_then_the_standard_set() {
         .unwrap();
     assert_eq!(code(st), 1, "{}", sb.stderr());
     let calls = bench_calls(&sb);
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls.len(), 3, "{calls:?}");
     assert!(calls.iter().all(|c| c.contains("--gpus 0,0,0,0")), "{calls:?}");
 }
 
@@ -824,7 +832,7 @@ fn bench_sbatch_wraps_gpu_bench() {
         .unwrap();
     assert_eq!(code(st), 0, "{}", sb.stderr());
     let calls = bench_calls(&sb);
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls.len(), 3, "{calls:?}");
     assert!(calls.iter().all(|c| c.contains("--gpus 0,0,0,0")), "{calls:?}");
     assert!(sb.path("runs/mlaan-bench-9/README.md").is_file());
 }
@@ -876,7 +884,7 @@ fn gpu_bench_arguments_are_accepted_by_the_cli() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 8, "{lines}");
+    assert_eq!(checked, 9, "{lines}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,6 +1065,38 @@ fn auglocal_configs_have_the_official_settings_and_plan() {
         assert!(out.contains("one module per layer, the stem its own"), "{file}:\n{out}");
         assert!(out.contains(&format!("CE(AugLocal net d={depth}: ")), "{file}:\n{out}");
         assert!(out.contains("stage 3  cuda:3"), "{file}: four stages\n{out}");
+    }
+}
+
+/// The ViT and VGG configs: what they train, and a plan on four GPUs with one module each.
+#[test]
+fn backbone_configs_pass_plan() {
+    use mlaan_core::config::RunConfig;
+    for (file, arch, k, dataset) in [
+        ("cifar10-vit-tiny-p4-mlaan-dgl.toml", "vit-tiny-p4", 4, "cifar10"),
+        ("imagenet-vit-small-mlaan-dgl.toml", "vit-small", 4, "imagenet"),
+        ("imagenet-vgg13-mlaan-dgl.toml", "vgg13", 4, "imagenet"),
+    ] {
+        let path = root().join("configs").join(file);
+        let c = RunConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!((c.model.arch.as_str(), c.model.k, c.data.dataset.as_str()), (arch, k, dataset));
+        assert!(c.method.name.is_mlaan(), "{file}");
+        let size = if dataset == "imagenet" {
+            "data.synthetic_size=224"
+        } else {
+            "data.synthetic_size=32"
+        };
+        let o = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
+            .args(["plan", "--config", path.to_str().unwrap(), "--dataset", "synthetic"])
+            .args(["--set", "pipeline.placement=\"flops\"", "--set", size, "--gpus", "0,1,2,3"])
+            .env("MLAAN_LOG", "warn")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "plan {file}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains(&format!("{arch} K={k} ")), "{file}:\n{out}");
+        assert!(out.contains("stage 3  cuda:3"), "{file}: four stages\n{out}");
+        assert!(out.contains("(equal)"), "{file}: parameters against the formula\n{out}");
     }
 }
 

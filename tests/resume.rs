@@ -202,6 +202,37 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A ViT resumes exactly too (width 32, four blocks, 4x4 patches on the same 16x16 images,
+/// K = 3): MLAAN on InfoPro (token heads, the per-patch decoder, LAM copies of blocks and their
+/// EMA twins) under `sync` in bf16, and MLAAN on DGL under `sequential`.
+#[test]
+fn resumed_vit_runs_continue_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vit = |a: Vec<String>| -> Vec<String> {
+        a.into_iter().map(|w| if w == "resnet8" { "vit-w32-d4-h2-p4".into() } else { w }).collect()
+    };
+    for (method, schedule, devices, compute) in [
+        ("mlaan-infopro", "sync", "cpu,cpu", &["--set", "train.precision=bf16"][..]),
+        ("mlaan-dgl", "sequential", "cpu", &[]),
+    ] {
+        let straight = tmp.path().join(format!("{method}-straight"));
+        let halves = tmp.path().join(format!("{method}-halves"));
+        let with = |extra: &[&'static str]| [extra, compute].concat();
+        run_ok(&vit(args(method, schedule, devices, &straight, &with(&["--max-steps", "12"]))));
+        run_ok(&vit(args(method, schedule, devices, &halves, &with(&["--max-steps", "6"]))));
+        let resume = with(&["--max-steps", "12", "--resume", "auto"]);
+        let log = run_ok(&vit(args(method, schedule, devices, &halves, &resume)));
+        assert!(log.contains("resuming from") && log.contains("vit-w32-d4-h2-p4"), "{log}");
+        let (a, b) = (losses(&straight), losses(&halves));
+        assert_eq!(a.iter().filter(|(s, _)| *s > 6).count(), 6, "{method}");
+        assert_eq!(a, b, "{method} {schedule}: loss trajectories differ");
+        assert_bitwise_equal(
+            &straight.join("ckpt/step-00000012"),
+            &halves.join("ckpt/step-00000012"),
+        );
+    }
+}
+
 fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ready() {

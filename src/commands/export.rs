@@ -1,7 +1,9 @@
-//! `mlaan-pipe export`: the backbone of a run or checkpoint as a torchvision-style state dict.
+//! `mlaan-pipe export`: the backbone of a run or checkpoint as the state dict of the library
+//! model it is (torchvision's ResNets and VGGs, timm's ViTs).
 
 use crate::cli::ExportArgs;
 use anyhow::Result;
+use mlaan_core::arch::ArchSpec;
 use mlaan_core::config::RunConfig;
 use mlaan_train::export;
 use std::path::Path;
@@ -17,31 +19,20 @@ pub fn run(args: ExportArgs) -> Result<()> {
         state.len(),
         backbone.source
     );
-    if let Some(hint) = torchvision_hint(&args.source) {
+    if let Some(hint) = load_hint(&args.source, &state) {
         println!("{hint}");
     }
     Ok(())
 }
 
-/// How to load the file in PyTorch, when the run's config says which ResNet it is.
-fn torchvision_hint(source: &Path) -> Option<String> {
+/// How to load the file in PyTorch, when the run's config says which backbone it is.
+fn load_hint(source: &Path, state: &[(String, tch::Tensor)]) -> Option<String> {
     let dir = if source.is_file() { source.parent()? } else { source };
     // A checkpoint directory sits in `<run>/ckpt/`.
     let config = [dir.join("config.toml"), dir.join("../../config.toml")]
         .into_iter()
         .find(|p| p.is_file())?;
     let cfg = RunConfig::load(Some(&config), &[]).ok()?;
-    let arch = cfg.model.arch.as_str();
-    let imagenet = matches!(arch, "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152");
-    Some(if imagenet {
-        format!(
-            "load in PyTorch: m = torchvision.models.{arch}(num_classes=N); \
-             m.load_state_dict(safetensors.torch.load_file(PATH)) (3-channel input)"
-        )
-    } else {
-        format!(
-            "{arch} is a CIFAR ResNet, which torchvision does not define; the names follow \
-             its convention (conv1, bn1, layerN.M.convK, downsample.0/1, fc)"
-        )
-    })
+    let arch = ArchSpec::from_name(&cfg.model.arch).ok()?;
+    Some(export::load_lines(&arch, state))
 }

@@ -1,7 +1,8 @@
 //! AugLocal's auxiliary networks (Ma et al., ICLR 2024; docs/method.md §3), as its official
-//! code builds them. The network's *layers* are the stem (layer 0) and its blocks (layers
-//! 1..N). Module i, whose last layer is l, gets an auxiliary network of `d_i` layers chosen
-//! uniformly among the layers after l, always ending at the last one:
+//! code builds them. The network's *layers* are the stem, if it has one (layer 0: a ResNet's,
+//! a ViT's embedding), then its units (a ResNet's blocks, a ViT's blocks, a VGG's conv layers).
+//! Module i, whose last layer is l, gets an auxiliary network of `d_i` layers chosen uniformly
+//! among the layers after l, always ending at the last one:
 //!
 //! ```text
 //! d_i = max(1, round(d·(1 − t) + t)),  t = i·c/(K − 2)          (the "pyramid"; c = 0: d_i = d)
@@ -9,15 +10,18 @@
 //! ```
 //!
 //! `round` is Python's: halves go to the even neighbour (`f64::round_ties_even`). Each chosen
-//! layer becomes a *fresh* block of that layer's width, not a copy: its input is the previous
-//! aux block's width, and it takes stride 2 and a projection shortcut for every doubling of
-//! the width (a quadrupling carries its second halving to the next block, and loses it when
-//! none follows), whatever the real block at that position does. The network ends with
-//! global average pooling, a batch norm over the pooled features when `d_i` is 1 (the CIFAR
-//! code's; its ImageNet code has none), and one linear classifier. Nothing is shared with or
-//! copied from the backbone.
+//! layer becomes a *fresh* unit of that layer's width, not a copy: its input is the previous
+//! aux unit's width. On a ResNet it takes stride 2 and a projection shortcut for every
+//! doubling of the width (a quadrupling carries its second halving to the next block, and
+//! loses it when none follows), whatever the real block at that position does; on a VGG a
+//! layer whose width differs from its input's has the 2x2 max-pool in front (the official
+//! ImageNet VGG code's rule); a ViT's blocks all have one width and keep it. Nothing is shared
+//! with or copied from the backbone. How each network ends (pooling and classifier) depends
+//! on the backbone and is the models crate's: for a ResNet global average pooling, a batch
+//! norm over the pooled features when `d_i` is 1 (the CIFAR code's; its ImageNet code has
+//! none) and one linear classifier.
 
-use crate::arch::{ArchSpec, BlockInfo, BlockRef, Family};
+use crate::arch::{ArchSpec, Backbone, BlockInfo, BlockRef, Family};
 use crate::split::Split;
 use serde::Serialize;
 
@@ -28,14 +32,14 @@ pub struct AuxNetSpec {
     pub layers: Vec<BlockRef>,
     /// `d_i`, the depth the pyramid asked for (`layers` may be shorter near the end).
     pub depth: usize,
-    /// Its blocks: widths of those layers, strides and shortcuts adapted (see the module doc).
+    /// Its units: widths of those layers, strides and shortcuts adapted (see the module doc).
     #[serde(skip)]
     pub blocks: Vec<BlockInfo>,
     /// Channels of the module output it reads.
     pub in_channels: usize,
     /// Channels its classifier pools (the last chosen layer's).
     pub features: usize,
-    /// A batch norm over the pooled features before the classifier (depth 1, CIFAR networks).
+    /// A batch norm over the pooled features before the classifier (depth 1, CIFAR ResNets).
     pub batch_norm: bool,
 }
 
@@ -49,7 +53,8 @@ pub fn depths(depth: usize, pyramid: f64, k: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The layers (0 = stem, 1..n−1 = blocks) chosen after layer `l` of `n` for depth `d`.
+/// The layers (0 = the stem where there is one, then the units) chosen after layer `l` of `n`
+/// for depth `d`.
 pub fn choose(n: usize, l: usize, d: usize) -> Vec<usize> {
     if d >= n - 1 - l {
         return (l + 1..n).collect();
@@ -60,39 +65,50 @@ pub fn choose(n: usize, l: usize, d: usize) -> Vec<usize> {
 
 /// The auxiliary network of module `i` of `split`, of depth `d`.
 pub fn aux_net(arch: &ArchSpec, split: &Split, i: usize, d: usize) -> AuxNetSpec {
-    let blocks = arch.blocks();
-    let n = blocks.len() + 1;
-    // Global layer index of the module's last layer: the stem is layer 0.
-    let l = split.module_last_block(i).map_or(0, |b| b + 1);
-    let in_channels = if l == 0 { arch.stem_width } else { blocks[l - 1].out_channels };
-    let exp = arch.block.expansion();
+    let units = arch.blocks();
+    // The stem, where there is one, is layer 0 and unit u is layer u + offset.
+    let offset = usize::from(arch.has_stem());
+    let n = units.len() + offset;
+    let l = split.module_last_block(i).map_or(0, |u| u + offset);
+    let in_channels = match arch.stem_width() {
+        Some(stem) if l == 0 => stem,
+        _ => units[l - offset].out_channels,
+    };
     let mut width = in_channels;
     let mut halvings = 0u32;
     let mut aux = Vec::new();
     for layer in choose(n, l, d) {
-        let real = &blocks[layer - 1];
+        let real = &units[layer - offset];
         let out = real.out_channels;
-        halvings += (out / width).max(1).ilog2();
-        let stride = if halvings >= 1 {
-            halvings -= 1;
-            2
-        } else {
-            1
+        let stride = match &arch.backbone {
+            Backbone::ResNet(_) => {
+                halvings += (out / width).max(1).ilog2();
+                if halvings >= 1 {
+                    halvings -= 1;
+                    2
+                } else {
+                    1
+                }
+            }
+            Backbone::Vgg(_) if out != width => 2,
+            Backbone::Vgg(_) | Backbone::Vit(_) => 1,
         };
+        let resnet = matches!(arch.backbone, Backbone::ResNet(_));
         aux.push(BlockInfo {
             at: real.at,
             in_channels: width,
-            planes: out / exp,
+            planes: real.planes,
             out_channels: out,
             stride,
-            projection: stride != 1 || width != out,
+            projection: resnet && (stride != 1 || width != out),
         });
         width = out;
     }
+    let cifar_resnet = matches!(&arch.backbone, Backbone::ResNet(r) if r.family == Family::Cifar);
     AuxNetSpec {
         layers: aux.iter().map(|b| b.at).collect(),
         depth: d,
-        batch_norm: d <= 1 && arch.family == Family::Cifar,
+        batch_norm: d <= 1 && cifar_resnet,
         in_channels,
         features: width,
         blocks: aux,

@@ -29,8 +29,10 @@ pub enum ConfigError {
 /// A split, LAM chain or placement that does not fit the architecture or the devices.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("unknown architecture `{0}` (known: resnet8/14/20/32/44/56/110 and any resnet(6n+2), resnet18/34/50/101/152)")]
+    #[error("unknown architecture `{0}` (known: resnet8/14/20/32/44/56/110 and any resnet(6n+2), resnet18/34/50/101/152; vit-tiny/small/base with an optional -p<patch>, vit-w<width>-d<depth>-h<heads>-p<patch>; vgg11/13/16 with optional -cifar and -w<width>)")]
     UnknownArch(String),
+    #[error("{arch} cannot take these images: {reason}")]
+    InvalidInput { arch: String, reason: String },
     #[error("invalid split for {arch}: {reason}")]
     InvalidSplit { arch: String, reason: String },
     #[error("invalid LAM chain for module {module}: {reason}")]

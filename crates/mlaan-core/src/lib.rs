@@ -19,7 +19,7 @@ pub mod routes;
 pub mod schedule;
 pub mod split;
 
-pub use arch::{ArchSpec, BlockKind, BlockRef, Family};
+pub use arch::{ArchSpec, Backbone, BlockKind, BlockRef, Family};
 pub use config::{ConfigSource, RunConfig};
 pub use device::DeviceSpec;
 pub use error::{ConfigError, PlanError};

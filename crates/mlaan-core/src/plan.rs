@@ -121,6 +121,8 @@ pub struct NetworkPlan {
     pub arch: ArchSpec,
     pub split: Split,
     pub method: Method,
+    /// The auxiliary heads' kind (`method.head`, or the backbone's default).
+    pub head: HeadKind,
     pub input: Chw,
     pub num_classes: usize,
     pub chains: Vec<LamChain>,
@@ -131,6 +133,7 @@ impl NetworkPlan {
     /// Derive the plan for `cfg` on images of shape `input` with `num_classes` classes.
     pub fn new(cfg: &RunConfig, input: Chw, num_classes: usize) -> Result<NetworkPlan, PlanError> {
         let arch = ArchSpec::from_name(&cfg.model.arch)?;
+        arch.check_input(input)?;
         let split = Split::resolve(&arch, cfg.model.k, &cfg.model.split)?;
         let k = split.k();
         let m = &cfg.method;
@@ -157,9 +160,13 @@ impl NetworkPlan {
                 EmaUpdate::None => false,
             };
         }
-        let blocks = arch.blocks();
+        let mut blocks = arch.blocks();
+        if !arch.has_stem() {
+            // Without a stem the first unit reads the image itself.
+            blocks[0].in_channels = input.c;
+        }
         let outputs = arch.block_outputs(input);
-        let head = m.head_kind();
+        let head = m.head_for(&arch);
         let base_in = |mode: InfoProMode, i: usize, in_channels: usize| -> ObjectiveSpec {
             if method.uses_infopro_loss() {
                 let (lambda1, lambda2) = m.lambdas(i, k);
@@ -270,7 +277,7 @@ impl NetworkPlan {
             }
             modules.push(ModuleSpec {
                 index: i,
-                with_stem: i == 0,
+                with_stem: i == 0 && arch.has_stem(),
                 blocks: blocks[range.clone()].to_vec(),
                 block_refs: blocks[range].iter().map(|b| b.at).collect(),
                 with_classifier: last,
@@ -278,11 +285,23 @@ impl NetworkPlan {
                 output,
             });
         }
-        Ok(NetworkPlan { arch, split, method, input, num_classes, chains, modules })
+        Ok(NetworkPlan { arch, split, method, head, input, num_classes, chains, modules })
     }
 
     pub fn k(&self) -> usize {
         self.modules.len()
+    }
+
+    /// The shape of module `m`'s output for a batch of `batch`: (N, C, H, W) for a feature
+    /// map, (N, T, D) for a ViT's tokens.
+    pub fn output_shape(&self, m: usize, batch: usize) -> Vec<i64> {
+        let o = self.modules[m].output;
+        let n = batch as i64;
+        if self.arch.vit().is_some() {
+            vec![n, o.h as i64, o.c as i64]
+        } else {
+            vec![n, o.c as i64, o.h as i64, o.w as i64]
+        }
     }
 
     /// The largest reach of any term: how many hops a gradient message may travel.

@@ -1,8 +1,9 @@
 //! Splitting a backbone into K gradient-isolated modules.
 //!
-//! A split is the list of blocks that end modules 0..K-2 (module K-1 always ends at the last
-//! block). `[0,0]` means "after the stem": module 0 is then the stem alone. Module 0 always
-//! holds the stem; module K-1 always holds the final classifier.
+//! A split is the list of units (blocks of a ResNet or a ViT, conv layers of a VGG) that end
+//! modules 0..K-2 (module K-1 always ends at the last unit). `[0,0]` means "after the stem":
+//! module 0 is then the stem alone (a ResNet's stem, a ViT's embedding; a VGG has none).
+//! Module 0 always holds the stem; module K-1 always holds the final classifier.
 
 use crate::arch::{ArchSpec, BlockRef};
 use crate::error::PlanError;
@@ -96,13 +97,15 @@ impl Split {
     ) -> Result<Split, PlanError> {
         let bad = |reason: String| PlanError::InvalidSplit { arch: arch.name.clone(), reason };
         let n = arch.num_blocks();
-        if ends.len() + 1 > n + 1 {
+        let stem = usize::from(arch.has_stem());
+        if ends.len() + 1 > n + stem {
             return Err(bad(format!(
-                "K={} modules but {} has only {} blocks (at most K={} with [0,0])",
+                "K={} modules but {} has only {} blocks (at most K={}{})",
                 ends.len() + 1,
                 arch.name,
                 n,
-                n + 1
+                n + stem,
+                if stem == 1 { " with [0,0]" } else { "" }
             )));
         }
         let mut last_block = Vec::with_capacity(ends.len() + 1);
@@ -117,13 +120,20 @@ impl Split {
                         "module {m} ends at [0,0] (after the stem); only module 0 may"
                     )));
                 }
+                if !arch.has_stem() {
+                    return Err(bad(format!(
+                        "module 0 ends at [0,0], after the stem, but {} has no stem: its \
+                         first module starts with the first conv layer [1,0]",
+                        arch.name
+                    )));
+                }
                 None
             } else {
                 let i = arch.index_of(e).ok_or_else(|| {
                     bad(format!(
                         "module {m} ends at {e}, which does not exist (stages 1..={} of sizes {:?}, indices from 0)",
                         arch.num_stages(),
-                        arch.depths
+                        arch.depths()
                     ))
                 })?;
                 if let Some(p) = prev {
@@ -205,23 +215,28 @@ impl Split {
                     Split::from_ends(arch, Split::even_ends(arch, k), "one module per block")
                 }
                 "per-layer" => {
-                    // The stem its own module, then one module per block; the last takes
-                    // every block left (AugLocal's official split: K layers' worth of modules
-                    // less the auxiliary depth).
-                    if k > n + 1 {
+                    // The stem (where there is one) its own module, then one module per unit;
+                    // the last takes every unit left (AugLocal's official split: K layers'
+                    // worth of modules less the auxiliary depth).
+                    let stem = arch.has_stem().then(|| BlockRef::new(0, 0));
+                    let layers = n + usize::from(stem.is_some());
+                    if k > layers {
                         return Err(bad(format!(
-                            "per-layer gives at most K={} for {} (the stem and {n} blocks) but \
-                             K={k} was asked for",
-                            n + 1,
-                            arch.name
+                            "per-layer gives at most K={layers} for {} ({}{n} units) but K={k} \
+                             was asked for",
+                            arch.name,
+                            if stem.is_some() { "the stem and " } else { "" },
                         )));
                     }
                     let blocks = arch.blocks();
-                    let ends = std::iter::once(BlockRef::new(0, 0))
-                        .chain(blocks.iter().map(|b| b.at))
-                        .take(k - 1)
-                        .collect();
-                    Split::from_ends(arch, ends, "one module per layer, the stem its own")
+                    let ends =
+                        stem.into_iter().chain(blocks.iter().map(|b| b.at)).take(k - 1).collect();
+                    let how = if stem.is_some() {
+                        "one module per layer, the stem its own"
+                    } else {
+                        "one module per layer"
+                    };
+                    Split::from_ends(arch, ends, how)
                 }
                 "even" => Split::even(arch, k),
                 "auto" => {
@@ -371,6 +386,26 @@ mod tests {
         assert!(e.contains("K=3"), "{e}");
         let e = Split::resolve(&a, 3, &SplitSpec::Named("zigzag".into())).unwrap_err().to_string();
         assert!(e.contains("zigzag"), "{e}");
+    }
+
+    #[test]
+    fn vit_and_vgg_splits_count_blocks_and_conv_layers() {
+        let v = ArchSpec::from_name("vit-tiny-p4").unwrap();
+        let s = Split::resolve(&v, 4, &SplitSpec::Named("auto".into())).unwrap();
+        assert_eq!(s.source, "even block counts");
+        assert_eq!(
+            (0..4).map(|m| s.module_blocks(m)).collect::<Vec<_>>(),
+            [0..3, 3..6, 6..9, 9..12]
+        );
+        // The embedding alone as module 0 is allowed, as a ResNet's stem is.
+        Split::from_ends(&v, vec![BlockRef::STEM, BlockRef::new(1, 5)], "t").unwrap();
+        let g = ArchSpec::from_name("vgg13-cifar").unwrap();
+        let s = Split::resolve(&g, 4, &SplitSpec::Named("auto".into())).unwrap();
+        assert_eq!(s.ends, [BlockRef::new(2, 0), BlockRef::new(3, 1), BlockRef::new(4, 1)]);
+        let e = Split::from_ends(&g, vec![BlockRef::STEM], "t").unwrap_err().to_string();
+        assert!(e.contains("vgg13-cifar has no stem"), "{e}");
+        let e = Split::resolve(&g, 11, &SplitSpec::Named("auto".into())).unwrap_err().to_string();
+        assert!(e.contains("K=11") && e.contains("10 blocks"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! AugLocal's auxiliary networks against the official code's (`ChenxiangMA/AugLocal`, commit
 //! 98c90d6): the tables below were taken by running its constructors (`networks/resnet.py`,
-//! `exp_imagenet/networks/resnet.py`) and recording each `AuxNetwork`'s `aux_layer_index` and
+//! `exp_imagenet/networks/resnet.py`, `exp_imagenet/networks/vgg.py`) and recording each `AuxNetwork`'s `aux_layer_index` and
 //! blocks; they are literal transcriptions, not computed here. Notation: `(stage,index)` of
 //! the backbone block each auxiliary block is shaped after, then each auxiliary block as
 //! `in>out`, `s` stride and `p` for a projection shortcut.
 
-use mlaan_core::arch::{Chw, Family};
+use mlaan_core::arch::{Backbone, Chw, Family};
 use mlaan_core::config::{Method, RunConfig};
 use mlaan_core::plan::{NetworkPlan, ObjectiveSpec, TermKind};
 use mlaan_core::split::SplitSpec;
@@ -105,6 +105,22 @@ const RESNET34_K17_D4: &[&str] = &[
     "15: (4,2) | 512>512s1",
 ];
 
+/// The official ImageNet VGG-13 code (`--arch vgg --net vgg13 --local_module_num 10`; the
+/// repository gives no depth for it, so depth 4, no pyramid). Its layers are the ten conv
+/// layers, (1,0) … (5,1); `s2` is the max-pool the official network puts in front of a conv
+/// layer whose width differs from its input's, none elsewhere.
+const VGG13_K10_D4: &[&str] = &[
+    "0: (2,0),(3,0),(4,1),(5,1) | 64>128s2 128>256s2 256>512s2 512>512s1",
+    "1: (2,1),(3,1),(4,1),(5,1) | 64>128s2 128>256s2 256>512s2 512>512s1",
+    "2: (3,0),(4,0),(4,1),(5,1) | 128>256s2 256>512s2 512>512s1 512>512s1",
+    "3: (3,0),(4,0),(5,0),(5,1) | 128>256s2 256>512s2 512>512s1 512>512s1",
+    "4: (3,1),(4,0),(5,0),(5,1) | 256>256s1 256>512s2 512>512s1 512>512s1",
+    "5: (4,0),(4,1),(5,0),(5,1) | 256>512s2 512>512s1 512>512s1 512>512s1",
+    "6: (4,1),(5,0),(5,1) | 512>512s1 512>512s1 512>512s1",
+    "7: (5,0),(5,1) | 512>512s1 512>512s1",
+    "8: (5,1) | 512>512s1",
+];
+
 /// `run.sh`'s other CIFAR depths (pyramid 0.5), as module, depth and chosen layer numbers
 /// (0 = stem, then the blocks in order).
 const RESNET32_K15_D1: &[&str] = &[
@@ -178,7 +194,9 @@ fn rows(p: &NetworkPlan) -> Vec<String> {
                 "it ends at the last layer's width"
             );
             // A batch norm before the classifier at depth 1, in the CIFAR code only.
-            assert_eq!(net.batch_norm, net.depth <= 1 && p.arch.family == Family::Cifar);
+            let cifar =
+                matches!(&p.arch.backbone, Backbone::ResNet(r) if r.family == Family::Cifar);
+            assert_eq!(net.batch_norm, net.depth <= 1 && cifar);
             let layers: Vec<String> =
                 net.layers.iter().map(|b| format!("({},{})", b.stage, b.index)).collect();
             let blocks: Vec<String> = net
@@ -240,6 +258,35 @@ fn resnet34_imagenet_run() {
     let p = plan("resnet34", 17, 4, 0.0, 224, 1000);
     assert_eq!(rows(&p), RESNET34_K17_D4);
     assert_eq!(p.modules[16].block_refs.len(), 1);
+}
+
+#[test]
+fn vgg13_imagenet_code() {
+    let p = plan("vgg13", 10, 4, 0.0, 224, 1000);
+    assert_eq!(rows(&p), VGG13_K10_D4);
+    // No stem: module 0 is the first conv layer, the last module the tenth.
+    assert_eq!(p.modules[0].block_refs.len(), 1);
+    assert_eq!(p.modules[9].block_refs.len(), 1);
+}
+
+/// A ViT has no official AugLocal; the same rule on its blocks (the embedding is layer 0):
+/// every block one width, so no pooling and no projection anywhere.
+#[test]
+fn vit_blocks_follow_the_same_rule() {
+    let p = plan("vit-tiny", 13, 2, 0.5, 224, 1000);
+    let table: Vec<String> = (0..12)
+        .map(|i| {
+            // Layer l = i (the embedding is 0), the last is 12: round(l + (12 − l)/2·j).
+            let l = i as f64;
+            let pick = |j: f64| (l + (12.0 - l) / 2.0 * j).round_ties_even() as usize;
+            let chosen: Vec<usize> =
+                if i >= 11 { (i + 1..13).collect() } else { vec![pick(1.0), pick(2.0)] };
+            let layers: Vec<String> = chosen.iter().map(|&c| format!("(1,{})", c - 1)).collect();
+            let units = vec!["192>192s1"; chosen.len()].join(" ");
+            format!("{i}: {} | {units}", layers.join(","))
+        })
+        .collect();
+    assert_eq!(rows(&p), table);
 }
 
 #[test]

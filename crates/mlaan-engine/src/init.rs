@@ -61,7 +61,7 @@ pub fn initial_state(
         for term in &n.terms {
             let Some(lam) = &term.lam else { continue };
             let mut map: Vec<(String, String)> = lam.copy_of.clone();
-            map.push((format!("ema.{}", lam.twin_of), lam.twin_of.clone()));
+            map.extend(lam.twin_of.iter().map(|real| (format!("ema.{real}"), real.clone())));
             for (name, t) in state.iter_mut() {
                 for (copy, src) in &map {
                     if let Some(rest) = name.strip_prefix(&format!("{copy}.")) {

@@ -42,8 +42,7 @@ pub fn module_costs(
                 (Kind::Float, device),
             )
         } else {
-            let o = plan.modules[m - 1].output;
-            Tensor::randn([b, o.c as i64, o.h as i64, o.w as i64], (Kind::Float, device))
+            Tensor::randn(plan.output_shape(m - 1, batch), (Kind::Float, device))
         };
         let targets = BatchTargets {
             labels: Tensor::randint(image.classes as i64, [b], (Kind::Int64, device)),

@@ -5,40 +5,42 @@
 //! The copies live in the module's own store (trained only by its cascade loss); the twin lives
 //! in a separate, frozen store and moves only by `p_ema ← m·p_ema + (1−m)·p_real`.
 
+use crate::backbone::{copy_paths, real_paths, Unit};
 use crate::layers::Mode;
-use crate::resnet::{block_path, Block};
-use mlaan_core::arch::{BlockInfo, BlockKind};
+use mlaan_core::arch::{ArchSpec, BlockInfo};
 use tch::nn;
 use tch::Tensor;
 
 #[derive(Debug)]
 pub struct Lam {
-    copies: Vec<Block>,
-    twin: Block,
-    /// `(name prefix of the copy in the module store, name of the real block)`, e.g.
-    /// `("aux.cascade.lam.0", "layer3.0")`.
+    copies: Vec<Unit>,
+    twin: Unit,
+    /// `(name prefix of a copy in the module store, the same part of the real unit)`, e.g.
+    /// `("aux.cascade.lam.0", "layer3.0")`, or for a VGG layer
+    /// `("aux.cascade.lam.0.0", "features.21")` and `("aux.cascade.lam.0.1", "features.22")`.
     pub copy_of: Vec<(String, String)>,
-    /// Name of the real block the twin follows (also its prefix in the EMA store).
-    pub twin_of: String,
+    /// Names of the real unit the twin follows (also its names in the EMA store).
+    pub twin_of: Vec<String>,
 }
 
 impl Lam {
-    pub fn new(p: &nn::Path, ema: &nn::Path, kind: BlockKind, chain: &[BlockInfo]) -> Self {
-        let real = |b: &BlockInfo| format!("layer{}.{}", b.at.stage, b.at.index);
-        let copies =
-            chain.iter().enumerate().map(|(j, b)| Block::new(&(p / "lam" / j), kind, b)).collect();
-        let copy_of = chain
-            .iter()
-            .enumerate()
-            .map(|(j, b)| {
-                (format!("{}.lam.{j}", p.components().collect::<Vec<_>>().join(".")), real(b))
-            })
-            .collect();
+    /// Copies of `chain` (units of `arch`) under `p.lam.{j}`, and the twin of its first unit
+    /// in the EMA store `ema`.
+    pub fn new(p: &nn::Path, ema: &nn::Path, arch: &ArchSpec, chain: &[BlockInfo]) -> Self {
+        let mut copies = Vec::with_capacity(chain.len());
+        let mut copy_of = Vec::new();
+        let dotted = |q: &nn::Path| q.components().collect::<Vec<_>>().join(".");
+        for (j, b) in chain.iter().enumerate() {
+            let real = arch.block_prefixes(b.at);
+            let paths = copy_paths(&(p / "lam" / j), real.len());
+            copy_of.extend(paths.iter().map(dotted).zip(real));
+            copies.push(Unit::new(arch, &paths, b));
+        }
         Lam {
             copies,
-            twin: Block::new(&block_path(ema, &chain[0]), kind, &chain[0]),
+            twin: Unit::new(arch, &real_paths(ema, arch, chain[0].at), &chain[0]),
             copy_of,
-            twin_of: real(&chain[0]),
+            twin_of: arch.block_prefixes(chain[0].at),
         }
     }
 

@@ -2,15 +2,16 @@
 //! classifier (last module), and one network per loss term (auxiliary head, InfoPro decoder,
 //! LAM chain with its EMA twin).
 //!
-//! Names: backbone parameters sit at the store root under torchvision's names; term networks
-//! under `aux.<term>.*`; EMA twins in a separate frozen store under the real block's name.
+//! Names: backbone parameters sit at the store root under the backbone's published names
+//! (torchvision's, timm's); term networks under `aux.<term>.*`; EMA twins in a separate frozen
+//! store under the real unit's names.
 
+use crate::backbone::{BackbonePart, Classifier};
 use crate::heads::{Decoder, Head};
 use crate::lam::Lam;
 use crate::layers::Mode;
 use crate::losses;
-use crate::resnet::{BackbonePart, Classifier};
-use mlaan_core::arch::ArchSpec;
+use mlaan_core::arch::{ArchSpec, Chw};
 use mlaan_core::config::InfoProMode;
 use mlaan_core::plan::{ModuleSpec, ObjectiveSpec, TermKind, TermSpec};
 use tch::{nn, Device, Tensor};
@@ -42,8 +43,9 @@ pub struct Term {
     pub spec: TermSpec,
     pub lam: Option<Lam>,
     pub objective: Objective,
-    /// Store prefix of this term's networks (`aux.independent`, `aux.cascade`, or `fc`).
-    pub prefix: String,
+    /// Store prefixes of this term's networks (`aux.independent`, `aux.cascade`, or the
+    /// backbone classifier's: `fc`; `norm` and `head`; `classifier`).
+    pub prefixes: Vec<String>,
 }
 
 /// The unweighted loss of a term and its class scores when it has them.
@@ -64,11 +66,11 @@ pub struct LocalNets {
     pub terms: Vec<Term>,
 }
 
-fn term_prefix(kind: TermKind) -> &'static str {
+fn term_prefixes(kind: TermKind, arch: &ArchSpec) -> Vec<String> {
     match kind {
-        TermKind::Independent => "aux.independent",
-        TermKind::Cascade => "aux.cascade",
-        TermKind::Final => "fc",
+        TermKind::Independent => vec!["aux.independent".into()],
+        TermKind::Cascade => vec!["aux.cascade".into()],
+        TermKind::Final => Classifier::prefixes(arch).iter().map(|p| p.to_string()).collect(),
     }
 }
 
@@ -86,29 +88,24 @@ impl LocalNets {
         let vs = nn::VarStore::new(device);
         let mut ema_vs = nn::VarStore::new(device);
         let root = vs.root();
-        let backbone = BackbonePart::new(&root, arch, image_channels, spec.with_stem, &spec.blocks);
-        let classifier = spec
-            .with_classifier
-            .then(|| Classifier::new(&root / "fc", arch.feature_channels(), num_classes));
+        let image = Chw { c: image_channels, h: image_size[0], w: image_size[1] };
+        let backbone = BackbonePart::new(&root, arch, image, spec.with_stem, &spec.blocks);
+        let classifier = spec.with_classifier.then(|| Classifier::new(&root, arch, num_classes));
         let terms = spec
             .terms
             .iter()
             .map(|t| {
-                let prefix = term_prefix(t.kind);
-                let p = prefix.split('.').fold(root.clone(), |p, c| p / c);
-                let lam =
-                    t.lam.as_ref().map(|l| Lam::new(&p, &ema_vs.root(), arch.block, &l.blocks));
+                let prefixes = term_prefixes(t.kind, arch);
+                let p = crate::backbone::path_of(&root, &prefixes[0]);
+                let lam = t.lam.as_ref().map(|l| Lam::new(&p, &ema_vs.root(), arch, &l.blocks));
                 let objective = match &t.objective {
                     ObjectiveSpec::FinalClassifier => Objective::Final,
                     ObjectiveSpec::Classify { head, in_channels } => Objective::Classify(
                         Head::new(&(&p / "head"), *head, *in_channels, num_classes),
                     ),
-                    ObjectiveSpec::AugLocal(net) => Objective::Classify(Head::aux_net(
-                        &(&p / "net"),
-                        arch.block,
-                        net,
-                        num_classes,
-                    )),
+                    ObjectiveSpec::AugLocal(net) => {
+                        Objective::Classify(Head::aux_net(&(&p / "net"), arch, net, num_classes))
+                    }
                     ObjectiveSpec::InfoPro {
                         head,
                         in_channels,
@@ -119,13 +116,23 @@ impl LocalNets {
                     } => {
                         let contrast = (*mode == InfoProMode::Contrast).then_some(*temperature);
                         let out = if contrast.is_some() { 128 } else { num_classes };
-                        Objective::InfoPro {
-                            decoder: Decoder::new(
+                        let decoder = match arch.vit() {
+                            Some(v) => Decoder::patches(
+                                &(&p / "decoder"),
+                                *in_channels,
+                                image_channels,
+                                image_size,
+                                v.patch,
+                            ),
+                            None => Decoder::new(
                                 &(&p / "decoder"),
                                 *in_channels,
                                 image_channels,
                                 image_size,
                             ),
+                        };
+                        Objective::InfoPro {
+                            decoder,
                             head: Head::new(&(&p / "head"), *head, *in_channels, out),
                             lambda1: *lambda1,
                             lambda2: *lambda2,
@@ -133,7 +140,7 @@ impl LocalNets {
                         }
                     }
                 };
-                Term { spec: t.clone(), lam, objective, prefix: prefix.to_string() }
+                Term { spec: t.clone(), lam, objective, prefixes }
             })
             .collect();
         ema_vs.freeze();
@@ -205,8 +212,9 @@ impl LocalNets {
     /// Trainable parameters of term `t`'s own networks (head, decoder, LAM copies; for the
     /// final term, the classifier).
     pub fn term_params(&self, t: usize) -> Vec<(String, Tensor)> {
-        let prefix = format!("{}.", self.terms[t].prefix);
-        self.named_trainable(|n| n.starts_with(&prefix))
+        let prefixes: Vec<String> =
+            self.terms[t].prefixes.iter().map(|p| format!("{p}.")).collect();
+        self.named_trainable(|n| prefixes.iter().any(|p| n.starts_with(p)))
     }
 
     /// Trainable parameters by name, sorted for a stable order.

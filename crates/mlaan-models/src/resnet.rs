@@ -1,9 +1,8 @@
 //! ResNet pieces on named paths: `conv1`/`bn1` for the stem, `layer{s}.{i}.*` for blocks,
-//! `fc` for the classifier — the names torchvision uses, so a whole network's parameters are
-//! the union of its modules' parameters whatever the split.
+//! `fc` for the classifier — the names torchvision uses.
 
 use crate::layers::{global_avg_pool, relu, saved, BatchNorm2d, Conv2d, Linear, Mode};
-use mlaan_core::arch::{ArchSpec, BlockInfo, BlockKind, Family};
+use mlaan_core::arch::{BlockInfo, BlockKind, Family, ResNetSpec};
 use tch::nn;
 use tch::Tensor;
 
@@ -16,7 +15,7 @@ pub struct Stem {
 }
 
 impl Stem {
-    pub fn new(root: &nn::Path, arch: &ArchSpec, in_channels: usize) -> Self {
+    pub fn new(root: &nn::Path, arch: &ResNetSpec, in_channels: usize) -> Self {
         let (k, stride) = match arch.family {
             Family::Cifar => (3, 1),
             Family::ImageNet => (7, 2),
@@ -102,11 +101,6 @@ impl Block {
     }
 }
 
-/// Path of a block in the backbone: `layer{stage}.{index}`.
-pub fn block_path<'a>(root: &nn::Path<'a>, info: &BlockInfo) -> nn::Path<'a> {
-    root / format!("layer{}", info.at.stage) / info.at.index
-}
-
 /// The final classifier: global average pool + linear (`fc`).
 #[derive(Debug)]
 pub struct Classifier {
@@ -119,41 +113,5 @@ impl Classifier {
     }
     pub fn forward(&self, h: &Tensor) -> Tensor {
         self.fc.forward(&global_avg_pool(h))
-    }
-}
-
-/// The part of the backbone one local module owns: maybe the stem, a run of blocks.
-#[derive(Debug)]
-pub struct BackbonePart {
-    pub stem: Option<Stem>,
-    pub blocks: Vec<Block>,
-}
-
-impl BackbonePart {
-    pub fn new(
-        root: &nn::Path,
-        arch: &ArchSpec,
-        in_channels: usize,
-        with_stem: bool,
-        blocks: &[BlockInfo],
-    ) -> Self {
-        BackbonePart {
-            stem: with_stem.then(|| Stem::new(root, arch, in_channels)),
-            blocks: blocks
-                .iter()
-                .map(|b| Block::new(&block_path(root, b), arch.block, b))
-                .collect(),
-        }
-    }
-
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> Tensor {
-        let mut h = match &self.stem {
-            Some(stem) => stem.forward(x, mode),
-            None => x.shallow_clone(),
-        };
-        for b in &self.blocks {
-            h = b.forward(&h, mode);
-        }
-        h
     }
 }

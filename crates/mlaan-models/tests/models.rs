@@ -64,7 +64,7 @@ fn cifar_backbones_have_the_right_logits_and_parameter_counts() {
         let (p, n) = whole(arch, input, 10);
         assert_eq!(logits(&n, &image(2, input)).size(), vec![2, 10], "{arch}");
         let count = n.count_params(|_| true);
-        assert_eq!(count, p.arch.total_params(3, 10), "{arch}");
+        assert_eq!(count, p.arch.total_params(input, 10), "{arch}");
         let range = match arch {
             // He et al. 2016 Table 6 (option-A shortcuts; projections add a few thousand).
             "resnet32" => Some(460_000..480_000),
@@ -88,7 +88,7 @@ fn imagenet_backbones_have_the_right_logits_and_torchvision_counts() {
         let (p, n) = whole(arch, input, 1000);
         assert_eq!(logits(&n, &image(2, input)).size(), vec![2, 1000], "{arch}");
         let count = n.count_params(|_| true);
-        assert_eq!(count, p.arch.total_params(3, 1000), "{arch}");
+        assert_eq!(count, p.arch.total_params(input, 1000), "{arch}");
         assert_eq!(count, tv, "{arch} differs from torchvision");
     }
 }
@@ -100,7 +100,7 @@ fn one_and_three_input_channels_work() {
         let input = Chw { c, h: 28, w: 28 };
         let (p, n) = whole("resnet20", input, 10);
         assert_eq!(logits(&n, &image(3, input)).size(), vec![3, 10]);
-        assert_eq!(n.count_params(|_| true), p.arch.total_params(c, 10));
+        assert_eq!(n.count_params(|_| true), p.arch.total_params(input, 10));
         assert_eq!(names(&n)["conv1.weight"], vec![16, c as i64, 3, 3]);
         let input = Chw { c, h: 64, w: 64 };
         let (_, n) = whole("resnet18", input, 7);
@@ -218,14 +218,14 @@ fn lam_maps_a_module_output_to_the_last_stage() {
         .into_iter()
         .map(|b| arch.block(BlockRef::from(b)).unwrap())
         .collect();
-    let lam = Lam::new(&(vs.root() / "aux"), &ema.root(), arch.block, &chain);
-    assert_eq!(lam.twin_of, "layer2.0");
+    let lam = Lam::new(&(vs.root() / "aux"), &ema.root(), &arch, &chain);
+    assert_eq!(lam.twin_of, ["layer2.0"]);
     assert_eq!(lam.copy_of[3].1, "layer3.4");
     let u = Tensor::randn([2, 16, 32, 32], (Kind::Float, Device::Cpu));
     assert_eq!(lam.forward(&u, Mode::Train).size(), vec![2, 64, 8, 8]);
     // A short chain inside the last stage keeps the resolution.
     let chain = vec![arch.block(BlockRef::new(3, 4)).unwrap()];
-    let lam = Lam::new(&(vs.root() / "short"), &ema.root(), arch.block, &chain);
+    let lam = Lam::new(&(vs.root() / "short"), &ema.root(), &arch, &chain);
     let u = Tensor::randn([2, 64, 8, 8], (Kind::Float, Device::Cpu));
     assert_eq!(lam.forward(&u, Mode::Eval).size(), vec![2, 64, 8, 8]);
 }
@@ -254,4 +254,94 @@ fn ema_update_is_the_convex_combination() {
     ema_update(&pairs, 0.995).unwrap();
     assert!(pairs[0].0.allclose(&want, 1e-6, 1e-6, false));
     assert!(pairs[0].1.equal(&r));
+}
+
+/// The multiply-accumulates a ViT block counts as it runs, against the block's formula
+/// written out here: per token the qkv (3D²), output (D²) and MLP (2·D·4D) projections, and
+/// per sample attention's QKᵀ and its product with V (T²·D each, over all heads).
+#[test]
+fn vit_block_macs_match_the_formula() {
+    use mlaan_models::backbone::Unit;
+    use mlaan_models::layers::count_macs;
+    for (arch, side) in [("vit-tiny-p4", 32usize), ("vit-w64-d2-h4-p7", 28)] {
+        let a = ArchSpec::from_name(arch).unwrap();
+        let v = *a.vit().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let unit = Unit::new(&a, &[vs.root() / "b"], &a.blocks()[0]);
+        let (d, t) = (v.width as u64, ((side / v.patch) * (side / v.patch) + 1) as u64);
+        let n = 3u64;
+        let x = Tensor::randn([n as i64, t as i64, d as i64], (Kind::Float, Device::Cpu));
+        let (y, macs) = count_macs(|| tch::no_grad(|| unit.forward(&x, Mode::Eval)));
+        assert_eq!(y.size(), x.size());
+        let formula = n * (t * (3 * d * d + d * d + 2 * d * 4 * d) + 2 * t * t * d);
+        assert_eq!(macs, formula, "{arch}");
+        // The architecture's own count (plan, placement, GFLOP/s) says the same.
+        let shape = Chw { c: v.width, h: t as usize, w: 1 };
+        assert_eq!(a.block_macs(&a.blocks()[0], shape) as u64 * n, formula, "{arch}");
+    }
+}
+
+#[test]
+fn vit_and_vgg_backbones_have_the_published_parameter_counts() {
+    tch::manual_seed(0);
+    // timm's vit_tiny_patch16_224 and torchvision's vgg11_bn, 1000 classes.
+    for (arch, count) in [("vit-tiny", 5_717_416), ("vgg11", 132_868_840)] {
+        let input = Chw { c: 3, h: 224, w: 224 };
+        let (p, n) = whole(arch, input, 1000);
+        assert_eq!(n.count_params(|_| true), count, "{arch}");
+        assert_eq!(p.arch.total_params(input, 1000), count, "{arch}");
+    }
+    // Small images, one channel: the logits' shape and the formula's count.
+    for (arch, side) in [("vit-tiny-p4", 28), ("vit-w32-d4-h2-p4", 8), ("vgg13-cifar", 28)] {
+        let input = Chw { c: 1, h: side, w: side };
+        let (p, n) = whole(arch, input, 10);
+        assert_eq!(logits(&n, &image(2, input)).size(), vec![2, 10], "{arch}");
+        assert_eq!(n.count_params(|_| true), p.arch.total_params(input, 10), "{arch}");
+    }
+}
+
+#[test]
+fn vit_and_vgg_names_do_not_depend_on_the_split() {
+    for (arch, input) in [
+        ("vit-w32-d4-h2-p4", Chw { c: 3, h: 8, w: 8 }),
+        ("vgg11-cifar-w8", Chw { c: 3, h: 16, w: 16 }),
+    ] {
+        let (_, one) = whole(arch, input, 10);
+        let one = names(&one);
+        for method in ["dgl", "infopro", "mlaan-dgl", "mlaan-infopro"] {
+            let p = plan(arch, method, 4, input, 10);
+            assert_eq!(backbone_union(&p), one, "{arch} {method} K=4");
+        }
+    }
+}
+
+#[test]
+fn token_heads_and_the_patch_decoder() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    // 28x28 one-channel images in 7x7 patches: 16 patch tokens and the class token.
+    let h = Tensor::randn([3, 17, 32], (Kind::Float, Device::Cpu));
+    for kind in [HeadKind::ClsFc, HeadKind::MeanFc] {
+        let head = Head::new(&(&root / format!("{kind:?}")), kind, 32, 10);
+        assert_eq!(head.forward(&h, Mode::Train).size(), vec![3, 10], "{kind:?}");
+        // `cls-fc` reads the class token alone, `mean-fc` the patch tokens alone (timm's).
+        let other = h.copy();
+        let (start, len) = if kind == HeadKind::ClsFc { (1, 16) } else { (0, 1) };
+        let _ = other.narrow(1, start, len).fill_(5.0);
+        let same = head.forward(&other, Mode::Eval).equal(&head.forward(&h, Mode::Eval));
+        assert!(same, "{kind:?} reads tokens it should not");
+    }
+    let dec = Decoder::patches(&(&root / "dec"), 32, 1, [28, 28], 7);
+    let y = dec.forward(&h, Mode::Train);
+    assert_eq!(y.size(), vec![3, 1, 28, 28]);
+    let (lo, hi) = (y.min().double_value(&[]), y.max().double_value(&[]));
+    assert!((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && lo < hi, "{lo} {hi}");
+    // Each patch token decodes to its own patch: changing token 1 (the first patch) changes
+    // the top-left 7x7 pixels and nothing else.
+    let h2 = h.copy();
+    let _ = h2.get(0).get(1).fill_(3.0);
+    let diff = (dec.forward(&h2, Mode::Eval) - dec.forward(&h, Mode::Eval)).abs().get(0).get(0);
+    let changed = diff.gt(0.0);
+    assert!(changed.narrow(0, 0, 7).narrow(1, 0, 7).all().int64_value(&[]) == 1);
+    assert_eq!(changed.sum(Kind::Int64).int64_value(&[]), 49);
 }

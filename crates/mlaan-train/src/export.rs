@@ -1,13 +1,18 @@
 //! `mlaan-pipe export`: the trained backbone alone, as a PyTorch-style state dict in
-//! safetensors. Backbone names already follow torchvision's ResNet (`conv1`, `bn1`,
-//! `layer2.3.conv1.weight`, `layer3.0.downsample.0.weight`, `fc.weight`); export adds what
-//! torchvision's state dict has and training does not keep — a `num_batches_tracked` counter
-//! per batch norm — and drops everything local learning adds (auxiliary networks, LAM copies,
-//! EMA twins), so that `torchvision.models.resnet34(num_classes=N).load_state_dict(...)`
-//! accepts the file with `strict=True` where the architecture matches.
+//! safetensors. Backbone names already follow the published models — torchvision's ResNets
+//! (`conv1`, `layer2.3.conv1.weight`, `fc.weight`) and `vgg*_bn` (`features.14.weight`,
+//! `classifier.0.weight`), timm's `VisionTransformer` (`patch_embed.proj.weight`,
+//! `cls_token`, `pos_embed`, `blocks.7.attn.qkv.weight`, `norm.weight`, `head.weight`) —
+//! in their layouts; export adds what torchvision's state dict has and training does not
+//! keep — a `num_batches_tracked` counter per batch norm — and drops everything local learning
+//! adds (auxiliary networks, LAM copies, EMA twins), so that the library's model
+//! (`torchvision.models.resnet34(num_classes=N)`, `timm.create_model("vit_small_patch16_224",
+//! num_classes=N)`, ...) accepts the file with `load_state_dict(strict=True)` where the
+//! architecture matches; [`load_lines`] says how for each backbone.
 
 use crate::checkpoint;
 use anyhow::{bail, Context, Result};
+use mlaan_core::arch::{ArchSpec, Backbone as Net, Family, VggForm};
 use mlaan_engine::wire::ModuleSnapshot;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -125,6 +130,78 @@ pub fn torchvision_state(
         }
     }
     out
+}
+
+/// The Python lines that load an export of `arch` (whose tensors are `state`) into the
+/// library model with `strict=True`; the classes, and a ViT's image size and channels, are
+/// read off the tensors.
+pub fn load_lines(arch: &ArchSpec, state: &[(String, Tensor)]) -> String {
+    let shape = |name: &str| state.iter().find(|(n, _)| n == name).map(|(_, t)| t.size());
+    let rows = |name: &str| shape(name).map_or(0, |s| s[0]);
+    let load = "m.load_state_dict(safetensors.torch.load_file(PATH), strict=True)";
+    let name = &arch.name;
+    match &arch.backbone {
+        Net::ResNet(r) if r.family == Family::ImageNet => format!(
+            "load in PyTorch: m = torchvision.models.{name}(num_classes={}); {load} (3-channel \
+             input)",
+            rows("fc.weight")
+        ),
+        Net::ResNet(_) => format!(
+            "{name} is a CIFAR ResNet, which torchvision does not define; the names follow its \
+             convention (conv1, bn1, layerN.M.convK, downsample.0/1, fc)"
+        ),
+        Net::Vit(v) => {
+            let chans = shape("patch_embed.proj.weight").map_or(3, |s| s[1]);
+            let tokens = shape("pos_embed").map_or(1, |s| s[1]);
+            let side = ((tokens - 1) as f64).sqrt().round() as i64 * v.patch as i64;
+            format!(
+                "load in PyTorch: m = timm.models.vision_transformer.VisionTransformer(\
+                 img_size={side}, patch_size={}, in_chans={chans}, num_classes={}, \
+                 embed_dim={}, depth={}, num_heads={}); {load}",
+                v.patch,
+                rows("head.weight"),
+                v.width,
+                v.depth,
+                v.heads
+            )
+        }
+        Net::Vgg(g) => {
+            let depth = g.depths.iter().sum::<usize>() + 3;
+            let chans = shape("features.0.weight").map_or(3, |s| s[1]);
+            let first = if chans != 3 || g.widths[0] != 64 {
+                format!("m.features[0] = torch.nn.Conv2d({chans}, {}, 3, padding=1); ", g.widths[0])
+            } else {
+                String::new()
+            };
+            let build = if g.widths[0] == 64 {
+                format!("m = torchvision.models.vgg{depth}_bn(num_classes=N)")
+            } else {
+                let mut cfg = Vec::new();
+                for (&n, &w) in g.depths.iter().zip(&g.widths) {
+                    cfg.extend(std::iter::repeat_n(w.to_string(), n));
+                    cfg.push("\"M\"".to_string());
+                }
+                format!(
+                    "from torchvision.models.vgg import VGG, make_layers; m = VGG(make_layers([{}], \
+                     batch_norm=True), num_classes=N)",
+                    cfg.join(", ")
+                )
+            };
+            match g.form {
+                VggForm::ImageNet => format!(
+                    "load in PyTorch: {}; {first}{load}",
+                    build.replace("num_classes=N", &format!("num_classes={}", rows("classifier.6.weight")))
+                ),
+                VggForm::Cifar => format!(
+                    "load in PyTorch: {build}; {first}m.features[-1] = torch.nn.AdaptiveMaxPool2d(1); \
+                     m.avgpool = torch.nn.Identity(); m.classifier = torch.nn.Linear({}, {}); {load}",
+                    g.widths[g.widths.len() - 1],
+                    rows("classifier.weight")
+                )
+                .replace("num_classes=N", &format!("num_classes={}", rows("classifier.weight"))),
+            }
+        }
+    }
 }
 
 /// Write `tensors` to `path` atomically (a temporary file renamed into place).

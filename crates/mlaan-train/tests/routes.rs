@@ -21,11 +21,19 @@ use tch::{Device, Kind, Tensor};
 
 const IMAGE: ImageSpec = ImageSpec { channels: 3, size: [8, 8], classes: 4 };
 
+fn plan_of(method: &str, k: usize, d: usize) -> NetworkPlan {
+    plan_on("resnet14", method, k, d)
+}
+
+/// A small ViT on the same 8x8 images: width 32, four blocks, two heads, 4x4 patches.
+const VIT: &str = "vit-w32-d4-h2-p4";
+
 /// `method` may end in `/auxiliary`: MLAAN on AugLocal with the step's AugLocal network in
 /// the LAM chain's place (`method.auglocal.cascade`).
-fn plan_of(method: &str, k: usize, d: usize) -> NetworkPlan {
+fn plan_on(arch: &str, method: &str, k: usize, d: usize) -> NetworkPlan {
     let (name, cascade) = method.split_once('/').unwrap_or((method, "lam"));
     let mut cfg = tiny(name, k);
+    cfg.model.arch = arch.into();
     cfg.method.auglocal.cascade = match cascade {
         "auxiliary" => AugLocalCascade::Auxiliary,
         _ => AugLocalCascade::Lam,
@@ -118,8 +126,8 @@ fn reference_grads(plan: &NetworkPlan, states: &[ModuleState]) -> Vec<LocalNets>
     nets
 }
 
-fn check_against_reference(method: &str, k: usize, d: usize) {
-    let plan = plan_of(method, k, d);
+fn check_against_reference(arch: &str, method: &str, k: usize, d: usize) {
+    let plan = plan_on(arch, method, k, d);
     let states = initial_state(&plan, IMAGE, 3).unwrap();
     let product = product_grads(&plan, &states);
     let reference = reference_grads(&plan, &states);
@@ -133,7 +141,7 @@ fn check_against_reference(method: &str, k: usize, d: usize) {
                     let diff = max_rel_diff(g, &r);
                     assert!(
                         diff < 1e-4,
-                        "{method} K={k} d={d}: module {m} `{name}` differs by {diff:e}"
+                        "{arch} {method} K={k} d={d}: module {m} `{name}` differs by {diff:e}"
                     );
                     compared += 1;
                 }
@@ -166,7 +174,17 @@ fn summed_gradients_equal_the_literal_reference() {
         ("mlaan-auglocal", 4, 2),
         ("mlaan-auglocal/auxiliary", 5, 3),
     ] {
-        check_against_reference(method, k, d);
+        check_against_reference("resnet14", method, k, d);
+    }
+    for (method, k, d) in [
+        ("e2e", 1, 2),
+        ("dgl", 4, 2),
+        ("mlaan-dgl", 4, 2),
+        ("mlaan-infopro", 4, 2),
+        ("auglocal", 4, 2),
+        ("mlaan-auglocal", 4, 2),
+    ] {
+        check_against_reference(VIT, method, k, d);
     }
 }
 
@@ -179,7 +197,18 @@ fn reached(
     i: usize,
     t: usize,
 ) -> (NetworkPlan, Vec<Vec<(String, bool)>>) {
-    let mut plan = plan_of(method, k, d);
+    reached_on("resnet14", method, k, d, i, t)
+}
+
+fn reached_on(
+    arch: &str,
+    method: &str,
+    k: usize,
+    d: usize,
+    i: usize,
+    t: usize,
+) -> (NetworkPlan, Vec<Vec<(String, bool)>>) {
+    let mut plan = plan_on(arch, method, k, d);
     for (mi, m) in plan.modules.iter_mut().enumerate() {
         for (ti, term) in m.terms.iter_mut().enumerate() {
             term.weight = if (mi, ti) == (i, t) { 1.0 } else { 0.0 };
@@ -262,6 +291,61 @@ fn mlaan_routes_match_method_md() {
         "LAM copies get nothing from the independent loss"
     );
     assert!(got[1].iter().all(|(_, h)| !*h), "independent loss never reaches module i−1");
+}
+
+/// A ViT cut into K = 4 modules of one block each (the embedding in module 0), with what each
+/// loss must reach written from docs/method.md §3–4, not read from the plan: DGL's (and
+/// AugLocal's) loss of module i trains module i and its own head (network); MLAAN's (d = 2) independent loss of module i
+/// trains module i and its independent head, its cascade modules i−1 and i, its LAM copies and
+/// cascade head, and the final loss the last two modules and the classifier (`norm`, `head`);
+/// e2e's loss trains everything. No loss reaches an EMA twin or another term's networks.
+#[test]
+fn vit_routes_follow_the_method_definition() {
+    // (method, module, term) → the modules whose backbone it trains, the networks it trains.
+    let cases: [(&str, usize, usize, &[usize], &str); 12] = [
+        ("auglocal", 0, 0, &[0], "aux.independent."),
+        ("auglocal", 2, 0, &[2], "aux.independent."),
+        ("dgl", 0, 0, &[0], "aux.independent."),
+        ("dgl", 1, 0, &[1], "aux.independent."),
+        ("dgl", 2, 0, &[2], "aux.independent."),
+        ("dgl", 3, 0, &[3], "head."),
+        ("mlaan-dgl", 1, 0, &[1], "aux.independent."),
+        ("mlaan-dgl", 1, 1, &[0, 1], "aux.cascade."),
+        ("mlaan-dgl", 2, 0, &[2], "aux.independent."),
+        ("mlaan-dgl", 2, 1, &[1, 2], "aux.cascade."),
+        ("mlaan-dgl", 3, 0, &[2, 3], "head."),
+        ("e2e", 3, 0, &[0, 1, 2, 3], "head."),
+    ];
+    for (method, i, t, modules, nets) in cases {
+        let k = 4;
+        let (plan, got) = reached_on(VIT, method, k, 2, i, t);
+        assert_eq!(plan.modules[0].block_refs.len(), 1, "one block per module");
+        assert!(plan.modules[0].with_stem, "the embedding joins module 0");
+        for (m, params) in got.iter().enumerate() {
+            for (name, hit) in params {
+                // The classifier (`norm`, `head`) belongs to the final loss alone.
+                let classifier = name.starts_with("norm.") || name.starts_with("head.");
+                let backbone = !name.starts_with("aux.") && !classifier;
+                let expect = if backbone {
+                    modules.contains(&m)
+                } else {
+                    m == i && (name.starts_with(nets) || (nets == "head." && classifier))
+                };
+                // A term's head gets gradient; its LAM copies too (cascade) — every one of
+                // its parameters, so `expect` holds for each.
+                assert_eq!(
+                    *hit,
+                    expect,
+                    "{method}: term {t} of module {i} {} module {m} `{name}`",
+                    if expect { "must train" } else { "must not train" }
+                );
+            }
+        }
+    }
+    // The cascade of step 1 runs a LAM chain of copies of later blocks (blocks.N in its own
+    // store), and it is those copies that learn.
+    let (_, got) = reached_on(VIT, "mlaan-dgl", 4, 2, 1, 1);
+    assert!(got[1].iter().any(|(n, h)| n.starts_with("aux.cascade.lam.") && *h));
 }
 
 #[test]

@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(c.model.k, 8);
         assert_eq!(c.optim.lr, 0.05);
         assert_eq!(c.method.name, Method::MlaanDgl);
-        assert_eq!(c.method.head_kind(), HeadKind::OneConvTwoFc);
+        assert_eq!(c.method.head, Some(HeadKind::OneConvTwoFc));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! three) and its losses, heads, auxiliary networks, EMA twins and LAM chains.
 
 use super::{bad_value, is_positive, Schedule};
+use crate::arch::ArchSpec;
 use crate::error::ConfigError;
 use crate::lam::LamConfig;
 use serde::{Deserialize, Serialize};
@@ -140,6 +141,28 @@ pub enum HeadKind {
     OneConvTwoFc,
     /// The DGL paper's deeper head: two 3x3 conv layers, 2x2 average pool, 3-layer MLP.
     Dgl,
+    /// For ViTs: LayerNorm, the class token, linear (the form of timm's own classifier).
+    ClsFc,
+    /// For ViTs: LayerNorm, the mean of the patch tokens (the class token left out), linear.
+    MeanFc,
+}
+
+impl HeadKind {
+    /// The config's name of the head.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadKind::GapFc => "gap-fc",
+            HeadKind::OneConvTwoFc => "1c2f",
+            HeadKind::Dgl => "dgl",
+            HeadKind::ClsFc => "cls-fc",
+            HeadKind::MeanFc => "mean-fc",
+        }
+    }
+
+    /// Whether the head reads token sequences (a ViT's) rather than feature maps.
+    pub fn reads_tokens(self) -> bool {
+        matches!(self, HeadKind::ClsFc | HeadKind::MeanFc)
+    }
 }
 
 /// How InfoPro's classification term is computed.
@@ -190,7 +213,8 @@ pub enum AugLocalCascade {
 #[serde(deny_unknown_fields, default)]
 pub struct MethodConfig {
     pub name: Method,
-    /// Classifier head; default `gap-fc` for DGL-based methods, `1c2f` for InfoPro-based.
+    /// Classifier head; default `cls-fc` on a ViT, else `gap-fc` for DGL-based methods and
+    /// `1c2f` for InfoPro-based ones.
     pub head: Option<HeadKind>,
     pub infopro_mode: InfoProMode,
     /// MLAAN on InfoPro: the mode of the independent loss alone (unset: `infopro_mode`). The
@@ -246,8 +270,13 @@ impl Default for MethodConfig {
 }
 
 impl MethodConfig {
-    pub fn head_kind(&self) -> HeadKind {
-        self.head.unwrap_or(if self.name.uses_infopro_loss() {
+    /// The heads of `arch`: `method.head`, else the backbone's default — `cls-fc` for a ViT
+    /// (its own classifier's form), `1c2f` under InfoPro's loss and `gap-fc` otherwise for
+    /// convolutional networks (what the InfoPro and MLAAN codes use).
+    pub fn head_for(&self, arch: &ArchSpec) -> HeadKind {
+        self.head.unwrap_or(if arch.vit().is_some() {
+            HeadKind::ClsFc
+        } else if self.name.uses_infopro_loss() {
             HeadKind::OneConvTwoFc
         } else {
             HeadKind::GapFc

@@ -61,8 +61,10 @@ impl RunConfig {
         self.model.validate()?;
         rules::method_fits_model(self)?;
         self.method.validate()?;
+        rules::head_fits_model(self)?;
         self.optim.validate()?;
         self.train.validate()?;
+        rules::layout_fits_model(self)?;
         self.pipeline.validate()?;
         rules::micro_batches_fit(self)?;
         rules::e2e_is_not_async(self)?;

@@ -1,7 +1,8 @@
 //! Rules between sections: what a method needs of the model, and what micro-batches and the
 //! schedule allow. Each blames the key a user would change.
 
-use super::{bad_value, Backend, Method, RunConfig, Schedule};
+use super::{bad_value, Backend, MemoryFormat, Method, RunConfig, Schedule};
+use crate::arch::ArchSpec;
 use crate::error::ConfigError;
 
 /// A local method (every one but e2e) needs at least two modules to be local about.
@@ -12,6 +13,44 @@ pub(super) fn method_fits_model(cfg: &RunConfig) -> Result<(), ConfigError> {
             "model.k",
             cfg.model.k,
             &format!("method {method} needs at least 2 modules"),
+        ));
+    }
+    Ok(())
+}
+
+/// A head reads what the backbone makes: token sequences (`cls-fc`, `mean-fc`) from a ViT,
+/// feature maps (`gap-fc`, `1c2f`, `dgl`) from a ResNet or a VGG. Call after the model's own
+/// checks (the architecture is known).
+pub(super) fn head_fits_model(cfg: &RunConfig) -> Result<(), ConfigError> {
+    let (Some(head), Ok(arch)) = (cfg.method.head, ArchSpec::from_name(&cfg.model.arch)) else {
+        return Ok(());
+    };
+    let vit = arch.vit().is_some();
+    if head.reads_tokens() != vit {
+        let fits = if vit { "cls-fc or mean-fc" } else { "gap-fc, 1c2f or dgl" };
+        let what = if vit { "token sequences" } else { "feature maps" };
+        return Err(bad_value(
+            "method.head",
+            head.name(),
+            &format!("{} makes {what}: use {fits}", arch.name),
+        ));
+    }
+    Ok(())
+}
+
+/// Channels-last re-lays 4-d feature maps; a ViT's activations are token sequences (N, T, D)
+/// and only its patch embedding is a convolution, so the layout would change nothing.
+pub(super) fn layout_fits_model(cfg: &RunConfig) -> Result<(), ConfigError> {
+    let vit = ArchSpec::from_name(&cfg.model.arch).is_ok_and(|a| a.vit().is_some());
+    if vit && cfg.train.memory_format == MemoryFormat::ChannelsLast {
+        return Err(bad_value(
+            "train.memory_format",
+            "channels-last",
+            &format!(
+                "does not apply to {}: its activations are token sequences (N, T, D), not \
+                 images, and only the patch embedding is a convolution; use contiguous",
+                cfg.model.arch
+            ),
         ));
     }
     Ok(())
@@ -76,6 +115,25 @@ pub(super) fn nccl_needs_gpus(cfg: &RunConfig) -> Result<(), ConfigError> {
 mod tests {
     use super::super::load::load_text as load;
     use super::*;
+
+    #[test]
+    fn heads_and_layouts_fit_the_backbone() {
+        let vit = ["model.arch=\"vit-tiny-p4\"", "model.k=4", "method.name=\"dgl\""];
+        load("", &vit).unwrap();
+        load("", &[&vit[..], &["method.head=\"mean-fc\""]].concat()).unwrap();
+        let e = load("", &[&vit[..], &["method.head=\"1c2f\""]].concat()).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("method.head") && e.contains("cls-fc or mean-fc"), "{e}");
+        let e = load("", &["model.arch=\"vgg11-cifar\"", "method.head=\"cls-fc\""])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("method.head") && e.contains("gap-fc, 1c2f or dgl"), "{e}");
+        let e = load("", &[&vit[..], &["train.memory_format=\"channels-last\""]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.memory_format") && e.contains("token sequences"), "{e}");
+        load("", &["model.arch=\"vgg11-cifar\"", "train.memory_format=\"channels-last\""]).unwrap();
+    }
 
     #[test]
     fn nccl_by_name_needs_every_stage_on_a_gpu() {

@@ -245,6 +245,9 @@ mod tests {
             ("resnet34", vec![2, 4, 16]),
             ("resnet101", vec![4, 33]),
             ("resnet20", vec![3, 9]),
+            ("vit-tiny-p4", vec![2, 4, 6, 12]),
+            ("vgg13-cifar", vec![4, 10]),
+            ("vgg16", vec![4, 13]),
         ] {
             let a = ArchSpec::from_name(arch).unwrap();
             for k in ks {
@@ -258,6 +261,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn vit_chains_take_evenly_spaced_later_blocks() {
+        // One stage of equal blocks: no width change to cross, the chain samples later blocks
+        // back from the last one, shorter toward the output.
+        let a = ArchSpec::from_name("vit-tiny-p4").unwrap();
+        let s = Split::resolve(&a, 4, &SplitSpec::Named("auto".into())).unwrap();
+        let chains = derive_chains(&a, &s, &LamConfig::default()).unwrap();
+        let got: Vec<Vec<BlockRef>> = chains.iter().map(|c| c.blocks.clone()).collect();
+        assert_eq!(got, [refs(&[[1, 7], [1, 9], [1, 11]]), refs(&[[1, 9], [1, 10], [1, 11]])]);
+        assert_eq!((chains[0].ema_source_module, chains[1].ema_source_module), (2, 3));
+        // VGG: every later stage's first layer (its max-pool) is in the chain.
+        let g = ArchSpec::from_name("vgg13-cifar").unwrap();
+        let s = Split::resolve(&g, 4, &SplitSpec::Named("auto".into())).unwrap();
+        let chains = derive_chains(&g, &s, &LamConfig::default()).unwrap();
+        assert_eq!(chains[0].blocks, refs(&[[4, 0], [5, 0], [5, 1]]));
+        assert_eq!(chains[1].blocks, refs(&[[5, 0], [5, 1]]));
     }
 
     #[test]

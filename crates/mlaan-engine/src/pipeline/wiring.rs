@@ -20,7 +20,9 @@ use tch::{Device, Tensor};
 /// A twin's end of an EMA channel, before its stage has built the twin.
 pub struct TwinWire {
     module: usize,
+    /// The real unit's name, and the names its parameters live under.
     block: String,
+    prefixes: Vec<String>,
     rx: Receiver<Handed<EmaSnapshot>>,
     lag: EmaLag,
 }
@@ -29,6 +31,7 @@ pub struct TwinWire {
 pub struct SourceWire {
     module: usize,
     block: String,
+    prefixes: Vec<String>,
     tx: Sender<Handed<EmaSnapshot>>,
     to: Device,
 }
@@ -54,14 +57,22 @@ impl EmaWires {
         let mut sources: Vec<Vec<SourceWire>> = (0..d).map(|_| Vec::new()).collect();
         for c in plan.chains.iter().filter(|c| c.ema_follows) {
             let (tx, rx) = unbounded();
-            let block = format!("layer{}.{}", c.blocks[0].stage, c.blocks[0].index);
+            let block = plan.arch.block_name(c.blocks[0]);
+            let prefixes = plan.arch.block_prefixes(c.blocks[0]);
             let ts = placement.stage_of(c.step);
             let ss = placement.stage_of(c.ema_source_module);
             let lag = twin_lag(rule, c.step, c.ema_source_module);
-            twins[ts].push(TwinWire { module: c.step, block: block.clone(), rx, lag });
+            twins[ts].push(TwinWire {
+                module: c.step,
+                block: block.clone(),
+                prefixes: prefixes.clone(),
+                rx,
+                lag,
+            });
             sources[ss].push(SourceWire {
                 module: c.ema_source_module,
                 block,
+                prefixes,
                 tx,
                 to: devices[ts],
             });
@@ -107,15 +118,15 @@ pub fn build_stage(
         modules.push(LocalModule::new(nets, settings));
     }
     let first = states[0].module;
-    for TwinWire { module: m, block, rx, lag } in twins {
+    for TwinWire { module: m, block, prefixes, rx, lag } in twins {
         let module = &mut modules[m - first];
-        let params = block_params(&module.nets.ema_vs.variables(), &block);
+        let params = block_params(&module.nets.ema_vs.variables(), &prefixes);
         let backlog = Default::default();
         module.ema.twins.push(TwinLink { block, params, rx, lag, backlog, device });
     }
-    for SourceWire { module: m, block, tx, to } in sources {
+    for SourceWire { module: m, block, prefixes, tx, to } in sources {
         let module = &mut modules[m - first];
-        let params = block_params(&module.nets.vs.variables(), &block);
+        let params = block_params(&module.nets.vs.variables(), &prefixes);
         let per_stage_streams = s.per_stage_streams(device);
         module.ema.sources.push(SourceLink { block, params, tx, device: to, per_stage_streams });
     }
@@ -135,11 +146,13 @@ pub fn build_stage(
     Ok(Stage::new(plan, modules, device, input))
 }
 
-/// Trainable parameters of block `block` (e.g. `layer3.0`) in a store, sorted by name.
-fn block_params(vars: &HashMap<String, Tensor>, block: &str) -> Vec<Tensor> {
-    let prefix = format!("{block}.");
+/// Trainable parameters of the unit under `prefixes` (`layer3.0`; `features.21` and
+/// `features.22`) in a store, sorted by name.
+fn block_params(vars: &HashMap<String, Tensor>, prefixes: &[String]) -> Vec<Tensor> {
+    let prefixes: Vec<String> = prefixes.iter().map(|p| format!("{p}.")).collect();
+    let in_unit = |n: &str| prefixes.iter().any(|p| n.starts_with(p));
     let mut v: Vec<(&String, &Tensor)> =
-        vars.iter().filter(|(n, _)| n.starts_with(&prefix) && !n.contains("running_")).collect();
+        vars.iter().filter(|(n, _)| in_unit(n) && !n.contains("running_")).collect();
     v.sort_by(|a, b| a.0.cmp(b.0));
     v.into_iter().map(|(_, t)| t.shallow_clone()).collect()
 }

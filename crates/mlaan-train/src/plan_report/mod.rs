@@ -11,7 +11,7 @@ pub use render::render;
 use crate::flops::{module_flops, ModuleFlops};
 use crate::placement::choose_placement;
 use anyhow::Result;
-use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
+use mlaan_core::arch::{BlockRef, Chw};
 use mlaan_core::config::{ComputeReport, HeadKind, Method, PlacementRule, RunConfig, Schedule};
 use mlaan_core::device::{cpu_threads_per_stage, DeviceSpec};
 use mlaan_core::lam::pyramid_depth;
@@ -127,8 +127,11 @@ pub struct PlanReport {
     /// Where the config came from: a config file, a dataset's recipe, or the defaults.
     pub config_source: String,
     pub arch: String,
-    pub family: Family,
-    pub block: BlockKind,
+    /// The backbone in words (kind, units, widths).
+    pub architecture: String,
+    /// Whether activations are token sequences (a ViT's; shapes are then tokens × width).
+    pub tokens: bool,
+    /// Units per stage and each stage's output width.
     pub depths: Vec<usize>,
     pub widths: Vec<usize>,
     pub dataset: String,
@@ -229,10 +232,10 @@ pub fn build(cfg: &RunConfig, source: &str, per_node: usize) -> Result<PlanRepor
     });
     Ok(PlanReport {
         arch: plan.arch.name.clone(),
-        family: plan.arch.family,
-        block: plan.arch.block,
-        depths: plan.arch.depths.clone(),
-        widths: plan.arch.widths.clone(),
+        architecture: plan.arch.describe(),
+        tokens: plan.arch.vit().is_some(),
+        depths: plan.arch.depths(),
+        widths: plan.arch.widths(),
         config_source: source.to_string(),
         dataset: info.name.clone(),
         data_note,
@@ -242,7 +245,7 @@ pub fn build(cfg: &RunConfig, source: &str, per_node: usize) -> Result<PlanRepor
         split_source: plan.split.source.clone(),
         split_ends: plan.split.ends.clone(),
         method: plan.method,
-        head: cfg.method.head_kind(),
+        head: plan.head,
         schedule: cfg.pipeline.schedule,
         placement_rule: cfg.pipeline.placement,
         in_flight: cfg.pipeline.in_flight,
@@ -251,7 +254,7 @@ pub fn build(cfg: &RunConfig, source: &str, per_node: usize) -> Result<PlanRepor
         lam_rule: (!plan.chains.is_empty()).then(|| lam_rule(cfg, &plan)),
         modules,
         total,
-        arch_params: plan.arch.total_params(plan.input.c, plan.num_classes),
+        arch_params: plan.arch.total_params(plan.input, plan.num_classes),
         placement,
         replicas,
         collectives: collectives(cfg.distributed.backend),

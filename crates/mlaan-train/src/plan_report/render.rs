@@ -1,7 +1,7 @@
 //! The plan report as text.
 
 use super::PlanReport;
-use mlaan_core::arch::{BlockKind, BlockRef, Chw, Family};
+use mlaan_core::arch::{BlockRef, Chw};
 use mlaan_core::config::{
     AugLocalCascade, HeadKind, InfoProMode, PlacementRule, RunConfig, Schedule,
 };
@@ -9,11 +9,7 @@ use mlaan_core::plan::ObjectiveSpec;
 use std::fmt::Write as _;
 
 fn head_name(h: HeadKind) -> &'static str {
-    match h {
-        HeadKind::GapFc => "gap-fc",
-        HeadKind::OneConvTwoFc => "1c2f",
-        HeadKind::Dgl => "dgl",
-    }
+    h.name()
 }
 
 fn objective_text(o: &ObjectiveSpec) -> String {
@@ -41,7 +37,7 @@ fn objective_text(o: &ObjectiveSpec) -> String {
                 net.in_channels
             )
         }
-        ObjectiveSpec::FinalClassifier => "CE(final classifier fc)".into(),
+        ObjectiveSpec::FinalClassifier => "CE(final classifier)".into(),
     }
 }
 
@@ -113,8 +109,13 @@ fn count_text(n: usize) -> String {
     out
 }
 
-fn shape_text(c: Chw) -> String {
-    format!("{}x{}x{}", c.c, c.h, c.w)
+/// C×H×W of a feature map; T×D (tokens × width) of a ViT's token sequence.
+fn shape_text(c: Chw, tokens: bool) -> String {
+    if tokens {
+        format!("{}x{}", c.h, c.c)
+    } else {
+        format!("{}x{}x{}", c.c, c.h, c.w)
+    }
 }
 
 /// The human-readable report.
@@ -127,23 +128,11 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
         r.method, r.arch, r.k, r.dataset, r.schedule
     );
     let _ = writeln!(o, "  config        {}", r.config_source);
-    let family = match r.family {
-        Family::Cifar => "CIFAR ResNet",
-        Family::ImageNet => "ImageNet ResNet",
-    };
-    let block = match r.block {
-        BlockKind::Basic => "basic",
-        BlockKind::Bottleneck => "bottleneck",
-    };
-    let _ = writeln!(
-        o,
-        "  architecture  {}: {family}, {block} blocks, stages {:?}, widths {:?}",
-        r.arch, r.depths, r.widths
-    );
+    let _ = writeln!(o, "  architecture  {}: {}", r.arch, r.architecture);
     let _ = writeln!(
         o,
         "  input         {} ({}, after the training transform), {} classes",
-        shape_text(r.input),
+        shape_text(r.input, false),
         r.dataset,
         r.num_classes
     );
@@ -252,7 +241,7 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
             "{:>6}  {:<bw$}  {:>10}  {:>10}  {:>11}  {:>13}  {:>11}  {:>9}  {:>9}  {:>9}",
             md.index,
             b,
-            shape_text(md.output),
+            shape_text(md.output, r.tokens),
             bytes_text(md.activation_bytes),
             macs_text(md.macs_per_sample),
             macs_text(md.flops.train_flops),
@@ -280,8 +269,9 @@ pub fn render(r: &PlanReport, cfg: &RunConfig) -> String {
     );
     let _ = writeln!(
         o,
-        "  h_i/batch: float32 output of the module for a batch of {}; backbone includes the final \
-         classifier; the architecture counts {} backbone parameters{}",
+        "  {}h_i/batch: float32 output of the module for a batch of {}; backbone includes the \
+         final classifier; the architecture counts {} backbone parameters{}",
+        if r.tokens { "h_i: tokens x width (the class token included); " } else { "" },
         r.batch_size,
         count_text(r.arch_params),
         if r.arch_params == r.total.backbone { " (equal)" } else { " (MISMATCH)" }

@@ -29,6 +29,15 @@ pub fn tiny(method: &str, k: usize) -> RunConfig {
     c
 }
 
+/// [`tiny`] on another backbone and image side: `vit-tiny-p4` on 8x8 images (four patches
+/// and the class token), a CIFAR VGG on 16x16 (the least its four pools allow).
+pub fn tiny_on(arch: &str, side: usize, method: &str, k: usize) -> RunConfig {
+    let mut c = tiny(method, k);
+    c.model.arch = arch.into();
+    c.data.synthetic_size = side;
+    c
+}
+
 /// MLAAN (DGL heads) with its four modules on four CPU stages.
 pub fn mlaan_on_four_stages(schedule: Schedule) -> RunConfig {
     let mut c = tiny("mlaan-dgl", 4);
