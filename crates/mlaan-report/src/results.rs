@@ -138,11 +138,16 @@ pub fn results_markdown(title: &str, level: usize, command: &str, rows: &[Result
             for m in means.iter().filter(|r| r.method == mlaan) {
                 let Some(b) = reference(base, Some(m.k)) else { continue };
                 let gap = e2e.mean - b.mean;
-                let closed =
-                    if gap.abs() > 1e-9 { 100.0 * (m.mean - b.mean) / gap } else { f64::NAN };
+                // The share of the gap closed means something only where the base trails e2e.
+                let closed = if gap > 1e-9 {
+                    let share = 100.0 * (m.mean - b.mean) / gap;
+                    format!("it closes {share:.0}% of {base}'s gap of {gap:.2} points to e2e")
+                } else {
+                    format!("{base} is {:.2} points above e2e here: no gap to close", -gap)
+                };
                 let _ = writeln!(
                     o,
-                    "- {}{} vs {base}: {:+.2} points ({}); it closes {closed:.0}% of {base}'s gap of {gap:.2} points to e2e.",
+                    "- {}{} vs {base}: {:+.2} points ({}); {closed}.",
                     m.label,
                     at(m.k),
                     m.mean - b.mean,
@@ -234,6 +239,11 @@ mod tests {
         // One seed has no spread to show.
         assert!(md.contains("**88.00** | — (1 seed)"), "{md}");
         assert!(md.contains("one seed: no spread measured"), "{md}");
+        // A base above e2e has no gap to close.
+        let above = [row("mlaan-dgl", 8, 0, 0.80), row("e2e", 1, 0, 0.80), row("dgl", 8, 0, 0.81)];
+        let md = results_markdown("T", 1, "cmd", &above);
+        assert!(md.contains("dgl is 1.00 points above e2e here: no gap to close"), "{md}");
+        assert!(!md.contains("closes"), "{md}");
     }
 
     #[test]
