@@ -964,21 +964,27 @@ fn paper_configs_have_the_paper_settings() {
     }
 }
 
+/// `mlaan-pipe plan` of a shipped config on four GPUs (`--gpus 0,1,2,3`) with synthetic data
+/// and `extra` flags; its output, after asserting it succeeded. `placement = flops` skips the
+/// measured profile (minutes on a CPU for K=54); the split, chains and parameter counts are
+/// the same.
+fn plan_on_four_gpus(file: &str, extra: &[&str]) -> String {
+    let path = root().join("configs").join(file);
+    let o = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
+        .args(["plan", "--config", path.to_str().unwrap(), "--dataset", "synthetic"])
+        .args(["--set", "pipeline.placement=\"flops\"", "--gpus", "0,1,2,3"])
+        .args(extra)
+        .env("MLAAN_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "plan {file}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn paper_configs_pass_plan() {
     for (file, arch, k, extra) in CONFIGS {
-        let path = root().join("configs").join(file);
-        // `placement = flops` skips the measured profile (minutes on a CPU for K=54); the
-        // split, chains and parameter counts are the same.
-        let o = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
-            .args(["plan", "--config", path.to_str().unwrap(), "--dataset", "synthetic"])
-            .args(["--set", "pipeline.placement=\"flops\"", "--gpus", "0,1,2,3"])
-            .args(extra)
-            .env("MLAAN_LOG", "warn")
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "plan {file}: {}", String::from_utf8_lossy(&o.stderr));
+        let out = plan_on_four_gpus(file, extra);
         assert!(out.contains(&format!("{arch} K={k} ")), "{file}:\n{out}");
         assert!(out.contains("one module per block"), "{file}:\n{out}");
         assert!(out.contains("stage 3  cuda:3"), "{file}: four stages\n{out}");
@@ -1053,14 +1059,7 @@ fn auglocal_configs_have_the_official_settings_and_plan() {
         assert!(c.optim.nesterov && c.optim.momentum == 0.9 && c.optim.weight_decay == 1e-4);
         let size =
             if arch == "resnet34" { "data.synthetic_size=224" } else { "data.synthetic_size=32" };
-        let o = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
-            .args(["plan", "--config", path.to_str().unwrap(), "--dataset", "synthetic"])
-            .args(["--set", "pipeline.placement=\"flops\"", "--gpus", "0,1,2,3", "--set", size])
-            .env("MLAAN_LOG", "warn")
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "plan {file}: {}", String::from_utf8_lossy(&o.stderr));
+        let out = plan_on_four_gpus(file, &["--set", size]);
         assert!(out.contains(&format!("auglocal {arch} K={k} ")), "{file}:\n{out}");
         assert!(out.contains("one module per layer, the stem its own"), "{file}:\n{out}");
         assert!(out.contains(&format!("CE(AugLocal net d={depth}: ")), "{file}:\n{out}");
@@ -1086,14 +1085,7 @@ fn backbone_configs_pass_plan() {
         } else {
             "data.synthetic_size=32"
         };
-        let o = Command::new(env!("CARGO_BIN_EXE_mlaan-pipe"))
-            .args(["plan", "--config", path.to_str().unwrap(), "--dataset", "synthetic"])
-            .args(["--set", "pipeline.placement=\"flops\"", "--set", size, "--gpus", "0,1,2,3"])
-            .env("MLAAN_LOG", "warn")
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "plan {file}: {}", String::from_utf8_lossy(&o.stderr));
+        let out = plan_on_four_gpus(file, &["--set", size]);
         assert!(out.contains(&format!("{arch} K={k} ")), "{file}:\n{out}");
         assert!(out.contains("stage 3  cuda:3"), "{file}: four stages\n{out}");
         assert!(out.contains("(equal)"), "{file}: parameters against the formula\n{out}");

@@ -6,11 +6,9 @@
 
 mod common;
 
-use common::{assert_close, feed_steps, run, tiny_on};
+use common::{assert_close, loss_curve, run, tiny_on};
 use mlaan_core::config::{EmaLagRule, Method, PlacementRule, Precision, RunConfig, Schedule};
 use mlaan_core::device::DeviceSpec;
-use mlaan_engine::wire::Event;
-use mlaan_train::session::{RunOptions, Session};
 use tch::Kind;
 
 /// The backbones: timm's ViT-Tiny with 4x4 patches on 8x8 images, and a CIFAR-form VGG-13
@@ -101,28 +99,6 @@ fn channels_last_gives_a_vgg_the_contiguous_numbers() {
         let what = format!("vgg {method} channels-last");
         assert_close(&what, &run(&contiguous, 2), &run(&nhwc, 2), 1e-4);
     }
-}
-
-/// The last module's mean loss over each metrics window.
-fn loss_curve(cfg: &RunConfig, steps: u64) -> Vec<f64> {
-    let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
-    let last = cfg.model.k - 1;
-    let mut curve = Vec::new();
-    feed_steps(&mut s, steps, &mut |events| {
-        for e in events {
-            if let Event::Window { term_losses, .. } = e {
-                for (m, l) in term_losses {
-                    if m == last && !l.is_empty() {
-                        curve.push(l.iter().sum::<f64>() / l.len() as f64);
-                    }
-                }
-            }
-        }
-        Ok(false)
-    });
-    s.drain().unwrap();
-    s.finish().unwrap();
-    curve
 }
 
 #[test]

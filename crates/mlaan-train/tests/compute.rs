@@ -6,13 +6,11 @@
 
 mod common;
 
-use common::{assert_close, feed_steps, run, tiny};
+use common::{assert_close, loss_curve, run, tiny};
 use mlaan_core::config::{
     EmaLagRule, MemoryFormat, PlacementRule, Precision, RunConfig, Schedule, StreamMode,
 };
 use mlaan_core::device::DeviceSpec;
-use mlaan_engine::wire::Event;
-use mlaan_train::session::{RunOptions, Session};
 use tch::Kind;
 
 fn on(method: &str, schedule: Schedule, devices: Vec<DeviceSpec>) -> RunConfig {
@@ -78,28 +76,6 @@ fn bf16_keeps_float32_state_and_moves_off_float32_numbers() {
     // bf16 keeps 8 bits of mantissa: after ten steps the weights are visibly elsewhere (how
     // far, `bf16_learns_as_float32_does` judges by the loss).
     assert!(largest > 1e-3, "largest relative difference {largest:e}: is autocast on?");
-}
-
-/// The last module's mean loss over each metrics window of `steps` steps.
-fn loss_curve(cfg: &RunConfig, steps: u64) -> Vec<f64> {
-    let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
-    let last = cfg.model.k - 1;
-    let mut curve = Vec::new();
-    feed_steps(&mut s, steps, &mut |events| {
-        for e in events {
-            if let Event::Window { term_losses, .. } = e {
-                for (m, l) in term_losses {
-                    if m == last && !l.is_empty() {
-                        curve.push(l.iter().sum::<f64>() / l.len() as f64);
-                    }
-                }
-            }
-        }
-        Ok(false)
-    });
-    s.drain().unwrap();
-    s.finish().unwrap();
-    curve
 }
 
 #[test]

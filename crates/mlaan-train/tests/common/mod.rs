@@ -104,3 +104,25 @@ pub fn assert_close(what: &str, a: &[ModuleSnapshot], b: &[ModuleSnapshot], tol:
     }
     assert!(compared > 50, "{what}: only {compared} tensors compared");
 }
+
+/// The last module's mean loss over each metrics window of `steps` steps.
+pub fn loss_curve(cfg: &RunConfig, steps: u64) -> Vec<f64> {
+    let mut s = Session::start(cfg, &RunOptions::default()).unwrap();
+    let last = cfg.model.k - 1;
+    let mut curve = Vec::new();
+    feed_steps(&mut s, steps, &mut |events| {
+        for e in events {
+            if let Event::Window { term_losses, .. } = e {
+                for (m, l) in term_losses {
+                    if m == last && !l.is_empty() {
+                        curve.push(l.iter().sum::<f64>() / l.len() as f64);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    });
+    s.drain().unwrap();
+    s.finish().unwrap();
+    curve
+}
