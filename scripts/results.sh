@@ -91,6 +91,18 @@ train() { # entry seed dir part
         --epochs "$EPOCHS" --out "$3" "${extra[@]}" "${args[@]}"
 }
 
+# The K values a part's local-method entries train, as "8 and K=16".
+part_ks() { # part
+    local entry k ks=()
+    for entry in $(entries "$1"); do
+        [ "${entry%%:*}" = e2e ] && continue
+        k=$(part_k "$1")
+        [[ "$entry" == *k=* ]] && { k=${entry#*k=}; k=${k%%,*}; }
+        [[ " ${ks[*]} " == *" $k "* ]] || ks+=("$k")
+    done
+    printf '%s\n' "${ks[@]}" | sort -n | paste -sd, | sed 's/,/ and K=/g'
+}
+
 entries() { # part
     case "$1" in
         methods) echo "$METHODS" ;;
@@ -154,7 +166,7 @@ for part in $PARTS; do
     case "$part" in
         methods) title="Methods: ResNet-32, K=8, $EPOCHS epoch(s)" ;;
         ablation) title="Ablation of mlaan-dgl: schedule, EMA twins, one module per block ($EPOCHS epoch(s))" ;;
-        auglocal) title="AugLocal: ResNet-32, K=8 and K=16, $EPOCHS epoch(s)" ;;
+        auglocal) title="AugLocal: ResNet-32, K=$(part_ks auglocal), $EPOCHS epoch(s)" ;;
         vit) title="ViT: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VIT_CONFIG"), K=4, $EPOCHS epoch(s)" ;;
         vgg) title="VGG: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VGG_CONFIG"), K=4, $EPOCHS epoch(s)" ;;
     esac
