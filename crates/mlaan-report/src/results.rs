@@ -139,7 +139,9 @@ pub fn results_markdown(title: &str, level: usize, command: &str, rows: &[Result
                 let Some(b) = reference(base, Some(m.k)) else { continue };
                 let gap = e2e.mean - b.mean;
                 // The share of the gap closed means something only where the base trails e2e.
-                let closed = if gap > 1e-9 {
+                let closed = if gap > 1e-9 && m.mean < b.mean {
+                    format!("it widens {base}'s gap of {gap:.2} points to e2e")
+                } else if gap > 1e-9 {
                     let share = 100.0 * (m.mean - b.mean) / gap;
                     format!("it closes {share:.0}% of {base}'s gap of {gap:.2} points to e2e")
                 } else {
@@ -244,6 +246,10 @@ mod tests {
         let md = results_markdown("T", 1, "cmd", &above);
         assert!(md.contains("dgl is 1.00 points above e2e here: no gap to close"), "{md}");
         assert!(!md.contains("closes"), "{md}");
+        // A MLAAN row below its base widens the gap rather than closing a negative share.
+        let below = [row("mlaan-dgl", 8, 0, 0.80), row("e2e", 1, 0, 0.90), row("dgl", 8, 0, 0.82)];
+        let md = results_markdown("T", 1, "cmd", &below);
+        assert!(md.contains("it widens dgl's gap of 8.00 points to e2e"), "{md}");
     }
 
     #[test]
