@@ -74,6 +74,7 @@ pub fn aux_net(arch: &ArchSpec, split: &Split, i: usize, d: usize) -> AuxNetSpec
         Some(stem) if l == 0 => stem,
         _ => units[l - offset].out_channels,
     };
+    let resnet = matches!(arch.backbone, Backbone::ResNet(_));
     let mut width = in_channels;
     let mut halvings = 0u32;
     let mut aux = Vec::new();
@@ -93,7 +94,6 @@ pub fn aux_net(arch: &ArchSpec, split: &Split, i: usize, d: usize) -> AuxNetSpec
             Backbone::Vgg(_) if out != width => 2,
             Backbone::Vgg(_) | Backbone::Vit(_) => 1,
         };
-        let resnet = matches!(arch.backbone, Backbone::ResNet(_));
         aux.push(BlockInfo {
             at: real.at,
             in_channels: width,
