@@ -71,14 +71,13 @@ run_dir() { # entry seed part
 }
 
 train() { # entry seed dir part
-    local method=${1%%:*} opts="" k args=()
-    k=$(part_k "$4")
+    local method=${1%%:*} opts="" args=()
     [[ "$1" == *:* ]] && opts=${1#*:}
     local opt
     for opt in ${opts//,/ }; do
         case "$opt" in
             d=*) args+=(--set "method.cascade_depth=${opt#d=}") ;;
-            k=*) k=${opt#k=} ;;
+            k=*) ;; # entry_k reads it
             split=*) args+=(--set "model.split=\"${opt#split=}\"") ;;
             lam=*) args+=(--set "method.lam.source=\"${opt#lam=}\"") ;;
             schedule=*) args+=(--schedule "${opt#schedule=}" --devices cpu,cpu) ;;
@@ -86,9 +85,17 @@ train() { # entry seed dir part
             *) echo "results.sh: unknown option \`$opt\` in \`$1\`" >&2; return 2 ;;
         esac
     done
-    [ "$method" = e2e ] && k=1
-    "$BIN" train --config "$(part_config "$4")" --method "$method" --k "$k" --seed "$2" \
+    "$BIN" train --config "$(part_config "$4")" --method "$method" --k "$(entry_k "$1" "$4")" --seed "$2" \
         --epochs "$EPOCHS" --out "$3" "${extra[@]}" "${args[@]}"
+}
+
+# The K an entry trains: its `k=` option, else the part's; e2e is one module.
+entry_k() { # entry part
+    local k
+    k=$(part_k "$2")
+    [[ "$1" == *k=* ]] && { k=${1#*k=}; k=${k%%,*}; }
+    [ "${1%%:*}" = e2e ] && k=1
+    echo "$k"
 }
 
 # The K values a part's local-method entries train, as "8 and K=16".
@@ -96,8 +103,7 @@ part_ks() { # part
     local entry k ks=()
     for entry in $(entries "$1"); do
         [ "${entry%%:*}" = e2e ] && continue
-        k=$(part_k "$1")
-        [[ "$entry" == *k=* ]] && { k=${entry#*k=}; k=${k%%,*}; }
+        k=$(entry_k "$entry" "$1")
         [[ " ${ks[*]} " == *" $k "* ]] || ks+=("$k")
     done
     printf '%s\n' "${ks[@]}" | sort -n | paste -sd, | sed 's/,/ and K=/g'
@@ -164,11 +170,11 @@ for part in $PARTS; do
         for seed in $SEEDS; do dirs+=("$(run_dir "$entry" "$seed" "$part")"); done
     done
     case "$part" in
-        methods) title="Methods: ResNet-32, K=8, $EPOCHS epoch(s)" ;;
+        methods) title="Methods: ResNet-32, K=$(part_ks methods), $EPOCHS epoch(s)" ;;
         ablation) title="Ablation of mlaan-dgl: schedule, EMA twins, one module per block ($EPOCHS epoch(s))" ;;
         auglocal) title="AugLocal: ResNet-32, K=$(part_ks auglocal), $EPOCHS epoch(s)" ;;
-        vit) title="ViT: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VIT_CONFIG"), K=4, $EPOCHS epoch(s)" ;;
-        vgg) title="VGG: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VGG_CONFIG"), K=4, $EPOCHS epoch(s)" ;;
+        vit) title="ViT: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VIT_CONFIG"), K=$(part_ks vit), $EPOCHS epoch(s)" ;;
+        vgg) title="VGG: $(sed -n 's/^arch = "\(.*\)"/\1/p' "$VGG_CONFIG"), K=$(part_ks vgg), $EPOCHS epoch(s)" ;;
     esac
     "$BIN" compare "${dirs[@]}" --markdown "$PAGE" --section "$part" --title "$title" \
         --command "$command PARTS=$part scripts/results.sh" >/dev/null

@@ -139,13 +139,13 @@ pub fn results_markdown(title: &str, level: usize, command: &str, rows: &[Result
                 let Some(b) = reference(base, Some(m.k)) else { continue };
                 let gap = e2e.mean - b.mean;
                 // The share of the gap closed means something only where the base trails e2e.
-                let closed = if gap > 1e-9 && m.mean < b.mean {
+                let closed = if gap <= 1e-9 {
+                    format!("{base} is {:.2} points above e2e here: no gap to close", -gap)
+                } else if m.mean < b.mean {
                     format!("it widens {base}'s gap of {gap:.2} points to e2e")
-                } else if gap > 1e-9 {
+                } else {
                     let share = 100.0 * (m.mean - b.mean) / gap;
                     format!("it closes {share:.0}% of {base}'s gap of {gap:.2} points to e2e")
-                } else {
-                    format!("{base} is {:.2} points above e2e here: no gap to close", -gap)
                 };
                 let _ = writeln!(
                     o,
